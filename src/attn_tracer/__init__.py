@@ -1,0 +1,3 @@
+"""attn: trace multi-head attention step by step in the terminal."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from attn_tracer.cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""What the attention stack is: its sizes and switches, validated once, frozen after.
+
+Dimension words used everywhere (config, comments, trace `dims`, JSON, README):
+`batch`, `len` (`q_len`/`k_len` where they differ), `d_model`, `heads`, `d_head`, `d_mlp`, `vocab`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from attn_tracer.errors import UsageError
+
+POSITIONS = ("sinusoidal", "learned", "none")
+MASKS = ("causal", "none")
+ARCHS = ("attn", "gpt2")
+
+
+@dataclass(frozen=True)
+class Config:
+    d_model: int = 768  # GPT-2 small's width, so shapes read like the real model
+    heads: int = 12  # GPT-2 small: d_head = 64
+    layers: int = 2  # enough to see a second layer build on the first, small enough to read
+    n_ctx: int = 1024  # GPT-2's context length
+    pos: str = "sinusoidal"  # the original transformer's encoding: no weights to explain
+    mask: str = "causal"  # GPT-2 is a decoder
+    scale: bool = True  # ÷√d_head; turn it off to watch the patterns saturate
+    bias: bool = True
+    seed: int = 0
+    arch: str = "attn"  # "attn": attention and residual only; "gpt2": the full GPT-2 block
+    vocab: int = 50257
+    ln_eps: float = 1e-5  # GPT-2's LayerNorm epsilon
+    weights: str | None = None  # the checkpoint source, None for seeded random weights
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "heads", "layers", "n_ctx"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.d_model % self.heads:
+            raise UsageError(
+                f"--heads {self.heads} does not divide --d-model {self.d_model}: each head gets "
+                f"d_head = d_model / heads dimensions (try --heads {_divisor_near(self.d_model, self.heads)})"
+            )
+        _choice("pos", self.pos, POSITIONS)
+        _choice("mask", self.mask, MASKS)
+        _choice("arch", self.arch, ARCHS)
+        if not 0 <= self.seed < 2**63:
+            raise UsageError(f"--seed must be between 0 and 2^63-1, got {self.seed}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.heads
+
+    @property
+    def d_mlp(self) -> int:
+        return 4 * self.d_model  # GPT-2's MLP width
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "d_head": self.d_head}
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UsageError(f"--{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))

@@ -1,0 +1,27 @@
+"""Tokens → the first residual stream: X = W_E[tokens] + P[positions]."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attn_tracer.config import Config
+from attn_tracer.weights import Weights
+
+
+def sinusoidal(positions: np.ndarray, d_model: int) -> np.ndarray:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/d_model)), PE[pos, 2i+1] = cos(…) (Vaswani et al.)."""
+    i = np.arange(0, d_model, 2, dtype=np.float64)
+    angle = positions[..., None].astype(np.float64) / 10000 ** (i / d_model)
+    pe = np.zeros((*positions.shape, d_model))
+    pe[..., 0::2] = np.sin(angle)
+    pe[..., 1::2] = np.cos(angle[..., : d_model // 2])
+    return pe.astype(np.float32)
+
+
+def positional(config: Config, weights: Weights, positions: np.ndarray) -> np.ndarray | None:
+    """P[positions] → [*positions.shape, d_model], or None without positional information."""
+    if config.pos == "none":
+        return None
+    if config.pos == "sinusoidal":
+        return sinusoidal(positions, config.d_model)
+    return weights.position_rows(positions)

@@ -1,0 +1,154 @@
+"""The layers, written once against the Array API so the same lines run on NumPy and PyTorch.
+
+One attention layer, top to bottom, is the formula
+
+    pattern = softmax(Q·Kᵀ / √d_head + mask),   Z = pattern·V,   out = merge(Z)·W_O + b_O
+
+with every intermediate handed to `rec` (the trace recorder) under its step name.
+"""
+
+from __future__ import annotations
+
+import math
+
+from attn_tracer.config import Config
+from attn_tracer.engine import Engine, namespace
+
+# Dimension names of the recorded steps (config.py's vocabulary).
+BLD = ("batch", "len", "d_model")
+
+
+def linear(x, W, b=None):
+    y = x @ W
+    return y if b is None else y + b
+
+
+def attention(x, x_kv, p: dict, config: Config, allowed, rec, prefix: str, engine: Engine):
+    """Multi-head attention of `x` over `x_kv` (the same array for self-attention).
+
+    `allowed` [batch, 1, q_len, k_len] is True where a query may look at a key, or None.
+    """
+    xp = namespace(x)
+    batch, q_len, _ = x.shape
+    k_len = x_kv.shape[1]
+    heads, d_head = config.heads, config.d_head
+    # Self-attention says `len`; cross-attention keeps the two lengths apart.
+    lq, lk = ("len", "len") if x is x_kv else ("q_len", "k_len")
+
+    def project(name: str, source, length: int, dim: str):
+        W, b = p[f"{prefix}.W_{name}"], p.get(f"{prefix}.b_{name}")
+        bias = f" + b_{name}" if b is not None else ""
+        src = "X" if source is x else "X_kv"
+        y = rec(f"{prefix}.{name.lower()}", f"{name} = {src}·W_{name}{bias}", linear(source, W, b),
+                ("batch", dim, "d_model"))
+        y = rec(f"{prefix}.{name.lower()}.split", f"split {name} into heads",
+                xp.reshape(y, (batch, length, heads, d_head)), ("batch", dim, "heads", "d_head"))
+        return rec(f"{prefix}.{name.lower()}.heads", f"transpose {name}: heads before {dim}",
+                   xp.permute_dims(y, (0, 2, 1, 3)), ("batch", "heads", dim, "d_head"))
+
+    q = project("Q", x, q_len, lq)  # [batch, heads, q_len, d_head]
+    k = project("K", x_kv, k_len, lk)  # [batch, heads, k_len, d_head]
+    v = project("V", x_kv, k_len, lk)  # [batch, heads, k_len, d_head]
+
+    layer = int(prefix.split(".")[1])
+    if engine.fused and rec.selection.capture != "all":
+        # Fused: the full len×len matrix is built only for the heads the user will look at.
+        shown = list(rec.selection.heads) if rec.selection.layer_captured(layer) else []
+        index = xp.asarray(shown, dtype=xp.int64, device=q.device)
+        pattern_steps(xp.take(q, index, axis=1), xp.take(k, index, axis=1), config, allowed,
+                      rec.heads_view(heads), prefix, (lq, lk))
+        from attn_tracer.torch_ops import fused_attention
+
+        z = fused_attention(q, k, v, allowed, 1 / math.sqrt(d_head) if config.scale else 1.0)
+    else:
+        pattern = pattern_steps(q, k, config, allowed, rec, prefix, (lq, lk))
+        z = pattern @ v
+    z = rec(f"{prefix}.z", "Z = pattern·V", z, ("batch", "heads", lq, "d_head"))
+    z = rec(f"{prefix}.z.transpose", "transpose Z: len before heads",
+            xp.permute_dims(z, (0, 2, 1, 3)), ("batch", lq, "heads", "d_head"))
+    z = rec(f"{prefix}.z.merge", "merge heads: concat(head₀ … head₍ₕ₋₁₎)",
+            xp.reshape(z, (batch, q_len, heads * d_head)), ("batch", lq, "d_model"))
+    b_O = p.get(f"{prefix}.b_O")
+    return rec(f"{prefix}.out", "out = Z·W_O" + (" + b_O" if b_O is not None else ""),
+               linear(z, p[f"{prefix}.W_O"], b_O), ("batch", lq, "d_model"))
+
+
+def pattern_steps(q, k, config: Config, allowed, rec, prefix: str, dims: tuple[str, str]):
+    """scores = Q·Kᵀ → ÷ √d_head → mask → softmax: each stage recorded."""
+    xp = namespace(q)
+    score_dims = ("batch", "heads", "q_len", "k_len")
+    scores = rec(f"{prefix}.scores", "scores = Q·Kᵀ", q @ xp.matrix_transpose(k), score_dims)
+    if config.scale:
+        scores = rec(f"{prefix}.scaled", f"scores ÷ √d_head (÷ {math.sqrt(config.d_head):.4g})",
+                     scores / math.sqrt(config.d_head), score_dims)
+    if allowed is not None:
+        minus_inf = xp.full((), -math.inf, dtype=scores.dtype, device=scores.device)
+        scores = rec(f"{prefix}.masked", "scores + mask (−∞ where a query may not look)",
+                     xp.where(allowed, scores, minus_inf), score_dims)
+    return rec(f"{prefix}.pattern", "pattern = softmax(scores) over k_len", softmax(scores),
+               score_dims)
+
+
+def softmax(x):
+    """Softmax over the last axis, in at least float32; a row with no allowed key is all 0.
+
+    Such a row (a pad query) would be 0/0 = NaN; defining it as zeros keeps it out of Z.
+    """
+    xp = namespace(x)
+    dtype = x.dtype
+    if dtype in (xp.float16, getattr(xp, "bfloat16", None)):
+        x = xp.astype(x, xp.float32)
+    m = xp.max(x, axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    e = xp.exp(x - m)
+    total = xp.sum(e, axis=-1, keepdims=True)
+    out = e / xp.where(total > 0, total, xp.ones_like(total))
+    return xp.astype(out, dtype)
+
+
+def layer_norm(x, w, b, eps: float):
+    xp = namespace(x)
+    dtype = x.dtype
+    if dtype in (xp.float16, getattr(xp, "bfloat16", None)):
+        x = xp.astype(x, xp.float32)  # half precision loses the variance of a wide row
+    mean = xp.mean(x, axis=-1, keepdims=True)
+    var = xp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+    y = (x - mean) / xp.sqrt(var + eps)
+    return xp.astype(y, dtype) * w + b
+
+
+def gelu_new(x):
+    """GPT-2's GELU, the tanh approximation."""
+    xp = namespace(x)
+    return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def mlp(x, p: dict, rec, prefix: str):
+    d_mlp = ("batch", "len", "d_mlp")
+    b_in, b_out = p.get(f"{prefix}.b_in"), p.get(f"{prefix}.b_out")
+    h = rec(f"{prefix}.in", "X·W_in" + (" + b_in" if b_in is not None else ""),
+            linear(x, p[f"{prefix}.W_in"], b_in), d_mlp)
+    h = rec(f"{prefix}.gelu", "gelu(…) (tanh approximation)", gelu_new(h), d_mlp)
+    return rec(f"{prefix}.out", "…·W_out" + (" + b_out" if b_out is not None else ""),
+               linear(h, p[f"{prefix}.W_out"], b_out), BLD)
+
+
+def block(x, p: dict, config: Config, allowed, rec, layer: int, engine: Engine,
+          x_cross=None, cross_allowed=None):
+    """One layer: attention (+ cross-attention) with residuals; GPT-2 adds LayerNorms and MLP."""
+    b = f"blocks.{layer}"
+    if config.arch == "gpt2":
+        h = rec(f"{b}.ln_1", "LayerNorm(X)", layer_norm(x, p[f"{b}.ln_1.w"], p[f"{b}.ln_1.b"],
+                                                        config.ln_eps), BLD)
+        a = attention(h, h, p, config, allowed, rec, f"{b}.attn", engine)
+        x = rec(f"{b}.resid_mid", "X + attn(LayerNorm(X))", x + a, BLD)
+        h = rec(f"{b}.ln_2", "LayerNorm(X)", layer_norm(x, p[f"{b}.ln_2.w"], p[f"{b}.ln_2.b"],
+                                                        config.ln_eps), BLD)
+        return rec(f"{b}.resid_post", "X + mlp(LayerNorm(X))", x + mlp(h, p, rec, f"{b}.mlp"),
+                   BLD)
+    a = attention(x, x, p, config, allowed, rec, f"{b}.attn", engine)
+    x = rec(f"{b}.resid_post" if x_cross is None else f"{b}.resid_mid", "X + attn(X)", x + a, BLD)
+    if x_cross is not None:
+        c = attention(x, x_cross, p, config, cross_allowed, rec, f"{b}.cross_attn", engine)
+        x = rec(f"{b}.resid_post", "X + cross_attn(X, X_kv)", x + c, BLD)
+    return x

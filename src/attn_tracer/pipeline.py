@@ -1,0 +1,185 @@
+"""The order of things, written down once:
+
+    text → tokens → batch (pad, mask) → embeddings → layers → (predictions) → Trace
+
+Renderers (terminal, JSON, files) take the Trace from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from attn_tracer import embeddings, layers, memory, tokens
+from attn_tracer.config import Config
+from attn_tracer.engine import Engine
+from attn_tracer.errors import UsageError
+from attn_tracer.trace import Input, Prediction, Recorder, Selection, Trace
+from attn_tracer.weights import Weights
+
+PAD_ID = tokens.ENDOFTEXT_ID  # GPT-2 has no pad token; its <|endoftext|> is the usual stand-in
+BATCH_LEN = ("batch", "len")
+
+
+@dataclass(frozen=True)
+class Batch:
+    inputs: list[Input]
+    ids: np.ndarray  # [batch, len]
+    valid: np.ndarray  # [batch, len] True at real tokens
+    positions: np.ndarray  # [batch, len]
+
+
+def make_batch(token_lists: list[list[tokens.Token]], texts: list[str], side: str) -> Batch:
+    """Pad every row to the longest with <|endoftext|>; positions count real tokens only."""
+    length = max(len(t) for t in token_lists)
+    inputs = [Input(text, toks, len(toks), length - len(toks), side)
+              for text, toks in zip(texts, token_lists, strict=True)]
+    ids = np.full((len(inputs), length), PAD_ID, np.int64)
+    for row, inp in zip(ids, inputs, strict=True):
+        row[inp.valid] = [t.id for t in inp.tokens]
+    valid = np.stack([inp.valid for inp in inputs])
+    # With left padding a row's first real token is still position 0, so a text's result does
+    # not depend on what else is in its batch.
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+    return Batch(inputs, ids, valid, positions)
+
+
+def self_mask(config: Config, valid: np.ndarray) -> np.ndarray | None:
+    """allowed [batch, 1, len, len]: causal, no pad keys, and nothing for a pad query."""
+    batch, length = valid.shape
+    allowed = valid[:, None, :, None] & valid[:, None, None, :]
+    if config.mask == "causal":
+        allowed = allowed & np.tril(np.ones((length, length), bool))
+    return None if allowed.all() else allowed
+
+
+def cross_mask(valid_q: np.ndarray, valid_k: np.ndarray) -> np.ndarray | None:
+    allowed = valid_q[:, None, :, None] & valid_k[:, None, None, :]
+    return None if allowed.all() else allowed
+
+
+def embed(batch: Batch, config: Config, weights: Weights, engine: Engine, rec, prefix: str = ""):
+    """X = W_E[tokens] + P[positions], on the engine."""
+    op = "token ids" if batch.valid.all() else "token ids, padded with <|endoftext|>"
+    ids = rec(f"{prefix}tokens", op, batch.ids, BATCH_LEN)
+    x = rec(f"{prefix}embed", "W_E[tokens]", engine.asarray(weights.token_rows(ids)),
+            ("batch", "len", "d_model"))
+    pos = embeddings.positional(config, weights, batch.positions)
+    if pos is not None:
+        op = "PE(position): sin/cos" if config.pos == "sinusoidal" else "W_pos[position]"
+        p = rec(f"{prefix}pos_embed", op, engine.asarray(pos), ("batch", "len", "d_model"))
+        x = x + p
+    x = rec(f"{prefix}resid_pre", "X = W_E[tokens] + P" if pos is not None else "X = W_E[tokens]",
+            x, ("batch", "len", "d_model"))
+    rec.flush()
+    return x
+
+
+def run(
+    texts: list[str],
+    config: Config,
+    engine: Engine,
+    weights: Weights,
+    selection: Selection,
+    *,
+    cross_texts: list[str] | None = None,
+    padding: str = "right",
+    max_length: int | None = None,
+    allow_special: bool = False,
+    predict_top_k: int | None = None,
+    temperature: float = 1.0,
+    max_memory: int | None = None,
+) -> tuple[Trace, list[int]]:
+    """Trace `texts` through the stack. Returns the trace and the rows cut by --max-length."""
+    token_lists, cut = tokenize_all(texts, allow_special, max_length, config.n_ctx, "text")
+    batch = make_batch(token_lists, texts, padding)
+    cross = None
+    if cross_texts:
+        cross_lists, _ = tokenize_all(cross_texts, allow_special, max_length, config.n_ctx,
+                                      "--cross text")
+        if len(cross_lists) == 1 and len(token_lists) > 1:
+            cross_lists, cross_texts = cross_lists * len(token_lists), cross_texts * len(token_lists)
+        if len(cross_lists) != len(token_lists):
+            raise UsageError(f"give one --cross text, or one per batch row ({len(token_lists)})")
+        cross = make_batch(cross_lists, cross_texts, padding)
+
+    length = batch.ids.shape[1]
+    k_len = cross.ids.shape[1] if cross else length
+    needed = memory.estimate(config, engine.dtype, len(texts), length, k_len,
+                             len(selection.layers), len(selection.heads), selection.capture,
+                             cross is not None)
+    memory.check(needed, max_memory if max_memory is not None else memory.default_limit())
+
+    p = {name: engine.asarray(w) for name, w in weights.params.items() if name not in ("wte", "wpe")}
+    rec = Recorder(selection, engine)
+    x = embed(batch, config, weights, engine, rec)
+    x_cross = embed(cross, config, weights, engine, rec, "cross.") if cross else None
+    allowed = _on(engine, self_mask(config, batch.valid))
+    cross_allowed = _on(engine, cross_mask(batch.valid, cross.valid)) if cross else None
+    for layer in range(config.layers):
+        x = layers.block(x, p, config, allowed, rec, layer, engine, x_cross, cross_allowed)
+        rec.flush()
+    if config.arch == "gpt2":
+        x = rec("ln_f", "LayerNorm(X)", layers.layer_norm(x, p["ln_f.w"], p["ln_f.b"],
+                                                         config.ln_eps), ("batch", "len", "d_model"))
+    predictions = None
+    if predict_top_k:
+        predictions = predict(x, batch, weights, engine, rec, predict_top_k, temperature)
+    rec.flush()
+    trace = Trace(
+        config=config,
+        engine={"engine": engine.name, "device": engine.device, "dtype": engine.dtype},
+        inputs=batch.inputs,
+        steps=rec.steps,
+        tensors=rec.tensors,
+        selection=selection,
+        cross=cross.inputs if cross else None,
+        predictions=predictions,
+        temperature=temperature,
+    )
+    return trace, cut
+
+
+def tokenize_all(texts, allow_special, max_length, n_ctx, what):
+    token_lists, cut = [], []
+    for i, text in enumerate(texts):
+        toks = tokens.tokenize(text, allow_special=allow_special)
+        if not toks:
+            raise UsageError(f"{what} {i} is empty: there is nothing to attend to")
+        if max_length is not None and len(toks) > max_length:
+            toks = toks[:max_length]
+            cut.append(i)
+        if len(toks) > n_ctx:
+            raise UsageError(
+                f"{what} {i} has {len(toks)} tokens, more than --n-ctx {n_ctx}; "
+                f"cut it with --max-length {n_ctx} or raise --n-ctx"
+            )
+        token_lists.append(toks)
+    return token_lists, cut
+
+
+def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
+            temperature: float) -> list[Prediction]:
+    """logits = h·W_Eᵀ at the last real position of each row; softmax(logits / T)."""
+    xp = engine.xp
+    last = batch.valid.shape[1] - 1 - np.argmax(batch.valid[:, ::-1], axis=1)
+    index = engine.asarray(last)
+    rows = xp.stack([x[b, index[b], :] for b in range(x.shape[0])])
+    W_E = engine.asarray(weights.unembedding())
+    logits = rec("logits", "logits = h·W_Eᵀ (at the last real position)",
+                 rows @ xp.matrix_transpose(W_E), ("batch", "vocab"))
+    probs = rec("probs", f"softmax(logits / T), T = {temperature:g}",
+                layers.softmax(logits / temperature), ("batch", "vocab"))
+    logits, probs = engine.to_host(logits).astype(np.float64), engine.to_host(probs)
+    out = []
+    for b in range(logits.shape[0]):
+        top = np.argsort(-logits[b], kind="stable")[:top_k]
+        out.append(Prediction(b, int(last[b]), [
+            {"id": int(t), "text": tokens.token(int(t)).text, "prob": float(probs[b, t]),
+             "logit": float(logits[b, t])} for t in top]))
+    return out
+
+
+def _on(engine: Engine, allowed: np.ndarray | None):
+    return None if allowed is None else engine.asarray(allowed)

@@ -1,0 +1,55 @@
+"""Where the text comes from: an argument, a file, or standard input."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from attn_tracer.errors import UsageError
+
+
+def read_text(argument: str | None, file: Path | None) -> str:
+    """The one text to work on: `argument`, `file`, or standard input when `argument` is `-`."""
+    if argument is not None and file is not None:
+        raise UsageError("give the text either as an argument or with --file, not both")
+    if file is not None:
+        return read_file(file)
+    if argument == "-":
+        return read_stdin()
+    if argument is None:
+        raise UsageError("no input: give a TEXT, --file PATH, or - to read standard input")
+    return argument
+
+
+def read_file(path: Path, what: str = "file") -> str:
+    if str(path) == "-":
+        return read_stdin()
+    if not path.exists():
+        raise UsageError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; give a text file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from e
+    return decode(data, str(path))
+
+
+def read_stdin() -> str:
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("- reads standard input, but nothing is piped in")
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, str):
+        return data
+    return decode(data, "standard input")
+
+
+def decode(data: bytes, source: str) -> str:
+    """Strict UTF-8: a replacement character would silently change what is traced."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{source} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None

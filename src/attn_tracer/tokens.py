@@ -1,0 +1,159 @@
+"""The GPT-2 tokenizer, offline, and token labels a person can read.
+
+tiktoken's `get_encoding("gpt2")` downloads its vocabulary on first use. We ship GPT-2's merge
+ranks (byte-identical to tiktoken's r50k_base file, checked by hash) and build the encoding
+from them, so tokenizing never touches the network or tiktoken's cache directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import gzip
+import hashlib
+import unicodedata
+from dataclasses import dataclass
+from importlib.resources import files
+
+from attn_tracer.errors import AttnError
+
+RANKS_FILE = "gpt2.tiktoken.gz"
+# The hash tiktoken itself expects for r50k_base, whose ranks are GPT-2's.
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# tiktoken's r50k_base pattern (tiktoken_ext/openai_public.py).
+GPT2_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+ENDOFTEXT = "<|endoftext|>"
+ENDOFTEXT_ID = 50256
+VOCAB = 50257
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str  # the readable label, see `label`
+    bytes: bytes
+
+
+def load_ranks(data: bytes | None = None) -> dict[bytes, int]:
+    """Parse the shipped ranks file, refusing one whose hash is not GPT-2's."""
+    if data is None:
+        data = gzip.decompress(files("attn_tracer.data").joinpath(RANKS_FILE).read_bytes())
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != RANKS_SHA256:
+        raise AttnError(
+            f"the bundled GPT-2 vocabulary is corrupted (sha256 {digest[:12]}…, expected "
+            f"{RANKS_SHA256[:12]}…); reinstall attn-tracer"
+        )
+    ranks = {}
+    for line in data.splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@functools.cache
+def encoding():
+    import tiktoken
+
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=load_ranks(),
+        special_tokens={ENDOFTEXT: ENDOFTEXT_ID},
+        explicit_n_vocab=VOCAB,
+    )
+
+
+def encode(text: str, *, allow_special: bool = False) -> list[int]:
+    """Token ids of `text`; a literal `<|endoftext|>` is ordinary text unless allowed."""
+    if allow_special:
+        return encoding().encode(text, allowed_special={ENDOFTEXT}, disallowed_special=())
+    return encoding().encode_ordinary(text)
+
+
+def tokenize(text: str, *, allow_special: bool = False) -> list[Token]:
+    return [token(i) for i in encode(text, allow_special=allow_special)]
+
+
+def token(token_id: int) -> Token:
+    raw = encoding().decode_single_token_bytes(token_id)
+    return Token(token_id, ENDOFTEXT if token_id == ENDOFTEXT_ID else label(raw), raw)
+
+
+# Whitespace a reader must see: a leading space is most of GPT-2's tokens.
+_VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍", "\x7f": "␡"}
+
+
+def label(raw: bytes) -> str:
+    """A label that is exact and readable for one token's bytes.
+
+    Whole characters are shown as themselves; bytes of a character split across tokens (common
+    for CJK and emoji, since GPT-2 is byte-level) are shown as hex, e.g. `<e5 a4>`, instead of
+    the `�` a plain decode gives; whitespace and invisible characters are made visible.
+    """
+    # surrogateescape keeps each undecodable byte as a lone surrogate we can spot and print.
+    decoded = raw.decode("utf-8", errors="surrogateescape")
+    out: list[str] = []
+    stray: list[int] = []
+    for ch in decoded:
+        if 0xDC80 <= ord(ch) <= 0xDCFF:
+            stray.append(ord(ch) - 0xDC00)
+            continue
+        if stray:
+            out.append(_hex(stray))
+            stray = []
+        out.append(_visible(ch))
+    if stray:
+        out.append(_hex(stray))
+    return "".join(out)
+
+
+def _hex(values: list[int]) -> str:
+    return "<" + " ".join(f"{v:02x}" for v in values) + ">"
+
+
+def _visible(ch: str) -> str:
+    if ch in _VISIBLE:
+        return _VISIBLE[ch]
+    code = ord(ch)
+    if code < 0x20:
+        return chr(0x2400 + code)  # the Control Pictures block: ␀ … ␟
+    category = unicodedata.category(ch)
+    if category in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn") or (
+        category == "Zs" and ch != " "
+    ):
+        return f"<U+{code:04X}>"
+    if category.startswith("M"):
+        return "◌" + ch  # a combining mark alone needs a base to be seen
+    return ch
+
+
+def split_characters(tokens: list[Token]) -> list[str]:
+    """For each token that holds only part of a character, the character(s) it is part of.
+
+    The hex label alone is exact but does not let a reader map `<e4 bb>` back to 今; seen
+    in the context of the whole text, the split character can be named. Empty for tokens
+    made of whole characters.
+    """
+    whole = b"".join(t.bytes for t in tokens)
+    # Byte span of each character of the whole text.
+    char_spans: list[tuple[int, int, str]] = []
+    offset = 0
+    for ch in whole.decode("utf-8", errors="surrogateescape"):
+        size = 1 if 0xDC80 <= ord(ch) <= 0xDCFF else len(ch.encode("utf-8"))
+        char_spans.append((offset, offset + size, ch))
+        offset += size
+    out = []
+    start = 0
+    for t in tokens:
+        end = start + len(t.bytes)
+        split = [
+            ch
+            for (a, b, ch) in char_spans
+            if a < end and b > start and (a < start or b > end) and not 0xDC80 <= ord(ch) <= 0xDCFF
+        ]
+        out.append("".join(split))
+        start = end
+    return out

@@ -1,0 +1,166 @@
+"""The trace: every step's name, formula, shape and dimension names, and the few tensors the
+user will look at.
+
+The recorder always keeps every step's shape but copies a tensor to the host only when the
+selection asks for it, so showing one head of a 12-layer stack never costs the whole stack.
+Renderers read a `Trace`; they never see an engine's arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from attn_tracer.config import Config
+from attn_tracer.tokens import Token
+
+# What is captured for the selected layers: the pattern only; the pattern and the three score
+# stages before it; or every step (for --values and --save).
+CAPTURES = ("patterns", "stages", "all")
+STAGES = ("scores", "scaled", "masked", "pattern")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # dotted, TransformerLens-style: "blocks.0.attn.q"
+    op: str  # the formula: "Q = X·W_Q + b_Q"
+    shape: tuple[int, ...]
+    dims: tuple[str, ...]  # the dimension words of config.py, one per axis
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which layers and heads the user will look at; everything else is only shapes."""
+
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    capture: str = "patterns"
+
+    def captures(self, layer: int | None, name: str) -> bool:
+        if self.capture == "all":
+            return layer is None or layer in self.layers
+        if layer is None or layer not in self.layers:
+            return False
+        stage = name.rsplit(".", 1)[-1]
+        return stage == "pattern" or (self.capture == "stages" and stage in STAGES)
+
+    def layer_captured(self, layer: int) -> bool:
+        return layer in self.layers
+
+
+@dataclass
+class Input:
+    text: str
+    tokens: list[Token]  # real tokens, without padding
+    length: int  # real tokens
+    padding: int = 0  # pad tokens added to reach the batch length
+    side: str = "right"
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Which of the batch-length positions hold a real token."""
+        total = self.length + self.padding
+        mask = np.zeros(total, bool)
+        if self.side == "right":
+            mask[: self.length] = True
+        else:
+            mask[self.padding :] = True
+        return mask
+
+
+@dataclass
+class Prediction:
+    batch: int
+    position: int
+    top: list[dict[str, Any]]  # {"id", "text", "prob", "logit"}
+
+
+@dataclass
+class Trace:
+    config: Config
+    engine: dict[str, str]  # {"engine", "device", "dtype"}
+    inputs: list[Input]
+    steps: list[Step] = field(default_factory=list)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    selection: Selection = field(default_factory=lambda: Selection((0,), (0,)))
+    cross: list[Input] | None = None
+    predictions: list[Prediction] | None = None
+    temperature: float = 1.0
+
+    def step(self, name: str) -> Step:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def patterns(self, kind: str = "attn"):
+        """(layer, pattern [batch, selected heads, q_len, k_len]) for each captured layer."""
+        for layer in self.selection.layers:
+            name = f"blocks.{layer}.{kind}.pattern"
+            if name in self.tensors:
+                yield layer, self.tensors[name]
+
+
+class Recorder:
+    """Called by the layer code at every step; records the shape, keeps what is selected."""
+
+    def __init__(self, selection: Selection, engine) -> None:
+        self.selection = selection
+        self.engine = engine
+        self.steps: list[Step] = []
+        self.tensors: dict[str, np.ndarray] = {}
+        self._pending: dict[str, Any] = {}
+
+    def __call__(self, name: str, op: str, x, dims: tuple[str, ...]):
+        self.shape(name, op, tuple(x.shape), dims)
+        layer = _layer_of(name)
+        if self.selection.captures(layer, name):
+            self._pending[name] = self._select_heads(x, dims)
+        return x
+
+    def shape(self, name: str, op: str, shape: tuple[int, ...], dims: tuple[str, ...]) -> None:
+        if len(shape) != len(dims):
+            raise AssertionError(f"step {name}: shape {shape} has no name for every axis {dims}")
+        self.steps.append(Step(name, op, tuple(int(n) for n in shape), dims))
+
+    def heads_view(self, heads: int) -> Recorder:
+        """A recorder for steps computed on a subset of heads that records the full-head shape."""
+        return _HeadsView(self, heads)
+
+    def flush(self) -> None:
+        """Bring this layer's captured tensors to the host, once, at the end of the layer."""
+        for name, x in self._pending.items():
+            self.tensors[name] = self.engine.to_host(x)
+        self._pending.clear()
+
+    def _select_heads(self, x, dims: tuple[str, ...]):
+        if "heads" not in dims:
+            return x
+        heads = list(self.selection.heads)
+        if x.shape[dims.index("heads")] == len(heads):
+            return x  # already computed for the selected heads only
+        index = [slice(None)] * len(dims)
+        index[dims.index("heads")] = heads
+        return x[tuple(index)]
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        return int(parts[1])
+    return None
+
+
+class _HeadsView:
+    def __init__(self, rec: Recorder, heads: int) -> None:
+        self.rec, self.heads = rec, heads
+
+    def __call__(self, name: str, op: str, x, dims: tuple[str, ...]):
+        shape = list(x.shape)
+        shape[dims.index("heads")] = self.heads
+        self.rec.shape(name, op, tuple(shape), dims)
+        if self.rec.selection.captures(_layer_of(name), name):
+            self.rec._pending[name] = x
+        return x

@@ -1,0 +1,111 @@
+"""The parameters of the stack: drawn from a seed, or read from a GPT-2 checkpoint.
+
+Parameters are host NumPy arrays named as TransformerLens names them (`blocks.0.attn.W_Q`, …),
+stored for `x @ W` (shape [in, out]). Random weights come from NumPy generators seeded per
+layer, so every engine and device gets the same numbers from the same seed, and layer 0 is the
+same whether the stack has 2 layers or 12.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from attn_tracer.config import Config
+
+# Separate random streams, so that adding a layer or a cross-attention block changes nothing else.
+_TOKENS, _POSITIONS, _LAYER, _CROSS = 1, 2, 3, 4
+
+
+@dataclass
+class Weights:
+    config: Config
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    trained: bool = False
+
+    def token_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of the token embedding W_E for `ids` (any shape) → [*ids.shape, d_model]."""
+        if "wte" in self.params:
+            return self.params["wte"][ids]
+        # Drawing all 50,257 rows costs ~0.3 s and a sentence needs ten: draw each row from its
+        # own stream, keyed by token id, so a row never depends on which other tokens are present.
+        flat = ids.reshape(-1)
+        unique, inverse = np.unique(flat, return_inverse=True)
+        rows = np.stack([self._token_row(int(t)) for t in unique]) if len(unique) else (
+            np.zeros((0, self.config.d_model), np.float32)
+        )
+        return rows[inverse].reshape(*ids.shape, self.config.d_model)
+
+    def unembedding(self) -> np.ndarray:
+        """W_E [vocab, d_model] in full, for next-token logits (tied, as in GPT-2)."""
+        if "wte" not in self.params:
+            self.params["wte"] = np.stack([self._token_row(t) for t in range(self.config.vocab)])
+        return self.params["wte"]
+
+    def position_rows(self, positions: np.ndarray) -> np.ndarray:
+        if "wpe" in self.params:
+            return self.params["wpe"][positions]
+        std = 1.0 if self.config.arch == "attn" else 0.01
+        table = np.stack(
+            [_normal([self.config.seed, _POSITIONS, p], self.config.d_model, std)
+             for p in range(int(positions.max(initial=0)) + 1)]
+        )
+        return table[positions]
+
+    def _token_row(self, token_id: int) -> np.ndarray:
+        # Unit variance keeps the attention-only stack's scores O(1); GPT-2's own init for gpt2.
+        std = 1.0 if self.config.arch == "attn" else 0.02
+        return _normal([self.config.seed, _TOKENS, token_id], self.config.d_model, std)
+
+
+def _normal(key: list[int], size, std: float) -> np.ndarray:
+    rng = np.random.default_rng(key)
+    return rng.standard_normal(size, dtype=np.float32) * np.float32(std)
+
+
+def random_weights(config: Config, cross: bool = False) -> Weights:
+    params: dict[str, np.ndarray] = {}
+    for layer in range(config.layers):
+        params.update(_attention_params(config, f"blocks.{layer}.attn", [config.seed, _LAYER, layer]))
+        if cross:
+            params.update(
+                _attention_params(config, f"blocks.{layer}.cross_attn", [config.seed, _CROSS, layer])
+            )
+        if config.arch == "gpt2":
+            params.update(_gpt2_block_params(config, layer))
+    if config.arch == "gpt2":
+        params["ln_f.w"] = np.ones(config.d_model, np.float32)
+        params["ln_f.b"] = np.zeros(config.d_model, np.float32)
+    return Weights(config, params)
+
+
+def _attention_params(config: Config, prefix: str, key: list[int]) -> dict[str, np.ndarray]:
+    d = config.d_model
+    rng = np.random.default_rng(key)
+    # std 1/√d_model keeps Q and K at unit scale, so scores/√d_head are O(1): the point of the scale.
+    std = np.float32(1 / np.sqrt(d))
+    out = {f"{prefix}.W_{n}": rng.standard_normal((d, d), dtype=np.float32) * std for n in "QKVO"}
+    # Biases are drawn even with --no-bias so that the W's stay the same either way.
+    biases = {f"{prefix}.b_{n}": rng.standard_normal(d, dtype=np.float32) * np.float32(0.02)
+              for n in "QKVO"}
+    if config.bias:
+        out.update(biases)
+    return out
+
+
+def _gpt2_block_params(config: Config, layer: int) -> dict[str, np.ndarray]:
+    d, d_mlp = config.d_model, config.d_mlp
+    rng = np.random.default_rng([config.seed, _LAYER, layer, 1])
+    p = f"blocks.{layer}"
+    out = {
+        f"{p}.ln_1.w": np.ones(d, np.float32), f"{p}.ln_1.b": np.zeros(d, np.float32),
+        f"{p}.ln_2.w": np.ones(d, np.float32), f"{p}.ln_2.b": np.zeros(d, np.float32),
+        f"{p}.mlp.W_in": rng.standard_normal((d, d_mlp), dtype=np.float32) * np.float32(d**-0.5),
+        f"{p}.mlp.W_out": rng.standard_normal((d_mlp, d), dtype=np.float32) * np.float32(d_mlp**-0.5),
+    }
+    b_in = rng.standard_normal(d_mlp, dtype=np.float32) * np.float32(0.02)
+    b_out = rng.standard_normal(d, dtype=np.float32) * np.float32(0.02)
+    if config.bias:
+        out[f"{p}.mlp.b_in"], out[f"{p}.mlp.b_out"] = b_in, b_out
+    return out
