@@ -41,9 +41,9 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, prefix: str, engin
         src = "X" if source is x else "X_kv"
         y = rec(f"{prefix}.{name.lower()}", f"{name} = {src}·W_{name}{bias}", linear(source, W, b),
                 ("batch", dim, "d_model"))
-        y = rec(f"{prefix}.{name.lower()}.split", f"split {name} into heads",
+        y = rec(f"{prefix}.{name.lower()}.split", "split into heads",
                 xp.reshape(y, (batch, length, heads, d_head)), ("batch", dim, "heads", "d_head"))
-        return rec(f"{prefix}.{name.lower()}.heads", f"transpose {name}: heads before {dim}",
+        return rec(f"{prefix}.{name.lower()}.heads", "transpose(1, 2)",
                    xp.permute_dims(y, (0, 2, 1, 3)), ("batch", "heads", dim, "d_head"))
 
     q = project("Q", x, q_len, lq)  # [batch, heads, q_len, d_head]
@@ -64,9 +64,9 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, prefix: str, engin
         pattern = pattern_steps(q, k, config, allowed, rec, prefix, (lq, lk))
         z = pattern @ v
     z = rec(f"{prefix}.z", "Z = pattern·V", z, ("batch", "heads", lq, "d_head"))
-    z = rec(f"{prefix}.z.transpose", "transpose Z: len before heads",
+    z = rec(f"{prefix}.z.transpose", "transpose(1, 2)",
             xp.permute_dims(z, (0, 2, 1, 3)), ("batch", lq, "heads", "d_head"))
-    z = rec(f"{prefix}.z.merge", "merge heads: concat(head₀ … head₍ₕ₋₁₎)",
+    z = rec(f"{prefix}.z.merge", "merge heads (concat)",
             xp.reshape(z, (batch, q_len, heads * d_head)), ("batch", lq, "d_model"))
     b_O = p.get(f"{prefix}.b_O")
     return rec(f"{prefix}.out", "out = Z·W_O" + (" + b_O" if b_O is not None else ""),
@@ -79,13 +79,13 @@ def pattern_steps(q, k, config: Config, allowed, rec, prefix: str, dims: tuple[s
     score_dims = ("batch", "heads", "q_len", "k_len")
     scores = rec(f"{prefix}.scores", "scores = Q·Kᵀ", q @ xp.matrix_transpose(k), score_dims)
     if config.scale:
-        scores = rec(f"{prefix}.scaled", f"scores ÷ √d_head (÷ {math.sqrt(config.d_head):.4g})",
+        scores = rec(f"{prefix}.scaled", f"scores ÷ √d_head (√{config.d_head} = {math.sqrt(config.d_head):.4g})",
                      scores / math.sqrt(config.d_head), score_dims)
     if allowed is not None:
         minus_inf = xp.full((), -math.inf, dtype=scores.dtype, device=scores.device)
-        scores = rec(f"{prefix}.masked", "scores + mask (−∞ where a query may not look)",
+        scores = rec(f"{prefix}.masked", "scores + mask (−∞)",
                      xp.where(allowed, scores, minus_inf), score_dims)
-    return rec(f"{prefix}.pattern", "pattern = softmax(scores) over k_len", softmax(scores),
+    return rec(f"{prefix}.pattern", "pattern = softmax(scores)", softmax(scores),
                score_dims)
 
 

@@ -1,0 +1,304 @@
+"""The `attn` command line.
+
+stdout carries the data (the view, or JSON); everything else goes to stderr. A user's mistake
+ends as one line `attn: error: …` with exit code 2 (usage) or 1 (runtime), never a traceback;
+--debug or ATTN_DEBUG=1 shows the traceback for a bug report. torch is imported only on the
+paths that run it (ruff's TID253 keeps it out of this module's top level).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from attn_tracer import __version__
+from attn_tracer.errors import AttnError, UsageError
+
+EXAMPLES = {
+    "tokens": 'attn tokens "hello world"    ·    attn tokens --file notes.txt --json',
+    "trace": 'attn trace "The cat sat on the mat"    ·    attn trace --d-model 4 --heads 2 '
+             '--values "a b c"    ·    attn trace --weights gpt2 --predict "The capital of France is"',
+    "schema": "attn schema | jq .properties",
+}
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stdout.flush() if not sys.stdout.closed else None
+    print(f"attn: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _debug() -> bool:
+    return os.environ.get("ATTN_DEBUG", "") not in ("", "0") or "--debug" in sys.argv
+
+
+class Group(TyperGroup):
+    """Turns every failure into one line and an exit code, for Typer's runner and for tests."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        debug = _debug() or "--debug" in args
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "attn", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as e:
+            _fail(_one_line(e.format_message()), 2)
+        except click.exceptions.Abort:
+            _fail("interrupted", 130)
+        except BrokenPipeError:
+            _quiet_pipe()
+        except AttnError as e:
+            if debug:
+                raise
+            _fail(_one_line(str(e)), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except MemoryError:
+            _fail("out of memory; shrink the run with --max-length, --layer/--head, --d-model", 1)
+        except Exception as e:
+            if debug:
+                raise
+            _fail(f"internal error ({type(e).__name__}: {_one_line(str(e))}); rerun with --debug "
+                  "for the traceback and report it", 1)
+        if rv == 130:
+            _fail("interrupted", 130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _quiet_pipe() -> None:
+    # Python's documented recipe: the reader went away; point stdout at devnull so the final
+    # flush at exit does not raise again, and end without a word.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(0)
+
+
+app = typer.Typer(
+    cls=Group,
+    name="attn",
+    help="Trace multi-head attention step by step: shapes, formulas, masks and heatmaps.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"attn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks (also ATTN_DEBUG=1)."
+                                        )] = False,
+) -> None:
+    """Trace multi-head attention step by step: shapes, formulas, masks and heatmaps."""
+
+
+def _stdout_console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _notice(message: str) -> None:
+    from rich.text import Text
+
+    _stderr_console().print(Text(f"attn: {message}", style="yellow"))
+
+
+# ── attn tokens ───────────────────────────────────────────────────────────────────────────────
+
+@app.command(epilog=f"Example: {EXAMPLES['tokens']}")
+def tokens(
+    text: Annotated[str | None, typer.Argument(help="The text, or - to read standard input.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the text from a file.")
+                    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print a JSON array of {id, text, bytes}.")
+                     ] = False,
+    allow_special: Annotated[bool, typer.Option(
+        "--allow-special", help="Read <|endoftext|> in the text as the special token 50256.")] = False,
+) -> None:
+    """Show how GPT-2's tokenizer splits a text: position, id, readable label, raw bytes."""
+    from attn_tracer import tokens as tok
+    from attn_tracer.text import read_text
+
+    source = read_text(text, file)
+    toks = tok.tokenize(source, allow_special=allow_special)
+    if json_:
+        from attn_tracer.render_json import tokens_document
+
+        sys.stdout.buffer.write(tokens_document(toks))
+        sys.stdout.flush()
+        return
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=box.SIMPLE_HEAD, title=f"{len(toks)} GPT-2 tokens", title_justify="left")
+    table.add_column("pos", justify="right", style="dim")
+    table.add_column("id", justify="right")
+    table.add_column("token", style="bold cyan")
+    table.add_column("bytes", style="dim")
+    table.add_column("part of", style="green")
+    for pos, (t, part) in enumerate(zip(toks, tok.split_characters(toks), strict=True)):
+        table.add_row(str(pos), str(t.id), Text(t.text), t.bytes.hex(" "), Text(part))
+    _stdout_console().print(table)
+
+
+# ── attn schema ───────────────────────────────────────────────────────────────────────────────
+
+@app.command(epilog=f"Example: {EXAMPLES['schema']}")
+def schema(
+    which: Annotated[str, typer.Argument(help="trace (attn trace --json) or tokens "
+                                              "(attn tokens --json).")] = "trace",
+) -> None:
+    """Print the JSON Schema (draft 2020-12) of the --json output."""
+    from importlib.resources import files
+
+    if which not in ("trace", "tokens"):
+        raise UsageError(f"no schema named {which!r}: choose trace or tokens")
+    sys.stdout.write(files("attn_tracer.data").joinpath(f"{which}.schema.json").read_text("utf-8"))
+    sys.stdout.flush()
+
+
+# ── attn trace ────────────────────────────────────────────────────────────────────────────────
+
+Opt = typer.Option
+
+
+@app.command(epilog=f"Examples: {EXAMPLES['trace']}")
+def trace(
+    texts: Annotated[list[str] | None, typer.Argument(
+        help="The text (several make a batch), or - for standard input.", show_default=False)
+    ] = None,
+    file: Annotated[Path | None, Opt("--file", "-f", help="Read the text from a file.",
+                                     rich_help_panel="Input")] = None,
+    lines: Annotated[Path | None, Opt("--lines", help="A batch: one text per line of this file "
+                                      "(- for standard input).", rich_help_panel="Input")] = None,
+    cross: Annotated[list[str] | None, Opt("--cross", help="Cross-attention: keys and values "
+                                           "come from this text.", rich_help_panel="Input")] = None,
+    cross_file: Annotated[Path | None, Opt("--cross-file", help="Read the --cross text from a "
+                                           "file.", rich_help_panel="Input")] = None,
+    allow_special: Annotated[bool, Opt("--allow-special", help="Read <|endoftext|> as token "
+                                       "50256.", rich_help_panel="Input")] = False,
+    padding: Annotated[str, Opt("--padding", help="Pad shorter batch rows on the right or left.",
+                                rich_help_panel="Input")] = "right",
+    max_length: Annotated[int | None, Opt("--max-length", help="Cut longer texts to this many "
+                                          "tokens.", rich_help_panel="Input")] = None,
+    d_model: Annotated[int | None, Opt("--d-model", help="Width of the residual stream "
+                                       "[default: 768].", rich_help_panel="Model",
+                                       show_default=False)] = None,
+    heads: Annotated[int | None, Opt("--heads", help="Attention heads (d_head = d_model / heads)"
+                                     " [default: 12].", rich_help_panel="Model",
+                                     show_default=False)] = None,
+    layers: Annotated[int | None, Opt("--layers", help="Layers [default: 2].",
+                                      rich_help_panel="Model", show_default=False)] = None,
+    n_ctx: Annotated[int | None, Opt("--n-ctx", help="Longest text the model accepts "
+                                     "[default: 1024].", rich_help_panel="Model",
+                                     show_default=False)] = None,
+    pos: Annotated[str | None, Opt("--pos", help="Positional encoding: sinusoidal, learned or "
+                                   "none [default: sinusoidal; learned with --arch gpt2].",
+                                   rich_help_panel="Model", show_default=False)] = None,
+    mask: Annotated[str, Opt("--mask", help="causal (a query sees only earlier keys) or none.",
+                             rich_help_panel="Model")] = "causal",
+    no_scale: Annotated[bool, Opt("--no-scale", help="Drop the ÷√d_head and watch the patterns "
+                                  "saturate.", rich_help_panel="Model")] = False,
+    no_bias: Annotated[bool, Opt("--no-bias", help="No biases in the projections.",
+                                 rich_help_panel="Model")] = False,
+    seed: Annotated[int, Opt("--seed", help="Seed of the random weights.",
+                             rich_help_panel="Model")] = 0,
+    arch: Annotated[str | None, Opt("--arch", help="attn (attention + residual only) or gpt2 "
+                                    "(LayerNorm, MLP) [default: attn; gpt2 with --weights].",
+                                    rich_help_panel="Model", show_default=False)] = None,
+    weights: Annotated[str | None, Opt("--weights", help="Real GPT-2 weights: a directory, a "
+                                       ".safetensors/.bin file, or a model id in the Hugging Face"
+                                       " cache (gpt2, distilgpt2, …).", rich_help_panel="Model")
+                       ] = None,
+    layer: Annotated[list[str] | None, Opt("--layer", "-l", help="Layers to show: a number "
+                                           "(repeatable), 0,2 or all [default: 0; all for --json].",
+                                           rich_help_panel="View", show_default=False)] = None,
+    head: Annotated[list[str] | None, Opt("--head", help="Heads to show: a number (repeatable), "
+                                          "0,3 or all [default: all].", rich_help_panel="View",
+                                          show_default=False)] = None,
+    batch_index: Annotated[list[int] | None, Opt("--batch-index", help="Batch rows to draw "
+                                                 "[default: all].", rich_help_panel="View",
+                                                 show_default=False)] = None,
+    stages: Annotated[bool, Opt("--stages", help="Also show raw, scaled and masked scores.",
+                                rich_help_panel="View")] = False,
+    values: Annotated[bool, Opt("--values", help="Print the numbers (small configurations only).",
+                                rich_help_panel="View")] = False,
+    predict: Annotated[bool, Opt("--predict", help="Show the next-token distribution.",
+                                 rich_help_panel="View")] = False,
+    top_k: Annotated[int, Opt("--top-k", help="Tokens shown by --predict.",
+                              rich_help_panel="View")] = 10,
+    temperature: Annotated[float, Opt("--temperature", "-T", help="Softmax temperature of "
+                                      "--predict.", rich_help_panel="View")] = 1.0,
+    json_: Annotated[bool, Opt("--json", help="Write the trace as JSON (schema: attn schema).",
+                               rich_help_panel="Output")] = False,
+    precision: Annotated[int | None, Opt("--precision", help="Round JSON floats to N decimals.",
+                                         rich_help_panel="Output")] = None,
+    save: Annotated[Path | None, Opt("--save", help="Save every step's tensor of the shown layers"
+                                     " (.npz or .safetensors).", rich_help_panel="Output")] = None,
+    svg: Annotated[Path | None, Opt("--svg", help="Save the terminal view as SVG.",
+                                    rich_help_panel="Output")] = None,
+    html: Annotated[Path | None, Opt("--html", help="Save the terminal view as HTML.",
+                                     rich_help_panel="Output")] = None,
+    force: Annotated[bool, Opt("--force", help="Overwrite files given to --save/--svg/--html.",
+                               rich_help_panel="Output")] = False,
+    device: Annotated[str, Opt("--device", help="auto, cpu, cuda or cuda:N.",
+                               rich_help_panel="Engine")] = "auto",
+    engine: Annotated[str, Opt("--engine", help="auto, numpy or torch.",
+                               rich_help_panel="Engine")] = "auto",
+    dtype: Annotated[str, Opt("--dtype", help="float32, float64; float16, bfloat16 on CUDA.",
+                              rich_help_panel="Engine")] = "float32",
+    max_memory: Annotated[str | None, Opt("--max-memory", help="Refuse runs estimated above this"
+                                          " (e.g. 4G) [default: half the machine's RAM].",
+                                          rich_help_panel="Engine", show_default=False)] = None,
+) -> None:
+    """Run a text through a multi-head attention stack and show every step with its shape."""
+    from attn_tracer import run as runner
+
+    request = runner.Request(
+        texts=texts or [], file=file, lines=lines, cross=cross or [], cross_file=cross_file,
+        allow_special=allow_special, padding=padding, max_length=max_length, d_model=d_model,
+        heads=heads, layers=layers, n_ctx=n_ctx, pos=pos, mask=mask, scale=not no_scale,
+        bias=not no_bias, seed=seed, arch=arch, weights=weights, layer=layer or [],
+        head=head or [], batch_index=batch_index, stages=stages, values=values, predict=predict,
+        top_k=top_k, temperature=temperature, json=json_, precision=precision, save=save,
+        svg=svg, html=html, force=force, device=device, engine=engine, dtype=dtype,
+        max_memory=max_memory,
+    )
+    runner.execute(request, notice=_notice, console=_stdout_console)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""The terminal view of a Trace (Rich): tokens, the shape trace, heatmaps, stages, values.
+
+Nothing here touches an engine's arrays: the trace hands over plain NumPy. User text always
+goes through `rich.text.Text`, never markup, so a sentence containing `[red]` stays a sentence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from rich import box
+from rich.color import Color
+from rich.console import Console, Group, RenderableType
+from rich.style import Style
+from rich.table import Table
+from rich.text import Text
+
+from attn_tracer.trace import Input, Step, Trace
+
+# viridis, sampled: sequential, perceptually uniform and readable with every common color blindness.
+VIRIDIS = [
+    (68, 1, 84), (72, 35, 116), (64, 67, 135), (52, 94, 141), (41, 120, 142), (32, 144, 140),
+    (34, 167, 132), (68, 190, 112), (121, 209, 81), (189, 222, 38), (253, 231, 37),
+]
+MASKED = "·"
+LABEL_WIDTH = 10
+MAX_ROWS = 24  # query rows drawn per heatmap before switching to the last rows only
+
+
+def color(t: float) -> tuple[int, int, int]:
+    t = min(max(t, 0.0), 1.0) * (len(VIRIDIS) - 1)
+    i = min(int(t), len(VIRIDIS) - 2)
+    f = t - i
+    a, b = VIRIDIS[i], VIRIDIS[i + 1]
+    return tuple(round(a[c] + (b[c] - a[c]) * f) for c in range(3))  # type: ignore[return-value]
+
+
+def cell_style(t: float) -> Style:
+    r, g, b = color(t)
+    light = 0.299 * r + 0.587 * g + 0.114 * b > 140
+    return Style(bgcolor=Color.from_rgb(r, g, b), color="black" if light else "white")
+
+
+def fit(label: str, width: int) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+# ── header, tokens ────────────────────────────────────────────────────────────────────────────
+
+def header(trace: Trace) -> Text:
+    c = trace.config
+    rows = len(trace.inputs)
+    lengths = ", ".join(str(i.length) for i in trace.inputs)
+    what = (f"GPT-2 weights from {c.weights}" if c.weights
+            else f"random weights, seed {c.seed} (untrained)")
+    t = Text()
+    t.append("attn trace", style="bold")
+    t.append(f"  {rows} text{'s' if rows > 1 else ''} · {lengths} tokens · {c.layers} layers × "
+             f"{c.heads} heads · d_model {c.d_model} · d_head {c.d_model // c.heads} · "
+             f"{c.arch} · pos {c.pos} · mask {c.mask}{'' if c.scale else ' · NO SCALE'}\n",
+             style="dim")
+    e = trace.engine
+    t.append(f"{what} · {e['engine']} on {e['device']} · {e['dtype']}", style="dim")
+    return t
+
+
+def token_strip(inp: Input, title: str) -> Text:
+    t = Text()
+    t.append(f"{title} ", style="bold")
+    t.append(f"({inp.length} tokens)\n", style="dim")
+    for pos, tok in enumerate(inp.tokens):
+        t.append(f"{pos}:", style="dim")
+        t.append(tok.text, style="bold cyan")
+        t.append("  ")
+    return t
+
+
+# ── the shape trace ───────────────────────────────────────────────────────────────────────────
+
+def shape_table(steps: list[Step]) -> Table:
+    """Every step; layers after the first fold into one line where they repeat layer 0."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, expand=False)
+    table.add_column("step", style="cyan", no_wrap=True)
+    table.add_column("formula")
+    table.add_column("shape", justify="right", no_wrap=True, style="bold")
+    table.add_column("dims", style="dim")
+    layer0 = [_unlayered(s) for s in steps if s.name.startswith("blocks.0.")]
+    folded: list[int] = []
+    i = 0
+    while i < len(steps):
+        s = steps[i]
+        layer = int(s.name.split(".")[1]) if s.name.startswith("blocks.") else None
+        if layer:
+            mine = [x for x in steps if x.name.startswith(f"blocks.{layer}.")]
+            if [_unlayered(x) for x in mine] == layer0:
+                folded.append(layer)
+                i += len(mine)
+                nxt = steps[i] if i < len(steps) else None
+                if nxt is None or not nxt.name.startswith("blocks.") or not _same_as_layer0(
+                        steps, int(nxt.name.split(".")[1]), layer0):
+                    table.add_row(_layer_range(folded), f"same {len(layer0)} steps as blocks.0",
+                                  _shape(mine[-1].shape), Text(", ".join(mine[-1].dims)))
+                    folded = []
+                continue
+        table.add_row(Text(s.name), Text(s.op), _shape(s.shape), Text(", ".join(s.dims)))
+        i += 1
+    return table
+
+
+def _same_as_layer0(steps, layer, layer0) -> bool:
+    return [_unlayered(x) for x in steps if x.name.startswith(f"blocks.{layer}.")] == layer0
+
+
+def _unlayered(s: Step) -> tuple:
+    return (s.name.split(".", 2)[2], s.op, s.shape, s.dims)
+
+
+def _layer_range(layers: list[int]) -> str:
+    return f"blocks.{layers[0]}" if len(layers) == 1 else f"blocks.{layers[0]}–{layers[-1]}"
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(n) for n in shape) + "]"
+
+
+# ── heatmaps ──────────────────────────────────────────────────────────────────────────────────
+
+def heatmap(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
+            max_width: int, pad_rows: np.ndarray | None = None,
+            pad_cols: np.ndarray | None = None) -> RenderableType:
+    """One attention pattern [q_len, k_len]: rows are queries, columns keys, cells colored."""
+    q_len, k_len = weights.shape
+    cell = 4
+    row_start = max(0, q_len - MAX_ROWS)
+    fits = LABEL_WIDTH + 1 + k_len * cell <= max_width
+    if not fits:
+        return topk_view(weights, rows, cols, title, max_width, row_start, pad_rows)
+    lines = Text(no_wrap=True, overflow="crop")
+    lines.append(f"{title}\n", style="bold")
+    lines.append(" " * (LABEL_WIDTH + 1))
+    for k in range(k_len):
+        style = "dim" if pad_cols is not None and pad_cols[k] else "cyan"
+        # The rows carry the exact labels; a column has three characters, so drop the ␣.
+        lines.append(f"{fit(cols[k].removeprefix('␣') or cols[k], cell - 1):>{cell - 1}} ",
+                     style=style)
+    lines.append("\n")
+    for q in range(row_start, q_len):
+        pad_row = pad_rows is not None and pad_rows[q]
+        lines.append(f"{fit(rows[q], LABEL_WIDTH):>{LABEL_WIDTH}} ",
+                     style="dim strike" if pad_row else "cyan")
+        for k in range(k_len):
+            w = float(weights[q, k])
+            if w == 0.0:  # what the mask gives: −∞ before softmax
+                lines.append(f"{MASKED:>{cell - 1}} ", style="dim")
+            else:
+                lines.append(f"{_fmt01(w):>{cell - 1}}", style=cell_style(w))
+                lines.append(" ")
+        lines.append("\n")
+    if row_start:
+        lines.append(f"(first {row_start} query rows not shown)\n", style="dim italic")
+    return lines
+
+
+def _fmt01(w: float) -> str:
+    if w >= 0.995:
+        return "1.0"
+    return f"{w:.2f}"[1:]  # ".42": two decimals in three characters
+
+
+def topk_view(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
+              max_width: int, row_start: int, pad_rows) -> Text:
+    """For a key axis too wide to draw: each query's strongest keys, in order."""
+    q_len, k_len = weights.shape
+    per_key = 16
+    k = max(1, (max_width - LABEL_WIDTH - 6) // per_key)
+    out = Text(no_wrap=True, overflow="ellipsis")
+    out.append(f"{title}\n", style="bold")
+    out.append(f"{k_len} keys do not fit in {max_width} columns: the {k} strongest keys of each "
+               f"query, strongest first\n", style="dim italic")
+    for q in range(row_start, q_len):
+        out.append(f"{q:>5} {fit(rows[q], LABEL_WIDTH - 6):>{LABEL_WIDTH - 6}} ", style="cyan")
+        if pad_rows is not None and pad_rows[q]:
+            out.append("pad query: no keys\n", style="dim")
+            continue
+        for j in np.argsort(-weights[q], kind="stable")[:k]:
+            w = float(weights[q, j])
+            if w == 0:
+                break
+            out.append(f"{j}:{fit(cols[j], 6)}", style="dim")
+            out.append(f"{_fmt01(w):>4}", style=cell_style(w))
+            out.append("  ")
+        out.append("\n")
+    if row_start:
+        out.append(f"(first {row_start} query rows not shown; --json has every row)\n",
+                   style="dim italic")
+    return out
+
+
+def legend() -> Text:
+    t = Text("weight  0 ")
+    for i in range(21):
+        t.append(" ", style=Style(bgcolor=Color.from_rgb(*color(i / 20))))
+    t.append(" 1    ")
+    t.append(MASKED, style="dim")
+    t.append(" masked (exactly 0: −∞ before softmax)", style="dim")
+    return t
+
+
+def grid(items: list[RenderableType], item_width: int, width: int) -> RenderableType:
+    per_row = max(1, (width + 2) // (item_width + 2))
+    table = Table.grid(padding=(0, 2))
+    for _ in range(per_row):
+        table.add_column(no_wrap=True)
+    for i in range(0, len(items), per_row):
+        row = items[i:i + per_row]
+        table.add_row(*row, *[""] * (per_row - len(row)))
+        if i + per_row < len(items):
+            table.add_row(*[""] * per_row)
+    return table
+
+
+def labels(inp: Input) -> list[str]:
+    """Labels for every batch position, pad positions included."""
+    toks = iter(inp.tokens)
+    return [next(toks).text if real else "<pad>" for real in inp.valid]
+
+
+def attention_maps(trace: Trace, width: int, kind: str = "attn",
+                   batch_rows: list[int] | None = None) -> list[RenderableType]:
+    out: list[RenderableType] = []
+    heads = trace.selection.heads
+    keys_from = trace.cross if kind == "cross_attn" else trace.inputs
+    for layer, pattern in trace.patterns(kind):
+        for b in batch_rows if batch_rows is not None else range(pattern.shape[0]):
+            q_inp, k_inp = trace.inputs[b], keys_from[b]  # type: ignore[index]
+            items = []
+            for i, h in enumerate(heads):
+                where = f" · text {b}" if len(trace.inputs) > 1 else ""
+                items.append(heatmap(pattern[b, i], labels(q_inp), labels(k_inp),
+                                     f"{kind} layer {layer} head {h}{where}", width,
+                                     ~q_inp.valid, ~k_inp.valid))
+            k_len = pattern.shape[-1]
+            item_width = LABEL_WIDTH + 1 + k_len * 4
+            out.append(grid(items, item_width, width) if item_width <= width else Group(*items))
+    return out
+
+
+# ── stages and values ─────────────────────────────────────────────────────────────────────────
+
+def stages(trace: Trace, layer: int, head: int, width: int, batch: int = 0) -> RenderableType:
+    """One head's scores → scaled → masked → pattern, side by side."""
+    index = trace.selection.heads.index(head)
+    inp = trace.inputs[batch]
+    names = ["scores", "scaled", "masked", "pattern"]
+    items = []
+    for name in names:
+        key = f"blocks.{layer}.attn.{name}"
+        if key not in trace.tensors:
+            continue
+        m = trace.tensors[key][batch, index]
+        items.append(matrix(m, labels(inp), labels(inp), f"{name}  {trace.step(key).op}",
+                            probability=name == "pattern"))
+    n = len(inp.valid)
+    item_width = LABEL_WIDTH + 1 + n * 6
+    return grid(items, item_width, width)
+
+
+def matrix(m: np.ndarray, rows: list[str], cols: list[str], title: str,
+           probability: bool = False, cell: int = 6) -> Text:
+    """A matrix of any reals, colored by its own finite range; −∞ drawn as such."""
+    finite = m[np.isfinite(m)]
+    lo, hi = (0.0, 1.0) if probability or not finite.size else (float(finite.min()),
+                                                                 float(finite.max()))
+    span = hi - lo or 1.0
+    t = Text(no_wrap=True, overflow="crop")
+    t.append(f"{title}\n", style="bold")
+    if cols:
+        t.append(" " * (LABEL_WIDTH + 1))
+        for c in cols:
+            t.append(f"{fit(c, cell - 1):>{cell - 1}} ", style="cyan")
+        t.append("\n")
+    for i in range(m.shape[0]):
+        t.append(f"{fit(rows[i], LABEL_WIDTH):>{LABEL_WIDTH}} ", style="cyan")
+        for v in m[i]:
+            if not math.isfinite(v):
+                t.append(f"{'−∞':>{cell - 1}} ", style="dim")
+            else:
+                t.append(f"{_fmt(float(v), cell - 1):>{cell - 1}}", style=cell_style((v - lo) / span))
+                t.append(" ")
+        t.append("\n")
+    return t
+
+
+def _fmt(v: float, width: int) -> str:
+    for digits in (2, 1, 0):
+        s = f"{v:.{digits}f}"
+        if len(s) <= width:
+            return s
+    return f"{v:.0e}"
+
+
+VALUE_LIMIT = 16
+
+
+def values(trace: Trace, weights: dict[str, np.ndarray], layer: int, width: int) -> list:
+    """The actual numbers of one layer, for configurations small enough to read by hand."""
+    inp = trace.inputs[0]
+    rows = labels(inp)
+    prefix = f"blocks.{layer}.attn"
+    dims = [str(i) for i in range(trace.config.d_model)]
+    out: list[RenderableType] = []
+    x_name = "resid_pre" if layer == 0 else f"blocks.{layer - 1}.resid_post"
+    if x_name in trace.tensors:
+        out.append(matrix(trace.tensors[x_name][0], rows, dims, f"X  {trace.step(x_name).op}"))
+    for n in "QKV":
+        w = weights.get(f"{prefix}.W_{n}")
+        if w is not None:
+            out.append(matrix(w, dims, dims, f"W_{n}  [d_model, d_model]"))
+        out.append(matrix(trace.tensors[f"{prefix}.{n.lower()}"][0], rows, dims,
+                          f"{n}  {trace.step(f'{prefix}.{n.lower()}').op}"))
+    heads = trace.selection.heads
+    for name in ("scores", "scaled", "masked", "pattern"):
+        key = f"{prefix}.{name}"
+        if key in trace.tensors:
+            out.append(grid([matrix(trace.tensors[key][0, i], rows, rows, f"{name} head {h}",
+                                    probability=name == "pattern")
+                             for i, h in enumerate(heads)], LABEL_WIDTH + 1 + 6 * len(rows),
+                            width))
+    z = trace.tensors[f"{prefix}.z.merge"][0]
+    out.append(matrix(z, rows, dims, "Z (heads merged)  [len, d_model]"))
+    out.append(matrix(trace.tensors[f"{prefix}.out"][0], rows, dims,
+                      f"out  {trace.step(f'{prefix}.out').op}"))
+    return out
+
+
+def predictions(trace: Trace) -> RenderableType:
+    items: list[RenderableType] = []
+    for p in trace.predictions or []:
+        inp = trace.inputs[p.batch]
+        after = inp.tokens[-1].text if inp.tokens else ""
+        table = Table(title=f"next token after “{after}” (text {p.batch}, position {p.position},"
+                            f" T = {trace.temperature:g})", box=box.SIMPLE_HEAD, title_justify="left")
+        table.add_column("#", justify="right", style="dim")
+        table.add_column("token", style="cyan")
+        table.add_column("id", justify="right", style="dim")
+        table.add_column("prob", justify="right")
+        table.add_column("logit", justify="right", style="dim")
+        table.add_column("")
+        for rank, t in enumerate(p.top):
+            table.add_row(str(rank + 1), Text(t["text"]), str(t["id"]), f"{t['prob']:.4f}",
+                          f"{t['logit']:.3f}", Text("█" * max(1, round(t["prob"] * 30)),
+                                                    style="green"))
+        items.append(table)
+    if not trace.config.weights:
+        items.append(Text("These weights are random: the model is untrained, so these predictions"
+                          " mean nothing. Use --weights for a real GPT-2.", style="yellow"))
+    return Group(*items)
+
+
+# ── the whole view ────────────────────────────────────────────────────────────────────────────
+
+def render(trace: Trace, console: Console, *, show_stages: bool = False,
+           weights: dict[str, np.ndarray] | None = None, show_values: bool = False,
+           batch_rows: list[int] | None = None) -> None:
+    width = console.width
+    console.print(header(trace))
+    console.print()
+    for b, inp in enumerate(trace.inputs):
+        title = f"text {b}" if len(trace.inputs) > 1 else "tokens"
+        console.print(token_strip(inp, title))
+        if inp.padding:
+            console.print(Text(f"  + {inp.padding} <pad> ({inp.side}) — <|endoftext|>, id 50256,"
+                               " masked out as a key; a pad query attends to nothing (row of 0)",
+                               style="dim"))
+    for b, inp in enumerate(trace.cross or []):
+        if b == 0 or inp.text != trace.cross[0].text:  # type: ignore[index]
+            console.print(token_strip(inp, f"cross text {b}"))
+    console.print()
+    console.print(Text("shape trace", style="bold"))
+    console.print(shape_table(trace.steps))
+    if show_values and weights is not None:
+        for layer in trace.selection.layers:
+            console.print(Text(f"values of layer {layer} (text 0)", style="bold"))
+            for item in values(trace, weights, layer, width):
+                console.print(item)
+    if show_stages:
+        layer, head = trace.selection.layers[0], trace.selection.heads[0]
+        console.print(Text(f"stages of layer {layer} head {head}: "
+                           "scores → ÷√d_head → mask → softmax", style="bold"))
+        console.print(stages(trace, layer, head, width))
+    maps = attention_maps(trace, width, "attn", batch_rows)
+    if trace.cross:
+        maps += attention_maps(trace, width, "cross_attn", batch_rows)
+    if maps:
+        console.print(Text("attention patterns (rows: queries, columns: keys)", style="bold"))
+        for m in maps:
+            console.print(m)
+        console.print(legend())
+    if trace.predictions:
+        console.print()
+        console.print(predictions(trace))

@@ -1,0 +1,274 @@
+"""`attn trace`: from the command line's request to the outputs, checking everything first.
+
+Every option is validated and every output target checked before the model runs, and the
+model runs to the end before the first byte reaches stdout: a failed run prints nothing there.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from attn_tracer import memory
+from attn_tracer.config import Config
+from attn_tracer.errors import UsageError
+from attn_tracer.tokens import VOCAB
+
+VALUES_LIMIT = 16  # --values prints every number: beyond this, nobody reads them
+
+
+@dataclass
+class Request:
+    texts: list[str] = field(default_factory=list)
+    file: Path | None = None
+    lines: Path | None = None
+    cross: list[str] = field(default_factory=list)
+    cross_file: Path | None = None
+    allow_special: bool = False
+    padding: str = "right"
+    max_length: int | None = None
+    d_model: int | None = None
+    heads: int | None = None
+    layers: int | None = None
+    n_ctx: int | None = None
+    pos: str | None = None
+    mask: str = "causal"
+    scale: bool = True
+    bias: bool = True
+    seed: int = 0
+    arch: str | None = None
+    weights: str | None = None
+    layer: list[str] = field(default_factory=list)
+    head: list[str] = field(default_factory=list)
+    batch_index: list[int] | None = None
+    stages: bool = False
+    values: bool = False
+    predict: bool = False
+    top_k: int = 10
+    temperature: float = 1.0
+    json: bool = False
+    precision: int | None = None
+    save: Path | None = None
+    svg: Path | None = None
+    html: Path | None = None
+    force: bool = False
+    device: str = "auto"
+    engine: str = "auto"
+    dtype: str = "float32"
+    max_memory: str | None = None
+
+
+def read_inputs(r: Request, notice: Callable[[str], None]) -> tuple[list[str], list[str]]:
+    from attn_tracer.text import read_file, read_text
+
+    sources = sum([bool(r.texts), r.file is not None, r.lines is not None])
+    if sources > 1:
+        raise UsageError("give the text one way: TEXT arguments, --file, or --lines")
+    if r.lines is not None:
+        raw = read_file(r.lines, "--lines file")
+        rows = raw.splitlines()
+        texts = [t for t in rows if t.strip()]
+        if len(texts) < len(rows):
+            skipped = [str(i + 1) for i, t in enumerate(rows) if not t.strip()]
+            notice(f"skipped {len(skipped)} empty line{'s' if len(skipped) > 1 else ''} of "
+                   f"{r.lines} (line {', '.join(skipped[:10])}{'…' if len(skipped) > 10 else ''})")
+        if not texts:
+            raise UsageError(f"--lines {r.lines} has no text: every line is empty")
+    elif r.file is not None:
+        texts = [read_text(None, r.file)]
+    elif r.texts:
+        if r.texts.count("-") > 1:
+            raise UsageError("- (standard input) can be given only once")
+        texts = [read_text(t, None) for t in r.texts]
+    else:
+        texts = [read_text(None, None)]
+    for i, t in enumerate(texts):
+        if not t.strip():
+            where = f"text {i}" if len(texts) > 1 else "the text"
+            raise UsageError(f"{where} is empty or only whitespace: there is nothing to attend to")
+    if r.cross and r.cross_file is not None:
+        raise UsageError("give the cross text either with --cross or with --cross-file, not both")
+    cross = list(r.cross)
+    if r.cross_file is not None:
+        cross = [read_file(r.cross_file, "--cross-file")]
+    for t in cross:
+        if not t.strip():
+            raise UsageError("--cross text is empty: cross-attention needs keys to attend to")
+    return texts, cross
+
+
+def build_config(r: Request):
+    """The Config, and the checkpoint's parameters when --weights is given."""
+    from attn_tracer.weights import Weights, random_weights
+
+    arch = r.arch
+    if arch is not None and arch not in ("attn", "gpt2"):
+        raise UsageError(f"--arch must be attn or gpt2; got {arch!r}")
+    if r.weights is not None:
+        if arch == "attn":
+            raise UsageError("--weights loads a GPT-2, which needs --arch gpt2 (or no --arch)")
+        for flag, value in (("--d-model", r.d_model), ("--layers", r.layers),
+                            ("--n-ctx", r.n_ctx)):
+            if value is not None:
+                raise UsageError(f"{flag} conflicts with --weights: the checkpoint sets the sizes")
+        if r.pos not in (None, "learned"):
+            raise UsageError("GPT-2 weights come with learned positions; drop --pos")
+        if not r.bias:
+            raise UsageError("--no-bias conflicts with --weights: GPT-2 has biases")
+        from attn_tracer.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(r.weights, r.heads)
+        if r.heads is not None and r.heads != ck.heads:
+            raise UsageError(f"--heads {r.heads} conflicts with the checkpoint's {ck.heads} heads")
+        config = Config(d_model=ck.d_model, heads=ck.heads, layers=ck.layers, n_ctx=ck.n_ctx,
+                        pos="learned", mask=r.mask, scale=r.scale, bias=True, seed=r.seed,
+                        arch="gpt2", vocab=ck.vocab, ln_eps=ck.ln_eps, weights=r.weights)
+        return config, Weights(config, dict(ck.params), trained=True)
+    arch = arch or "attn"
+    config = Config(
+        d_model=768 if r.d_model is None else r.d_model,
+        heads=12 if r.heads is None else r.heads,
+        layers=2 if r.layers is None else r.layers,
+        n_ctx=1024 if r.n_ctx is None else r.n_ctx,
+        pos=r.pos or ("learned" if arch == "gpt2" else "sinusoidal"),
+        mask=r.mask, scale=r.scale, bias=r.bias, seed=r.seed, arch=arch,
+    )
+    # Parameters alone, before any allocation: refuse what cannot fit from the estimate.
+    return config, None
+
+
+def parse_selection(values: list[str], count: int, flag: str, default: list[int]) -> tuple[int, ...]:
+    if not values:
+        return tuple(default)
+    chosen: list[int] = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip().lower()
+            if part == "all":
+                chosen.extend(range(count))
+                continue
+            try:
+                n = int(part)
+            except ValueError:
+                raise UsageError(f"{flag} takes numbers or all; got {value!r}") from None
+            if not 0 <= n < count:
+                raise UsageError(f"{flag} {n} is out of range: there are {count} "
+                                 f"({flag.lstrip('-')}s 0 to {count - 1})")
+            chosen.append(n)
+    return tuple(sorted(set(chosen)))
+
+
+def validate(r: Request) -> None:
+    if r.padding not in ("right", "left"):
+        raise UsageError(f"--padding must be right or left; got {r.padding!r}")
+    if r.max_length is not None and r.max_length < 1:
+        raise UsageError(f"--max-length must be at least 1; got {r.max_length}")
+    if not 1 <= r.top_k <= VOCAB:
+        raise UsageError(f"--top-k must be between 1 and the vocabulary size {VOCAB}; got {r.top_k}")
+    if not (math.isfinite(r.temperature) and r.temperature > 0):
+        raise UsageError(f"--temperature must be a positive number (it divides the logits); "
+                         f"got {r.temperature:g}")
+    if r.precision is not None and not 0 <= r.precision <= 12:
+        raise UsageError(f"--precision must be between 0 and 12 decimals; got {r.precision}")
+    if r.values and r.json:
+        raise UsageError("--values prints numbers in the terminal view; with --json use --save")
+    if r.arch == "gpt2" and (r.cross or r.cross_file):
+        raise UsageError("--cross needs --arch attn: GPT-2 is decoder-only, it has no "
+                         "cross-attention")
+    if r.weights is not None and (r.cross or r.cross_file):
+        raise UsageError("--cross conflicts with --weights: GPT-2 has no cross-attention")
+    from attn_tracer.save import TENSOR_SUFFIXES, check_target
+
+    if r.save is not None:
+        check_target(r.save, r.force, "--save", TENSOR_SUFFIXES)
+    if r.svg is not None:
+        check_target(r.svg, r.force, "--svg", (".svg",))
+    if r.html is not None:
+        check_target(r.html, r.force, "--html", (".html", ".htm"))
+    if len({p.resolve() for p in (r.save, r.svg, r.html) if p is not None}) < sum(
+            p is not None for p in (r.save, r.svg, r.html)):
+        raise UsageError("--save, --svg and --html must name different files")
+
+
+def execute(r: Request, notice: Callable[[str], None], console: Callable) -> None:
+    validate(r)
+    texts, cross = read_inputs(r, notice)
+    limit = memory.parse_size(r.max_memory) if r.max_memory is not None else memory.default_limit()
+    config, weights = build_config(r)
+    from attn_tracer.engine import select_engine
+
+    if r.values and config.d_model > VALUES_LIMIT:
+        raise UsageError(f"--values prints every number: use it with --d-model ≤ {VALUES_LIMIT} "
+                         f"(e.g. --d-model 4 --heads 2); this run has d_model {config.d_model}")
+    layers = parse_selection(r.layer, config.layers, "--layer",
+                             list(range(config.layers)) if r.json or r.save else [0])
+    heads = parse_selection(r.head, config.heads, "--head", list(range(config.heads)))
+    capture = "all" if (r.values or r.save) else ("stages" if r.stages else "patterns")
+    from attn_tracer.trace import Selection
+
+    selection = Selection(layers, heads, capture)
+    # Refuse absurd sizes from the parameter count alone, before a single weight is drawn.
+    memory.check(memory.estimate(config, r.dtype if r.dtype in memory.BYTES else "float32",
+                                 1, 1, 1, 0, 0, "patterns", bool(cross)), limit)
+    from attn_tracer.pipeline import run, tokenize_all
+
+    token_lists, _ = tokenize_all(texts, r.allow_special, r.max_length, config.n_ctx, "text")
+    if r.values and max(len(t) for t in token_lists) > VALUES_LIMIT:
+        raise UsageError(f"--values prints every number: use it with at most {VALUES_LIMIT} "
+                         "tokens (cut with --max-length)")
+    if r.batch_index is not None:
+        for b in r.batch_index:
+            if not 0 <= b < len(texts):
+                raise UsageError(f"--batch-index {b} is out of range: the batch has {len(texts)} "
+                                 f"text{'s' if len(texts) > 1 else ''} (0 to {len(texts) - 1})")
+    length = max(len(t) for t in token_lists)
+    engine = select_engine(r.engine, r.device, r.dtype, length)
+    if weights is None:
+        from attn_tracer.weights import random_weights
+
+        weights = random_weights(config, cross=bool(cross))
+    trace, cut = run(texts, config, engine, weights, selection, cross_texts=cross or None,
+                     padding=r.padding, max_length=r.max_length, allow_special=r.allow_special,
+                     predict_top_k=r.top_k if r.predict else None, temperature=r.temperature,
+                     max_memory=limit)
+    if cut:
+        notice(f"--max-length {r.max_length} cut text{'s' if len(cut) > 1 else ''} "
+               f"{', '.join(map(str, cut))}")
+    write_outputs(r, trace, weights, console)
+
+
+def write_outputs(r: Request, trace, weights, console: Callable) -> None:
+    from attn_tracer import render_json, save
+
+    if r.save is not None:
+        save.save_tensors(trace, r.save, render_json.config_json(trace))
+    view = None
+    if not r.json or r.svg or r.html:
+        view = render_view(r, trace, weights, console())
+        if r.svg is not None:
+            save.write_atomic(r.svg, view.export_svg(title="attn trace", clear=False).encode())
+        if r.html is not None:
+            save.write_atomic(r.html, view.export_html(clear=False).encode())
+    if r.json:
+        render_json.write(trace, sys.stdout.buffer, r.precision, r.stages)
+    else:
+        sys.stdout.write(view.file.getvalue())
+        sys.stdout.flush()
+
+
+def render_view(r: Request, trace, weights, target):
+    """Render into memory with the target console's settings; printed only once it is whole."""
+    from rich.console import Console
+
+    from attn_tracer import render_terminal
+
+    buffer = Console(file=io.StringIO(), width=target.width, color_system=target.color_system,
+                     force_terminal=target.is_terminal, no_color=target.no_color,
+                     legacy_windows=False, highlight=False, record=True)
+    render_terminal.render(trace, buffer, show_stages=r.stages, weights=weights.params,
+                           show_values=r.values, batch_rows=r.batch_index)
+    return buffer
