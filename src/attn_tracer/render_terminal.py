@@ -15,7 +15,9 @@ from rich.console import Console, Group, RenderableType
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
+from rich.cells import cell_len, set_cell_size
 
+from attn_tracer.tokens import split_characters
 from attn_tracer.trace import Input, Step, Trace
 
 # viridis, sampled: sequential, perceptually uniform and readable with every common color blindness.
@@ -26,6 +28,7 @@ VIRIDIS = [
 MASKED = "·"
 LABEL_WIDTH = 10
 MAX_ROWS = 24  # query rows drawn per heatmap before switching to the last rows only
+STRIP_HEAD, STRIP_TAIL = 48, 16  # tokens listed before and after the … of a long text
 
 
 def color(t: float) -> tuple[int, int, int]:
@@ -43,7 +46,10 @@ def cell_style(t: float) -> Style:
 
 
 def fit(label: str, width: int) -> str:
-    return label if len(label) <= width else label[: width - 1] + "…"
+    """`label` right-aligned in `width` terminal cells (CJK and emoji take two), cut with …."""
+    if cell_len(label) > width:
+        label = set_cell_size(label, width - 1) + "…"
+    return " " * (width - cell_len(label)) + label
 
 
 # ── header, tokens ────────────────────────────────────────────────────────────────────────────
@@ -69,9 +75,15 @@ def token_strip(inp: Input, title: str) -> Text:
     t = Text()
     t.append(f"{title} ", style="bold")
     t.append(f"({inp.length} tokens)\n", style="dim")
-    for pos, tok in enumerate(inp.tokens):
+    shown = range(len(inp.tokens))
+    if len(inp.tokens) > STRIP_HEAD + STRIP_TAIL:
+        shown = [*range(STRIP_HEAD), *range(len(inp.tokens) - STRIP_TAIL, len(inp.tokens))]
+    for pos in shown:
+        if pos == len(inp.tokens) - STRIP_TAIL and len(shown) < len(inp.tokens):
+            hidden = len(inp.tokens) - len(shown)
+            t.append(f"… {hidden} tokens not shown (attn tokens lists them all) …  ", style="dim")
         t.append(f"{pos}:", style="dim")
-        t.append(tok.text, style="bold cyan")
+        t.append(inp.tokens[pos].text, style="bold cyan")
         t.append("  ")
     return t
 
@@ -141,13 +153,11 @@ def heatmap(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
     lines.append(" " * (LABEL_WIDTH + 1))
     for k in range(k_len):
         style = "dim" if pad_cols is not None and pad_cols[k] else "cyan"
-        # The rows carry the exact labels; a column has three characters, so drop the ␣.
-        lines.append(f"{fit(cols[k].removeprefix('␣') or cols[k], cell - 1):>{cell - 1}} ",
-                     style=style)
+        lines.append(f"{fit(cols[k], cell - 1)} ", style=style)
     lines.append("\n")
     for q in range(row_start, q_len):
         pad_row = pad_rows is not None and pad_rows[q]
-        lines.append(f"{fit(rows[q], LABEL_WIDTH):>{LABEL_WIDTH}} ",
+        lines.append(f"{fit(rows[q], LABEL_WIDTH)} ",
                      style="dim strike" if pad_row else "cyan")
         for k in range(k_len):
             w = float(weights[q, k])
@@ -187,7 +197,8 @@ def topk_view(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
             w = float(weights[q, j])
             if w == 0:
                 break
-            out.append(f"{j}:{fit(cols[j], 6)}", style="dim")
+            out.append(f"{j}:", style="dim")
+            out.append(set_cell_size(cols[j], 6), style="cyan")
             out.append(f"{_fmt01(w):>4}", style=cell_style(w))
             out.append("  ")
         out.append("\n")
@@ -221,9 +232,33 @@ def grid(items: list[RenderableType], item_width: int, width: int) -> Renderable
 
 
 def labels(inp: Input) -> list[str]:
-    """Labels for every batch position, pad positions included."""
-    toks = iter(inp.tokens)
-    return [next(toks).text if real else "<pad>" for real in inp.valid]
+    """Row labels for every batch position: the exact token label, and for a token holding
+    part of a character, that character too; pad positions included."""
+    parts = split_characters(inp.tokens)
+    toks = iter(zip(inp.tokens, parts, strict=True))
+    out = []
+    for real in inp.valid:
+        if not real:
+            out.append("<pad>")
+            continue
+        tok, part = next(toks)
+        out.append(f"{tok.text} {part}" if part else tok.text)
+    return out
+
+
+def column_labels(inp: Input) -> list[str]:
+    """Short labels for three-cell columns: the character a partial token belongs to, and no ␣
+    (the rows carry the exact labels)."""
+    parts = split_characters(inp.tokens)
+    toks = iter(zip(inp.tokens, parts, strict=True))
+    out = []
+    for real in inp.valid:
+        if not real:
+            out.append("pad")
+            continue
+        tok, part = next(toks)
+        out.append(part or tok.text.removeprefix("␣") or tok.text)
+    return out
 
 
 def attention_maps(trace: Trace, width: int, kind: str = "attn",
@@ -237,7 +272,7 @@ def attention_maps(trace: Trace, width: int, kind: str = "attn",
             items = []
             for i, h in enumerate(heads):
                 where = f" · text {b}" if len(trace.inputs) > 1 else ""
-                items.append(heatmap(pattern[b, i], labels(q_inp), labels(k_inp),
+                items.append(heatmap(pattern[b, i], labels(q_inp), column_labels(k_inp),
                                      f"{kind} layer {layer} head {h}{where}", width,
                                      ~q_inp.valid, ~k_inp.valid))
             k_len = pattern.shape[-1]
@@ -278,13 +313,15 @@ def matrix(m: np.ndarray, rows: list[str], cols: list[str], title: str,
     if cols:
         t.append(" " * (LABEL_WIDTH + 1))
         for c in cols:
-            t.append(f"{fit(c, cell - 1):>{cell - 1}} ", style="cyan")
+            t.append(f"{fit(c, cell - 1)} ", style="cyan")
         t.append("\n")
     for i in range(m.shape[0]):
-        t.append(f"{fit(rows[i], LABEL_WIDTH):>{LABEL_WIDTH}} ", style="cyan")
+        t.append(f"{fit(rows[i], LABEL_WIDTH)} ", style="cyan")
         for v in m[i]:
             if not math.isfinite(v):
                 t.append(f"{'−∞':>{cell - 1}} ", style="dim")
+            elif probability and v == 0:
+                t.append(f"{MASKED:>{cell - 1}} ", style="dim")
             else:
                 t.append(f"{_fmt(float(v), cell - 1):>{cell - 1}}", style=cell_style((v - lo) / span))
                 t.append(" ")
@@ -309,6 +346,9 @@ def values(trace: Trace, weights: dict[str, np.ndarray], layer: int, width: int)
     rows = labels(inp)
     prefix = f"blocks.{layer}.attn"
     dims = [str(i) for i in range(trace.config.d_model)]
+    d_head = trace.config.d_head
+    # Columns named head.dim: the split into heads is just this grouping of d_model.
+    by_head = [f"h{i // d_head}.{i % d_head}" for i in range(trace.config.d_model)]
     out: list[RenderableType] = []
     x_name = "resid_pre" if layer == 0 else f"blocks.{layer - 1}.resid_post"
     if x_name in trace.tensors:
@@ -317,7 +357,7 @@ def values(trace: Trace, weights: dict[str, np.ndarray], layer: int, width: int)
         w = weights.get(f"{prefix}.W_{n}")
         if w is not None:
             out.append(matrix(w, dims, dims, f"W_{n}  [d_model, d_model]"))
-        out.append(matrix(trace.tensors[f"{prefix}.{n.lower()}"][0], rows, dims,
+        out.append(matrix(trace.tensors[f"{prefix}.{n.lower()}"][0], rows, by_head,
                           f"{n}  {trace.step(f'{prefix}.{n.lower()}').op}"))
     heads = trace.selection.heads
     for name in ("scores", "scaled", "masked", "pattern"):
@@ -328,7 +368,7 @@ def values(trace: Trace, weights: dict[str, np.ndarray], layer: int, width: int)
                              for i, h in enumerate(heads)], LABEL_WIDTH + 1 + 6 * len(rows),
                             width))
     z = trace.tensors[f"{prefix}.z.merge"][0]
-    out.append(matrix(z, rows, dims, "Z (heads merged)  [len, d_model]"))
+    out.append(matrix(z, rows, by_head, "Z, heads merged  [len, d_model]"))
     out.append(matrix(trace.tensors[f"{prefix}.out"][0], rows, dims,
                       f"out  {trace.step(f'{prefix}.out').op}"))
     return out
