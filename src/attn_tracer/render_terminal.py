@@ -99,6 +99,7 @@ def shape_table(steps: list[Step]) -> Table:
     table.add_column("dims", style="dim")
     layer0 = [_unlayered(s) for s in steps if s.name.startswith("blocks.0.")]
     folded: list[int] = []
+    current = None
     i = 0
     while i < len(steps):
         s = steps[i]
@@ -115,7 +116,13 @@ def shape_table(steps: list[Step]) -> Table:
                                   _shape(mine[-1].shape), Text(", ".join(mine[-1].dims)))
                     folded = []
                 continue
-        table.add_row(Text(s.name), Text(s.op), _shape(s.shape), Text(", ".join(s.dims)))
+        name = s.name
+        if layer is not None:
+            if layer != current:
+                table.add_row(Text(f"blocks.{layer}", style="bold"), "", "", "")
+                current = layer
+            name = "  " + s.name.split(".", 2)[2]
+        table.add_row(Text(name), Text(s.op), _shape(s.shape), Text(", ".join(s.dims)))
         i += 1
     return table
 
@@ -210,8 +217,9 @@ def topk_view(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
 
 def legend() -> Text:
     t = Text("weight  0 ")
-    for i in range(21):
-        t.append(" ", style=Style(bgcolor=Color.from_rgb(*color(i / 20))))
+    ramp = "▁▂▃▄▅▆▇█"  # heights carry the scale where colors are off
+    for i in range(16):
+        t.append(ramp[i * len(ramp) // 16], style=Style(color=Color.from_rgb(*color(i / 15))))
     t.append(" 1    ")
     t.append(MASKED, style="dim")
     t.append(" masked (exactly 0: −∞ before softmax)", style="dim")
