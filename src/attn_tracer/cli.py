@@ -13,9 +13,13 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # Typer ≥ 0.26 vendors its own copy of click; its exceptions are not click's
+    import typer._click as click
+except ImportError:  # pragma: no cover - older Typer uses click itself
+    import click
 
 from attn_tracer import __version__
 from attn_tracer.errors import AttnError, UsageError
@@ -23,55 +27,100 @@ from attn_tracer.errors import AttnError, UsageError
 EXAMPLES = {
     "tokens": 'attn tokens "hello world"    ·    attn tokens --file notes.txt --json',
     "trace": 'attn trace "The cat sat on the mat"    ·    attn trace --d-model 4 --heads 2 '
-             '--values "a b c"    ·    attn trace --weights gpt2 --predict "The capital of France is"',
+             '--values "a b c"    ·    '
+             'attn trace --weights gpt2 --predict "The capital of France is"',
     "schema": "attn schema | jq .properties",
 }
 
 
 def _fail(message: str, code: int) -> None:
-    sys.stdout.flush() if not sys.stdout.closed else None
+    try:
+        if not sys.stdout.closed:
+            sys.stdout.flush()
+    except OSError:
+        pass
     print(f"attn: error: {message}", file=sys.stderr)
     sys.exit(code)
 
 
+_DEBUG = [False]  # set by --debug (on the root or on a command) while a command line is parsed
+
+
 def _debug() -> bool:
-    return os.environ.get("ATTN_DEBUG", "") not in ("", "0") or "--debug" in sys.argv
+    return _DEBUG[0] or os.environ.get("ATTN_DEBUG", "") not in ("", "0")
+
+
+def _set_debug(value: bool) -> None:
+    if value:
+        _DEBUG[0] = True
+
+
+# Ctrl-C as Typer reports it (its own Abort; older Typer: Click's).
+_ABORTS = tuple({typer.Abort, getattr(click.exceptions, "Abort", typer.Abort)})
+
+
+class _PipeClosed(Exception):
+    """stdout's reader went away; raised past Typer, which would turn EPIPE into exit 1."""
 
 
 class Group(TyperGroup):
-    """Turns every failure into one line and an exit code, for Typer's runner and for tests."""
+    """Turns every failure into one line and an exit code, for Typer's runner and for tests.
+
+    Exit codes: 0 success (also when the reader of stdout goes away early), 1 runtime error,
+    2 usage error, 130 interrupted. --debug (before or after the command) or ATTN_DEBUG=1
+    print the traceback above the one-line message.
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as e:
+            raise _PipeClosed from e
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)
-        debug = _debug() or "--debug" in args
+        _DEBUG[0] = False
         try:
             rv = super().main(args=args, prog_name=prog_name or "attn", complete_var=complete_var,
                               standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:
-            click.echo(e.ctx.get_help())
+            print(e.ctx.get_help())
             sys.exit(0)
-        except click.ClickException as e:
-            _fail(_one_line(e.format_message()), 2)
-        except click.exceptions.Abort:
+        except click.exceptions.ClickException as e:
+            _fail(_usage_message(e), 2 if isinstance(e, click.exceptions.UsageError)
+                  else e.exit_code or 1)
+        except (*_ABORTS, KeyboardInterrupt):
             _fail("interrupted", 130)
-        except BrokenPipeError:
+        except (_PipeClosed, BrokenPipeError):
             _quiet_pipe()
         except AttnError as e:
-            if debug:
-                raise
+            _traceback_if_debug()
             _fail(_one_line(str(e)), e.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
         except MemoryError:
+            _traceback_if_debug()
             _fail("out of memory; shrink the run with --max-length, --layer/--head, --d-model", 1)
         except Exception as e:
-            if debug:
-                raise
+            _traceback_if_debug()
             _fail(f"internal error ({type(e).__name__}: {_one_line(str(e))}); rerun with --debug "
                   "for the traceback and report it", 1)
         if rv == 130:
             _fail("interrupted", 130)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _traceback_if_debug() -> None:
+    if _debug():
+        import traceback
+
+        traceback.print_exc()
+
+
+def _usage_message(e) -> str:
+    message = _one_line(e.format_message())
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        message += f" (see {ctx.command_path} --help)"
+    return message
 
 
 def _one_line(message: str) -> str:
@@ -81,8 +130,11 @@ def _one_line(message: str) -> str:
 def _quiet_pipe() -> None:
     # Python's documented recipe: the reader went away; point stdout at devnull so the final
     # flush at exit does not raise again, and end without a word.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (a test runner's stdout)
+        pass
     sys.exit(0)
 
 
@@ -90,6 +142,7 @@ app = typer.Typer(
     cls=Group,
     name="attn",
     help="Trace multi-head attention step by step: shapes, formulas, masks and heatmaps.",
+    epilog=f"Examples: {EXAMPLES['trace']}    ·    {EXAMPLES['tokens']}",
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -107,16 +160,23 @@ def _version(value: bool) -> None:
 def root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks (also ATTN_DEBUG=1)."
-                                        )] = False,
+    debug: Annotated[bool, typer.Option("--debug", callback=_set_debug, is_eager=True,
+                                        help="Show full tracebacks (also ATTN_DEBUG=1).")
+                     ] = False,
 ) -> None:
     """Trace multi-head attention step by step: shapes, formulas, masks and heatmaps."""
+
+
+# `attn trace … --debug` works too: a hidden twin of the root option on every command.
+Debug = Annotated[bool, typer.Option("--debug", callback=_set_debug, is_eager=True, hidden=True)]
 
 
 def _stdout_console():
     from rich.console import Console
 
-    return Console(highlight=False)
+    # NO_COLOR asks for plain text: no colors and no bold or dim either, the same as a pipe.
+    plain = os.environ.get("NO_COLOR", "") != ""
+    return Console(highlight=False, color_system=None if plain else "auto")
 
 
 def _stderr_console():
@@ -128,20 +188,24 @@ def _stderr_console():
 def _notice(message: str) -> None:
     from rich.text import Text
 
-    _stderr_console().print(Text(f"attn: {message}", style="yellow"))
+    # One notice, one line, whatever the terminal width: a wrapped path cannot be copied.
+    _stderr_console().print(Text(f"attn: {message}", style="yellow"), soft_wrap=True)
 
 
 # ── attn tokens ───────────────────────────────────────────────────────────────────────────────
 
 @app.command(epilog=f"Example: {EXAMPLES['tokens']}")
 def tokens(
-    text: Annotated[str | None, typer.Argument(help="The text, or - to read standard input.")] = None,
+    text: Annotated[str | None, typer.Argument(help="The text, or - to read standard input.")
+                    ] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the text from a file.")
                     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print a JSON array of {id, text, bytes}.")
                      ] = False,
     allow_special: Annotated[bool, typer.Option(
-        "--allow-special", help="Read <|endoftext|> in the text as the special token 50256.")] = False,
+        "--allow-special", help="Read <|endoftext|> in the text as the special token 50256.")
+    ] = False,
+    debug: Debug = False,
 ) -> None:
     """Show how GPT-2's tokenizer splits a text: position, id, readable label, raw bytes."""
     from attn_tracer import tokens as tok
@@ -159,7 +223,8 @@ def tokens(
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(box=box.SIMPLE_HEAD, title=f"{len(toks)} GPT-2 tokens", title_justify="left")
+    title = f"{len(toks)} GPT-2 token{'' if len(toks) == 1 else 's'}"
+    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
     table.add_column("pos", justify="right", style="dim")
     table.add_column("id", justify="right")
     table.add_column("token", style="bold cyan")
@@ -176,6 +241,7 @@ def tokens(
 def schema(
     which: Annotated[str, typer.Argument(help="trace (attn trace --json) or tokens "
                                               "(attn tokens --json).")] = "trace",
+    debug: Debug = False,
 ) -> None:
     """Print the JSON Schema (draft 2020-12) of the --json output."""
     from importlib.resources import files
@@ -279,6 +345,7 @@ def trace(
     max_memory: Annotated[str | None, Opt("--max-memory", help="Refuse runs estimated above this"
                                           " (e.g. 4G) [default: half the machine's RAM].",
                                           rich_help_panel="Engine", show_default=False)] = None,
+    debug: Debug = False,
 ) -> None:
     """Run a text through a multi-head attention stack and show every step with its shape."""
     from attn_tracer import run as runner

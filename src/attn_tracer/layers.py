@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from attn_tracer.config import Config
 from attn_tracer.engine import Engine, namespace
 
@@ -56,12 +58,12 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, prefix: str, engin
         shown = list(rec.selection.heads) if rec.selection.layer_captured(layer) else []
         index = xp.asarray(shown, dtype=xp.int64, device=q.device)
         pattern_steps(xp.take(q, index, axis=1), xp.take(k, index, axis=1), config, allowed,
-                      rec.heads_view(heads), prefix, (lq, lk))
+                      rec.heads_view(heads), prefix)
         from attn_tracer.torch_ops import fused_attention
 
         z = fused_attention(q, k, v, allowed, 1 / math.sqrt(d_head) if config.scale else 1.0)
     else:
-        pattern = pattern_steps(q, k, config, allowed, rec, prefix, (lq, lk))
+        pattern = pattern_steps(q, k, config, allowed, rec, prefix)
         z = pattern @ v
     z = rec(f"{prefix}.z", "Z = pattern·V", z, ("batch", "heads", lq, "d_head"))
     z = rec(f"{prefix}.z.transpose", "transpose(1, 2)",
@@ -73,14 +75,15 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, prefix: str, engin
                linear(z, p[f"{prefix}.W_O"], b_O), ("batch", lq, "d_model"))
 
 
-def pattern_steps(q, k, config: Config, allowed, rec, prefix: str, dims: tuple[str, str]):
+def pattern_steps(q, k, config: Config, allowed, rec, prefix: str):
     """scores = Q·Kᵀ → ÷ √d_head → mask → softmax: each stage recorded."""
     xp = namespace(q)
     score_dims = ("batch", "heads", "q_len", "k_len")
     scores = rec(f"{prefix}.scores", "scores = Q·Kᵀ", q @ xp.matrix_transpose(k), score_dims)
     if config.scale:
-        scores = rec(f"{prefix}.scaled", f"scores ÷ √d_head (√{config.d_head} = {math.sqrt(config.d_head):.4g})",
-                     scores / math.sqrt(config.d_head), score_dims)
+        root = math.sqrt(config.d_head)
+        scores = rec(f"{prefix}.scaled", f"scores ÷ √d_head (√{config.d_head} = {root:.4g})",
+                     scores / root, score_dims)
     if allowed is not None:
         minus_inf = xp.full((), -math.inf, dtype=scores.dtype, device=scores.device)
         scores = rec(f"{prefix}.masked", "scores + mask (−∞)",
@@ -96,7 +99,8 @@ def softmax(x):
     """
     xp = namespace(x)
     dtype = x.dtype
-    if dtype in (xp.float16, getattr(xp, "bfloat16", None)):
+    # Not getattr(…, None): NumPy reads dtype == None as float64, which would round it to float32.
+    if dtype in (xp.float16, getattr(xp, "bfloat16", xp.float16)):
         x = xp.astype(x, xp.float32)
     m = xp.max(x, axis=-1, keepdims=True)
     m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
@@ -108,8 +112,12 @@ def softmax(x):
 
 def layer_norm(x, w, b, eps: float):
     xp = namespace(x)
+    if xp is not np:  # torch: the same formula in one kernel instead of nine passes
+        from attn_tracer.torch_ops import layer_norm as fused_layer_norm
+
+        return fused_layer_norm(x, w, b, eps)
     dtype = x.dtype
-    if dtype in (xp.float16, getattr(xp, "bfloat16", None)):
+    if dtype in (xp.float16, getattr(xp, "bfloat16", xp.float16)):
         x = xp.astype(x, xp.float32)  # half precision loses the variance of a wide row
     mean = xp.mean(x, axis=-1, keepdims=True)
     var = xp.mean((x - mean) ** 2, axis=-1, keepdims=True)
@@ -120,6 +128,10 @@ def layer_norm(x, w, b, eps: float):
 def gelu_new(x):
     """GPT-2's GELU, the tanh approximation."""
     xp = namespace(x)
+    if xp is not np:  # torch: the same formula in one kernel instead of eight passes
+        from attn_tracer.torch_ops import gelu_new as fused_gelu
+
+        return fused_gelu(x)
     return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 

@@ -7,11 +7,12 @@ from them, so tokenizing never touches the network or tiktoken's cache directory
 
 from __future__ import annotations
 
-import base64
+import binascii
 import functools
 import gzip
 import hashlib
 import unicodedata
+import zlib
 from dataclasses import dataclass
 from importlib.resources import files
 
@@ -39,18 +40,24 @@ class Token:
 def load_ranks(data: bytes | None = None) -> dict[bytes, int]:
     """Parse the shipped ranks file, refusing one whose hash is not GPT-2's."""
     if data is None:
-        data = gzip.decompress(files("attn_tracer.data").joinpath(RANKS_FILE).read_bytes())
+        packed = files("attn_tracer.data").joinpath(RANKS_FILE).read_bytes()
+        try:
+            data = gzip.decompress(packed)
+        except (OSError, EOFError, zlib.error) as e:
+            # EOFError would otherwise reach Typer, which turns it into a bare Abort.
+            raise AttnError(
+                f"the bundled GPT-2 vocabulary is corrupted (not a valid gzip file: {e}); "
+                "reinstall attn-tracer"
+            ) from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != RANKS_SHA256:
         raise AttnError(
             f"the bundled GPT-2 vocabulary is corrupted (sha256 {digest[:12]}…, expected "
             f"{RANKS_SHA256[:12]}…); reinstall attn-tracer"
         )
-    ranks = {}
-    for line in data.splitlines():
-        token, rank = line.split()
-        ranks[base64.b64decode(token)] = int(rank)
-    return ranks
+    # Each line is "<base64 token> <rank>"; parsed in bulk, since this is on every command's path.
+    fields = data.split()
+    return dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2]), strict=True))
 
 
 @functools.cache
@@ -123,7 +130,7 @@ def _visible(ch: str) -> str:
     category = unicodedata.category(ch)
     if category in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn") or (
         category == "Zs" and ch != " "
-    ):
+    ) or ch == "\ufffd":  # a literal U+FFFD must not look like a failed decode
         return f"<U+{code:04X}>"
     if category.startswith("M"):
         return "◌" + ch  # a combining mark alone needs a base to be seen
@@ -147,13 +154,18 @@ def split_characters(tokens: list[Token]) -> list[str]:
         offset += size
     out = []
     start = 0
+    first = 0  # the first character that ends after `start`: one pass, not one per token
     for t in tokens:
         end = start + len(t.bytes)
-        split = [
-            ch
-            for (a, b, ch) in char_spans
-            if a < end and b > start and (a < start or b > end) and not 0xDC80 <= ord(ch) <= 0xDCFF
-        ]
+        while first < len(char_spans) and char_spans[first][1] <= start:
+            first += 1
+        split = []
+        i = first
+        while i < len(char_spans) and char_spans[i][0] < end:
+            a, b, ch = char_spans[i]
+            if (a < start or b > end) and not 0xDC80 <= ord(ch) <= 0xDCFF:
+                split.append(ch)
+            i += 1
         out.append("".join(split))
         start = end
     return out

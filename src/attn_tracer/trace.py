@@ -37,8 +37,13 @@ class Selection:
     layers: tuple[int, ...]
     heads: tuple[int, ...]
     capture: str = "patterns"
+    # Step names kept whatever `capture` says (e.g. a layer's resid_post, to compare the fused
+    # and explicit paths); a tensor with a `heads` axis still keeps only the selected heads.
+    extra: tuple[str, ...] = ()
 
     def captures(self, layer: int | None, name: str) -> bool:
+        if name in self.extra:
+            return True
         if self.capture == "all":
             return layer is None or layer in self.layers
         if layer is None or layer not in self.layers:

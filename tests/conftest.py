@@ -1,0 +1,43 @@
+"""Fixtures shared by the test files. Keep this small and generic."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from typer.testing import CliRunner
+
+
+class NetworkBlocked(RuntimeError):
+    """Raised by any attempt to open a socket while the network is blocked."""
+
+
+def block_network(mp: pytest.MonkeyPatch) -> None:
+    """Make every new socket or connection fail, so a test cannot reach the network."""
+
+    def refuse(*args, **kwargs):
+        raise NetworkBlocked("a test tried to open a network connection")
+
+    mp.setattr(socket, "socket", refuse)
+    mp.setattr(socket, "create_connection", refuse)
+    mp.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    block_network(monkeypatch)
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def fresh_encoding():
+    """Forget the cached GPT-2 encoding before and after, so the test really builds it."""
+    from attn_tracer import tokens
+
+    tokens.encoding.cache_clear()
+    yield
+    tokens.encoding.cache_clear()
