@@ -35,11 +35,13 @@ class Config:
         for name in ("d_model", "heads", "layers", "n_ctx"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} must be a positive integer, got {value}")
         if self.d_model % self.heads:
             raise UsageError(
                 f"--heads {self.heads} does not divide --d-model {self.d_model}: each head gets "
-                f"d_head = d_model / heads dimensions (try --heads {_divisor_near(self.d_model, self.heads)})"
+                f"d_head = d_model / heads dimensions "
+                f"(try --heads {_divisor_near(self.d_model, self.heads)})"
             )
         _choice("pos", self.pos, POSITIONS)
         _choice("mask", self.mask, MASKS)
@@ -65,4 +67,10 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _divisor_near(n: int, k: int) -> int:
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
+    # A bounded search: an absurd --d-model or --heads must not make the error itself slow.
+    k = min(k, n)
+    for delta in range(4096):
+        for d in (k - delta, k + delta):
+            if 1 <= d <= n and n % d == 0:
+                return d
+    return 1

@@ -129,7 +129,8 @@ def check_cuda(device: str) -> str:
         why = "this PyTorch is a CPU-only build" if build is None else (
             f"PyTorch (CUDA {build}) sees no GPU"
         )
-        raise AttnError(f"--device {device}: CUDA is not available ({why}, torch {torch.__version__})")
+        raise AttnError(
+            f"--device {device}: CUDA is not available ({why}, torch {torch.__version__})")
     count = torch.cuda.device_count()
     index = int(device[5:]) if ":" in device else 0
     if index >= count:

@@ -67,10 +67,12 @@ def _normal(key: list[int], size, std: float) -> np.ndarray:
 def random_weights(config: Config, cross: bool = False) -> Weights:
     params: dict[str, np.ndarray] = {}
     for layer in range(config.layers):
-        params.update(_attention_params(config, f"blocks.{layer}.attn", [config.seed, _LAYER, layer]))
+        key = [config.seed, _LAYER, layer]
+        params.update(_attention_params(config, f"blocks.{layer}.attn", key))
         if cross:
             params.update(
-                _attention_params(config, f"blocks.{layer}.cross_attn", [config.seed, _CROSS, layer])
+                _attention_params(config, f"blocks.{layer}.cross_attn",
+                                  [config.seed, _CROSS, layer])
             )
         if config.arch == "gpt2":
             params.update(_gpt2_block_params(config, layer))
@@ -83,7 +85,8 @@ def random_weights(config: Config, cross: bool = False) -> Weights:
 def _attention_params(config: Config, prefix: str, key: list[int]) -> dict[str, np.ndarray]:
     d = config.d_model
     rng = np.random.default_rng(key)
-    # std 1/√d_model keeps Q and K at unit scale, so scores/√d_head are O(1): the point of the scale.
+    # std 1/√d_model keeps Q and K at unit scale, so scores/√d_head are O(1): the point of
+    # the scale.
     std = np.float32(1 / np.sqrt(d))
     out = {f"{prefix}.W_{n}": rng.standard_normal((d, d), dtype=np.float32) * std for n in "QKVO"}
     # Biases are drawn even with --no-bias so that the W's stay the same either way.
@@ -102,7 +105,8 @@ def _gpt2_block_params(config: Config, layer: int) -> dict[str, np.ndarray]:
         f"{p}.ln_1.w": np.ones(d, np.float32), f"{p}.ln_1.b": np.zeros(d, np.float32),
         f"{p}.ln_2.w": np.ones(d, np.float32), f"{p}.ln_2.b": np.zeros(d, np.float32),
         f"{p}.mlp.W_in": rng.standard_normal((d, d_mlp), dtype=np.float32) * np.float32(d**-0.5),
-        f"{p}.mlp.W_out": rng.standard_normal((d_mlp, d), dtype=np.float32) * np.float32(d_mlp**-0.5),
+        f"{p}.mlp.W_out": rng.standard_normal((d_mlp, d), dtype=np.float32)
+        * np.float32(d_mlp**-0.5),
     }
     b_in = rng.standard_normal(d_mlp, dtype=np.float32) * np.float32(0.02)
     b_out = rng.standard_normal(d, dtype=np.float32) * np.float32(0.02)
