@@ -3,7 +3,9 @@
 Everything that can fail is computed before the first byte is written, so a failed run leaves
 stdout empty. Arrays go through orjson, which writes NumPy arrays natively and fast; floats are
 float32's shortest round-trip form unless --precision rounds them. JSON has no −∞ or NaN:
-masked scores are written as null (orjson writes non-finite floats as null).
+masked scores are written as null (orjson writes non-finite floats as null; a test pins it).
+The document is yielded piece by piece, one attention matrix at a time, so memory does not grow
+with the number of heads, layers or batch rows written. The schema is data/trace.schema.json.
 """
 
 from __future__ import annotations
@@ -51,14 +53,27 @@ def config_json(trace: Trace) -> dict:
     return c
 
 
+def array_json(x: np.ndarray, precision: int | None = None) -> bytes:
+    """A float array as JSON: −∞ (and any other non-finite value) as null.
+
+    Without `precision`, float32 (and the widened half types) is written in float32's shortest
+    round-trip form, float64 in float64's: json.loads then the same dtype gives the array back
+    bit for bit. With `precision`, values are rounded to that many decimals in float64, so
+    rounding adds no float32 error of its own.
+    """
+    x = np.asarray(x)
+    if precision is not None:
+        x = np.round(x.astype(np.float64), precision)
+    elif x.dtype != np.float64:
+        x = x.astype(np.float32, copy=False)
+    return orjson.dumps(np.ascontiguousarray(x), option=_NUMPY)
+
+
 def chunks(trace: Trace, precision: int | None = None, stages: bool = False) -> Iterator[bytes]:
     """The document, piece by piece: memory holds one array at a time, not the whole text."""
 
     def arr(x: np.ndarray) -> bytes:
-        x = np.asarray(x, dtype=np.float32)
-        if precision is not None:
-            x = np.round(x, precision)
-        return orjson.dumps(np.ascontiguousarray(x), option=_NUMPY)
+        return array_json(x, precision)
 
     head = {
         "schema": SCHEMA,
@@ -79,7 +94,8 @@ def chunks(trace: Trace, precision: int | None = None, stages: bool = False) -> 
             for b in range(pattern.shape[0]):
                 for i, h in enumerate(trace.selection.heads):
                     entry = orjson.dumps({"layer": layer, "head": h, "batch": b, "block": kind})
-                    yield (b"" if first else b",") + entry[:-1] + b',"weights":' + arr(pattern[b, i])
+                    yield (b"" if first else b",") + entry[:-1] + b',"weights":'
+                    yield arr(pattern[b, i])
                     first = False
                     if stages:
                         for stage in ("scores", "scaled", "masked"):
@@ -89,9 +105,13 @@ def chunks(trace: Trace, precision: int | None = None, stages: bool = False) -> 
                     yield b"}"
     yield b"]"
     if trace.predictions is not None:
+        def number(v: float) -> float:
+            return v if precision is None else round(v, precision)
+
         yield b',"predictions":' + orjson.dumps([
             {"batch": p.batch, "position": p.position, "temperature": trace.temperature,
-             "top": p.top} for p in trace.predictions])
+             "top": [{**t, "prob": number(t["prob"]), "logit": number(t["logit"])}
+                     for t in p.top]} for p in trace.predictions])
     yield b"}\n"
 
 

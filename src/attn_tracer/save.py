@@ -1,22 +1,37 @@
 """Files a run writes on request (--save, --svg, --html): checked before the run, written whole.
 
+Every target is checked before the model runs: its name, its directory, and whether that
+directory really takes a new file (a probe file is created and removed: permission bits say
+nothing when running as root, and /proc or a read-only mount refuse writes the bits allow).
 A file is written to a temporary name beside its target and renamed into place, so a failure
 never leaves half a file, and an existing file is replaced only with --force.
+
+--save writes, under its step name, every tensor captured for the selected layers (and the
+steps outside the layers: tokens, embeddings, logits), the token ids (step `tokens`), and the
+config as JSON: an `.npz` entry `config` (a 0-d unicode array, loadable without pickle) or the
+`.safetensors` metadata key `config`. Tensors with a `heads` axis hold only the selected heads
+(`heads_saved` in the config); boolean tensors are stored as uint8.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from attn_tracer.errors import UsageError
+from attn_tracer.errors import AttnError, UsageError
 from attn_tracer.trace import Trace
 
 TENSOR_SUFFIXES = (".npz", ".safetensors")
+
+
+def _parent(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
 
 
 def check_target(path: Path, force: bool, flag: str, suffixes: tuple[str, ...] = ()) -> None:
@@ -27,23 +42,53 @@ def check_target(path: Path, force: bool, flag: str, suffixes: tuple[str, ...] =
         raise UsageError(f"{flag} {path} is a directory; give a file name")
     if path.exists() and not force:
         raise UsageError(f"{flag} {path} exists; add --force to overwrite it")
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = _parent(path)
+    for folder in (parent, *parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UsageError(f"{flag} {path}: {folder} is a file, not a directory")
+            break
     if not parent.is_dir():
-        raise UsageError(f"{flag} {path}: the directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+        raise UsageError(f"{flag} {path}: the directory {parent} does not exist; create it first")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {parent} ({e.strerror or e}); "
+                         "choose another place") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through `write(tmp)` beside `path`, then rename into place; on failure, no file."""
+    parent = _parent(path)
+    tmp = None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+        os.close(fd)
+        tmp = Path(name)
+        write(tmp)
+        # mkstemp makes the file private (0600); a saved file gets the usual 0666 − umask.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise AttnError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def tensors_of(trace: Trace, config_json: dict) -> tuple[dict[str, np.ndarray], str]:
@@ -59,8 +104,6 @@ def tensors_of(trace: Trace, config_json: dict) -> tuple[dict[str, np.ndarray], 
 
 
 def save_tensors(trace: Trace, path: Path, config_json: dict) -> None:
-    import io
-
     tensors, meta = tensors_of(trace, config_json)
     if path.suffix.lower() == ".npz":
         buffer = io.BytesIO()
@@ -70,12 +113,4 @@ def save_tensors(trace: Trace, path: Path, config_json: dict) -> None:
     else:
         from attn_tracer.safetensors_io import write_safetensors
 
-        parent = path.parent if str(path.parent) else Path(".")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
-        os.close(fd)
-        try:
-            write_safetensors(Path(tmp), tensors, {"config": meta})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _atomic(path, lambda tmp: write_safetensors(tmp, tensors, {"config": meta}))

@@ -16,6 +16,7 @@ from attn_tracer.config import Config
 
 # Separate random streams, so that adding a layer or a cross-attention block changes nothing else.
 _TOKENS, _POSITIONS, _LAYER, _CROSS = 1, 2, 3, 4
+TOKEN_BLOCK = 64  # token-embedding rows drawn per random stream
 
 
 @dataclass
@@ -28,19 +29,21 @@ class Weights:
         """Rows of the token embedding W_E for `ids` (any shape) → [*ids.shape, d_model]."""
         if "wte" in self.params:
             return self.params["wte"][ids]
-        # Drawing all 50,257 rows costs ~0.3 s and a sentence needs ten: draw each row from its
-        # own stream, keyed by token id, so a row never depends on which other tokens are present.
+        # The whole table costs ~0.4 s to draw and a sentence needs ten rows: draw only the
+        # blocks of TOKEN_BLOCK ids that hold them, each from its own stream, so a row never
+        # depends on which other tokens are present.
         flat = ids.reshape(-1)
-        unique, inverse = np.unique(flat, return_inverse=True)
-        rows = np.stack([self._token_row(int(t)) for t in unique]) if len(unique) else (
-            np.zeros((0, self.config.d_model), np.float32)
-        )
-        return rows[inverse].reshape(*ids.shape, self.config.d_model)
+        blocks = {int(b): self._token_block(int(b)) for b in np.unique(flat // TOKEN_BLOCK)}
+        rows = [blocks[int(t) // TOKEN_BLOCK][int(t) % TOKEN_BLOCK] for t in flat]
+        out = np.stack(rows) if rows else np.zeros((0, self.config.d_model), np.float32)
+        return out.reshape(*ids.shape, self.config.d_model)
 
     def unembedding(self) -> np.ndarray:
         """W_E [vocab, d_model] in full, for next-token logits (tied, as in GPT-2)."""
         if "wte" not in self.params:
-            self.params["wte"] = np.stack([self._token_row(t) for t in range(self.config.vocab)])
+            count = -(-self.config.vocab // TOKEN_BLOCK)
+            table = np.concatenate([self._token_block(b) for b in range(count)])
+            self.params["wte"] = table[: self.config.vocab]
         return self.params["wte"]
 
     def position_rows(self, positions: np.ndarray) -> np.ndarray:
@@ -53,10 +56,11 @@ class Weights:
         )
         return table[positions]
 
-    def _token_row(self, token_id: int) -> np.ndarray:
+    def _token_block(self, block: int) -> np.ndarray:
+        """Rows block·TOKEN_BLOCK … of W_E."""
         # Unit variance keeps the attention-only stack's scores O(1); GPT-2's own init for gpt2.
         std = 1.0 if self.config.arch == "attn" else 0.02
-        return _normal([self.config.seed, _TOKENS, token_id], self.config.d_model, std)
+        return _normal([self.config.seed, _TOKENS, block], (TOKEN_BLOCK, self.config.d_model), std)
 
 
 def _normal(key: list[int], size, std: float) -> np.ndarray:
