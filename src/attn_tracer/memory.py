@@ -26,22 +26,31 @@ def default_limit() -> int:
 
 
 def estimate(config: Config, dtype: str, batch: int, length: int, k_len: int,
-             captured_layers: int, captured_heads: int, capture: str, cross: bool) -> int:
-    """Bytes: parameters + the widest live activations + the tensors kept for the views."""
+             captured_layers: int, captured_heads: int, capture: str, cross: bool,
+             predict: bool = False) -> int:
+    """Bytes: parameters + the widest live activations + the tensors kept for the views.
+
+    Checked against the peak RSS growth of real runs by tests/test_memory.py: the estimate
+    stays above it, and within a small factor.
+    """
     size = BYTES[dtype]
     d, h = config.d_model, config.heads
     per_layer = 4 * d * d + (8 * d * d if config.arch == "gpt2" else 0)
     params = config.layers * per_layer * (2 if cross else 1) * 4  # host float32 copy
     params += config.layers * per_layer * (2 if cross else 1) * size  # on the engine
-    # Live at once in one layer: a few [batch, len, d_model] streams and one score matrix.
+    # Live at once in one layer: a few [batch, len, d_model] streams and [batch, heads, len, len]
+    # matrices: scores, scaled, masked, exp and the pattern in the explicit path; the fused path
+    # adds SDPA's own matrix and its float mask for the heads it builds the pattern of.
     stream = batch * length * max(d, 4 * d if config.arch == "gpt2" else d) * size
     scores = batch * h * length * max(length, k_len) * size
-    live = 8 * stream + 4 * scores
+    live = 8 * stream + 8 * scores
     per_head = batch * length * max(length, k_len) * 4
     kept_stages = {"patterns": 1, "stages": 4, "all": 4}[capture]
     kept = captured_layers * captured_heads * per_head * kept_stages
     if capture == "all":
         kept += captured_layers * 20 * batch * length * d * 4
+    if predict:  # the whole W_E [vocab, d_model] for the logits, on the host and the engine
+        kept += config.vocab * d * (4 + size) + 3 * batch * config.vocab * 4
     return params + live + kept
 
 
@@ -67,10 +76,7 @@ def parse_size(text: str) -> int:
     t = text.strip().upper().removesuffix("B")
     units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
     try:
-        if t and t[-1] in units:
-            value = float(t[:-1]) * units[t[-1]]
-        else:
-            value = float(t)
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
         raise UsageError(f"--max-memory must be a size such as 4G or 500M; got {text!r}") from None
     if not value > 0:

@@ -7,6 +7,7 @@ Renderers (terminal, JSON, files) take the Trace from here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +48,7 @@ def make_batch(token_lists: list[list[tokens.Token]], texts: list[str], side: st
 
 def self_mask(config: Config, valid: np.ndarray) -> np.ndarray | None:
     """allowed [batch, 1, len, len]: causal, no pad keys, and nothing for a pad query."""
-    batch, length = valid.shape
+    length = valid.shape[1]
     allowed = valid[:, None, :, None] & valid[:, None, None, :]
     if config.mask == "causal":
         allowed = allowed & np.tril(np.ones((length, length), bool))
@@ -90,8 +91,12 @@ def run(
     predict_top_k: int | None = None,
     temperature: float = 1.0,
     max_memory: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Trace, list[int]]:
-    """Trace `texts` through the stack. Returns the trace and the rows cut by --max-length."""
+    """Trace `texts` through the stack. Returns the trace and the rows cut by --max-length.
+
+    `progress(done, total)` is called after each layer (for a progress display).
+    """
     token_lists, cut = tokenize_all(texts, allow_special, max_length, config.n_ctx, "text")
     batch = make_batch(token_lists, texts, padding)
     cross = None
@@ -99,7 +104,8 @@ def run(
         cross_lists, _ = tokenize_all(cross_texts, allow_special, max_length, config.n_ctx,
                                       "--cross text")
         if len(cross_lists) == 1 and len(token_lists) > 1:
-            cross_lists, cross_texts = cross_lists * len(token_lists), cross_texts * len(token_lists)
+            rows = len(token_lists)
+            cross_lists, cross_texts = cross_lists * rows, cross_texts * rows
         if len(cross_lists) != len(token_lists):
             raise UsageError(f"give one --cross text, or one per batch row ({len(token_lists)})")
         cross = make_batch(cross_lists, cross_texts, padding)
@@ -108,10 +114,12 @@ def run(
     k_len = cross.ids.shape[1] if cross else length
     needed = memory.estimate(config, engine.dtype, len(texts), length, k_len,
                              len(selection.layers), len(selection.heads), selection.capture,
-                             cross is not None)
+                             cross is not None, predict=bool(predict_top_k))
     memory.check(needed, max_memory if max_memory is not None else memory.default_limit())
 
-    p = {name: engine.asarray(w) for name, w in weights.params.items() if name not in ("wte", "wpe")}
+    # Embedding tables stay on the host: only the rows of this text are looked up and sent.
+    p = {name: engine.asarray(w) for name, w in weights.params.items()
+         if name not in ("wte", "wpe")}
     rec = Recorder(selection, engine)
     x = embed(batch, config, weights, engine, rec)
     x_cross = embed(cross, config, weights, engine, rec, "cross.") if cross else None
@@ -120,9 +128,12 @@ def run(
     for layer in range(config.layers):
         x = layers.block(x, p, config, allowed, rec, layer, engine, x_cross, cross_allowed)
         rec.flush()
+        if progress is not None:
+            progress(layer + 1, config.layers)
     if config.arch == "gpt2":
-        x = rec("ln_f", "LayerNorm(X)", layers.layer_norm(x, p["ln_f.w"], p["ln_f.b"],
-                                                         config.ln_eps), ("batch", "len", "d_model"))
+        x = rec("ln_f", "LayerNorm(X)",
+                layers.layer_norm(x, p["ln_f.w"], p["ln_f.b"], config.ln_eps),
+                ("batch", "len", "d_model"))
     predictions = None
     if predict_top_k:
         predictions = predict(x, batch, weights, engine, rec, predict_top_k, temperature)
@@ -171,14 +182,22 @@ def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
                  rows @ xp.matrix_transpose(W_E), ("batch", "vocab"))
     probs = rec("probs", f"softmax(logits / T), T = {temperature:g}",
                 layers.softmax(logits / temperature), ("batch", "vocab"))
-    logits, probs = engine.to_host(logits).astype(np.float64), engine.to_host(probs)
+    # Both are only [batch, vocab]: keep them whatever the selection captures, so every logit,
+    # not just the top k, can be read off the trace.
+    rec.tensors["logits"], rec.tensors["probs"] = engine.to_host(logits), engine.to_host(probs)
+    logits, probs = rec.tensors["logits"].astype(np.float64), rec.tensors["probs"]
     out = []
     for b in range(logits.shape[0]):
         top = np.argsort(-logits[b], kind="stable")[:top_k]
         out.append(Prediction(b, int(last[b]), [
-            {"id": int(t), "text": tokens.token(int(t)).text, "prob": float(probs[b, t]),
+            {"id": int(t), "text": _label(int(t)), "prob": float(probs[b, t]),
              "logit": float(logits[b, t])} for t in top]))
     return out
+
+
+def _label(token_id: int) -> str:
+    # A checkpoint may pad its vocabulary past the tokenizer's (nanoGPT: 50304): no text there.
+    return tokens.token(token_id).text if token_id < tokens.VOCAB else f"<unused {token_id}>"
 
 
 def _on(engine: Engine, allowed: np.ndarray | None):

@@ -10,12 +10,12 @@ import math
 
 import numpy as np
 from rich import box
+from rich.cells import cell_len, set_cell_size
 from rich.color import Color
 from rich.console import Console, Group, RenderableType
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
-from rich.cells import cell_len, set_cell_size
 
 from attn_tracer.tokens import split_characters
 from attn_tracer.trace import Input, Step, Trace
@@ -26,6 +26,7 @@ VIRIDIS = [
     (34, 167, 132), (68, 190, 112), (121, 209, 81), (189, 222, 38), (253, 231, 37),
 ]
 MASKED = "·"
+PAD_ROW = "─"  # a pad query attends to nothing: its row is struck through
 LABEL_WIDTH = 10
 MAX_ROWS = 24  # query rows drawn per heatmap before switching to the last rows only
 STRIP_HEAD, STRIP_TAIL = 48, 16  # tokens listed before and after the … of a long text
@@ -166,6 +167,10 @@ def heatmap(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
         pad_row = pad_rows is not None and pad_rows[q]
         lines.append(f"{fit(rows[q], LABEL_WIDTH)} ",
                      style="dim strike" if pad_row else "cyan")
+        if pad_row:  # no allowed key at all: a row of 0 by definition, drawn struck through
+            lines.append(f"{PAD_ROW * (cell - 1)} " * k_len, style="dim")
+            lines.append("\n")
+            continue
         for k in range(k_len):
             w = float(weights[q, k])
             if w == 0.0:  # what the mask gives: −∞ before softmax
@@ -215,7 +220,7 @@ def topk_view(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
     return out
 
 
-def legend() -> Text:
+def legend(padded: bool = False) -> Text:
     t = Text("weight  0 ")
     ramp = "▁▂▃▄▅▆▇█"  # heights carry the scale where colors are off
     for i in range(16):
@@ -223,6 +228,9 @@ def legend() -> Text:
     t.append(" 1    ")
     t.append(MASKED, style="dim")
     t.append(" masked (exactly 0: −∞ before softmax)", style="dim")
+    if padded:
+        t.append(f"    <pad> {PAD_ROW * 3}", style="dim")
+        t.append(" pad query: attends to nothing (row of 0)", style="dim")
     return t
 
 
@@ -277,10 +285,11 @@ def attention_maps(trace: Trace, width: int, kind: str = "attn",
     for layer, pattern in trace.patterns(kind):
         for b in batch_rows if batch_rows is not None else range(pattern.shape[0]):
             q_inp, k_inp = trace.inputs[b], keys_from[b]  # type: ignore[index]
+            rows, cols = labels(q_inp), column_labels(k_inp)  # once per row, not per head
             items = []
             for i, h in enumerate(heads):
                 where = f" · text {b}" if len(trace.inputs) > 1 else ""
-                items.append(heatmap(pattern[b, i], labels(q_inp), column_labels(k_inp),
+                items.append(heatmap(pattern[b, i], rows, cols,
                                      f"{kind} layer {layer} head {h}{where}", width,
                                      ~q_inp.valid, ~k_inp.valid))
             k_len = pattern.shape[-1]
@@ -331,7 +340,8 @@ def matrix(m: np.ndarray, rows: list[str], cols: list[str], title: str,
             elif probability and v == 0:
                 t.append(f"{MASKED:>{cell - 1}} ", style="dim")
             else:
-                t.append(f"{_fmt(float(v), cell - 1):>{cell - 1}}", style=cell_style((v - lo) / span))
+                t.append(f"{_fmt(float(v), cell - 1):>{cell - 1}}",
+                         style=cell_style((v - lo) / span))
                 t.append(" ")
         t.append("\n")
     return t
@@ -388,7 +398,8 @@ def predictions(trace: Trace) -> RenderableType:
         inp = trace.inputs[p.batch]
         after = inp.tokens[-1].text if inp.tokens else ""
         table = Table(title=f"next token after “{after}” (text {p.batch}, position {p.position},"
-                            f" T = {trace.temperature:g})", box=box.SIMPLE_HEAD, title_justify="left")
+                            f" T = {trace.temperature:g})", box=box.SIMPLE_HEAD,
+                      title_justify="left")
         table.add_column("#", justify="right", style="dim")
         table.add_column("token", style="cyan")
         table.add_column("id", justify="right", style="dim")
@@ -434,9 +445,11 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
                 console.print(item)
     if show_stages:
         layer, head = trace.selection.layers[0], trace.selection.heads[0]
-        console.print(Text(f"stages of layer {layer} head {head}: "
+        row = batch_rows[0] if batch_rows else 0  # the first batch row asked for
+        where = f" (text {row})" if len(trace.inputs) > 1 else ""
+        console.print(Text(f"stages of layer {layer} head {head}{where}: "
                            "scores → ÷√d_head → mask → softmax", style="bold"))
-        console.print(stages(trace, layer, head, width))
+        console.print(stages(trace, layer, head, width, row))
     maps = attention_maps(trace, width, "attn", batch_rows)
     if trace.cross:
         maps += attention_maps(trace, width, "cross_attn", batch_rows)
@@ -444,7 +457,7 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
         console.print(Text("attention patterns (rows: queries, columns: keys)", style="bold"))
         for m in maps:
             console.print(m)
-        console.print(legend())
+        console.print(legend(any(i.padding for i in trace.inputs)))
     if trace.predictions:
         console.print()
         console.print(predictions(trace))

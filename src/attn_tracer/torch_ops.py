@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
+
+# The last mask checked by is_causal() and the answer: one check per run, not one per layer.
+_last_mask: tuple[weakref.ref | None, bool] = (None, False)
 
 
 def fused_attention(q, k, v, allowed, scale: float):
@@ -14,6 +19,36 @@ def fused_attention(q, k, v, allowed, scale: float):
     """
     if allowed is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if is_causal(allowed):
+        # The plain causal triangle: is_causal lets the kernel skip the blocks above the
+        # diagonal (half the work), where a boolean mask makes it visit them all.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
     has_key = allowed.any(dim=-1, keepdim=True)  # [batch, 1, q_len, 1]
     return torch.where(has_key, z, torch.zeros((), dtype=z.dtype, device=z.device))
+
+
+def is_causal(allowed) -> bool:
+    """Whether `allowed` [batch, 1, len, len] is exactly the causal triangle (no padding)."""
+    global _last_mask
+    ref, answer = _last_mask
+    if ref is not None and ref() is allowed:
+        return answer
+    q_len, k_len = allowed.shape[-2:]
+    answer = q_len == k_len and torch.equal(
+        allowed, torch.ones(q_len, k_len, dtype=torch.bool, device=allowed.device).tril()
+        .expand_as(allowed))
+    _last_mask = (weakref.ref(allowed), answer)
+    return answer
+
+
+def layer_norm(x, w, b, eps: float):
+    """layers.layer_norm in one kernel; half precision is normalized in float32."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype) * w + b
+    return F.layer_norm(x, x.shape[-1:], w, b, eps)
+
+
+def gelu_new(x):
+    """layers.gelu_new (GPT-2's tanh approximation) in one kernel."""
+    return F.gelu(x, approximate="tanh")

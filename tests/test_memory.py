@@ -1,0 +1,152 @@
+"""Long inputs and memory: refuse early and clearly, estimate honestly, stay readable.
+
+The estimate is checked against what the kernel says a real run used (the growth of the peak
+resident set size, VmHWM, in a fresh subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.cells import cell_len
+
+from attn_tracer import tokens, weights
+from attn_tracer.cli import app
+
+SMALL_ARGS = ["--d-model", "64", "--heads", "4", "--layers", "2"]
+LONG = Path(__file__).resolve().parent.parent / "sample_texts" / "long.txt"
+
+
+def usage_error(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attn: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any attempt to draw the weights fails the test: refusals must come before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were drawn before the run was refused")
+
+    monkeypatch.setattr(weights, "random_weights", refuse)
+
+
+# ── longer than the model's context ───────────────────────────────────────────────────────────
+
+def test_text_longer_than_n_ctx_suggests_max_length(runner):
+    text = " ".join(["word"] * 20)
+    message = usage_error(runner.invoke(app, ["trace", text, *SMALL_ARGS, "--n-ctx", "8"]))
+    assert "20 tokens" in message and "--n-ctx 8" in message and "--max-length 8" in message
+    result = runner.invoke(app, ["trace", text, *SMALL_ARGS, "--n-ctx", "8", "--max-length",
+                                 "8", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["inputs"][0]["length"] == 8
+
+
+# ── the memory refusal comes before any large allocation ──────────────────────────────────────
+
+def test_tiny_max_memory_refuses_a_normal_run(runner, no_weights):
+    message = usage_error(runner.invoke(app, ["trace", "The cat sat on the mat",
+                                              "--max-memory", "1M"]))
+    assert "needs about" in message and "MB" in message and "1.0 MB allowed" in message
+    assert "--max-length" in message and "--max-memory" in message
+
+
+def test_activations_are_refused_before_the_weights_are_drawn(runner, no_weights):
+    # Small parameters, but 3,000 tokens: the len × len matrices are what does not fit.
+    text = " ".join(["word"] * 3000)
+    message = usage_error(runner.invoke(app, ["trace", text, *SMALL_ARGS, "--n-ctx", "4096",
+                                              "--max-memory", "200M"]))
+    assert "needs about" in message and "200.0 MB allowed" in message
+
+
+@pytest.mark.parametrize("args", [["--d-model", "1000000", "--heads", "16"],
+                                  ["--layers", "100000"]])
+def test_absurd_sizes_are_refused_from_the_estimate(runner, no_weights, args):
+    start = time.process_time()
+    message = usage_error(runner.invoke(app, ["trace", "The cat sat on the mat", *args]))
+    assert time.process_time() - start < 1.0  # CPU seconds: no weight was drawn
+    assert "needs about" in message and "TB" in message
+
+
+PROBE = """
+import json, sys
+from attn_tracer import memory, pipeline
+from attn_tracer.config import Config
+from attn_tracer.engine import select_engine
+from attn_tracer.trace import Selection
+from attn_tracer.weights import random_weights
+
+
+def status(field):  # kB → bytes
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+
+engine_name, capture, length, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+config = Config(d_model=256, heads=8, layers=4, n_ctx=1024)
+engine = select_engine(engine_name, "cpu", "float32", length)
+selection = Selection(tuple(range(config.layers)), tuple(range(config.heads)), capture)
+pipeline.run(["warm up the kernels"], config, engine, random_weights(config), selection)
+try:  # reset the peak to the present (Linux ≥ 4.0), so the growth is this run's alone
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+except OSError:
+    before = status("VmHWM")
+texts = [" ".join(["word"] * length)] * batch
+trace, _ = pipeline.run(texts, config, engine, random_weights(config), selection)
+estimate = memory.estimate(config, "float32", batch, length, length, config.layers,
+                           config.heads, capture, False)
+print(json.dumps({"growth": status("VmHWM") - before, "estimate": estimate}))
+"""
+
+
+# ru_maxrss would carry pytest's own peak across the subprocess's exec; the process's own
+# high-water mark (VmHWM, what getrusage reports for a fresh process) does not.
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("engine, capture", [
+    ("numpy", "all"), pytest.param("torch", "patterns", marks=pytest.mark.slow)])
+def test_estimate_is_above_the_real_peak_and_close_to_it(engine, capture):
+    if engine == "torch":
+        pytest.importorskip("torch")
+    out = subprocess.run([sys.executable, "-c", PROBE, engine, capture, "300", "2"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    m = json.loads(out.stdout)
+    assert m["growth"] > 10e6  # the run really allocated something to compare with
+    assert m["growth"] <= m["estimate"] <= 3 * m["growth"], m
+
+
+# ── the 1,000-token text with the default configuration ───────────────────────────────────────
+
+def long_text() -> str:
+    if LONG.exists():
+        return LONG.read_text(encoding="utf-8")
+    return " ".join(f"sentence {i} goes on about attention, masks and shapes." for i in range(100))
+
+
+def test_long_text_traces_and_stays_readable(runner, tmp_path):
+    path = tmp_path / "long.txt"
+    path.write_text(long_text(), encoding="utf-8")
+    n = len(tokens.tokenize(path.read_text(encoding="utf-8")))
+    assert 900 <= n <= 1024
+    result = runner.invoke(app, ["trace", "--file", str(path), "--engine", "numpy"],
+                           env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(cell_len(line) for line in lines) <= 120
+    assert f"{n} keys do not fit in 120 columns" in result.stdout  # the top-k-per-row view
+    assert "strongest keys of each query" in result.stdout
+    assert f"first {n - 24} query rows not shown" in result.stdout  # what was left out
+    assert f"{n} tokens" in result.stdout
+    assert len(lines) < 1000  # a view, not a dump of 984 × 984 numbers
