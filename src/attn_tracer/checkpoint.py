@@ -28,6 +28,7 @@ __all__ = ["Checkpoint", "CheckpointError", "hf_cache_dir", "load_checkpoint"]
 
 DEFAULT_LN_EPS = 1e-5
 GPT2_D_HEAD = 64  # every GPT-2 size uses 64-wide heads; the default when a file has no config
+GPT2_VOCAB = 50257  # the tokenizer's ids run to 50256 (<|endoftext|>): wte needs every one
 
 _SAFETENSORS = ".safetensors"
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -121,6 +122,11 @@ def _load_file(source: str, path: Path, heads: int | None) -> Checkpoint:
 
 
 def _checkpoint(source: str, path: Path, dims: _Dims, params: dict[str, np.ndarray]) -> Checkpoint:
+    if dims.vocab < GPT2_VOCAB:
+        raise CheckpointError(
+            f"{path}: the vocabulary has {dims.vocab} tokens, fewer than the {GPT2_VOCAB} of "
+            "GPT-2's tokenizer, which attn uses; this is not a GPT-2 checkpoint"
+        )
     return Checkpoint(
         source=source,
         path=str(path.absolute()),

@@ -97,11 +97,11 @@ def run(
 
     `progress(done, total)` is called after each layer (for a progress display).
     """
-    token_lists, cut = tokenize_all(texts, allow_special, max_length, config.n_ctx, "text")
+    token_lists, cut = tokenize_all(texts, allow_special, max_length, config, "text")
     batch = make_batch(token_lists, texts, padding)
     cross = None
     if cross_texts:
-        cross_lists, _ = tokenize_all(cross_texts, allow_special, max_length, config.n_ctx,
+        cross_lists, _ = tokenize_all(cross_texts, allow_special, max_length, config,
                                       "--cross text")
         if len(cross_lists) == 1 and len(token_lists) > 1:
             rows = len(token_lists)
@@ -152,7 +152,11 @@ def run(
     return trace, cut
 
 
-def tokenize_all(texts, allow_special, max_length, n_ctx, what):
+def tokenize_all(texts, allow_special, max_length, config: Config, what):
+    n_ctx = config.n_ctx
+    # A checkpoint's context is fixed by its position table; only random weights can grow it.
+    limit = f"the checkpoint's context of {n_ctx}" if config.weights else f"--n-ctx {n_ctx}"
+    grow = "" if config.weights else " or raise --n-ctx"
     token_lists, cut = [], []
     for i, text in enumerate(texts):
         toks = tokens.tokenize(text, allow_special=allow_special)
@@ -163,8 +167,8 @@ def tokenize_all(texts, allow_special, max_length, n_ctx, what):
             cut.append(i)
         if len(toks) > n_ctx:
             raise UsageError(
-                f"{what} {i} has {len(toks)} tokens, more than --n-ctx {n_ctx}; "
-                f"cut it with --max-length {n_ctx} or raise --n-ctx"
+                f"{what} {i} has {len(toks)} tokens, more than {limit}; "
+                f"cut it with --max-length {n_ctx}{grow}"
             )
         token_lists.append(toks)
     return token_lists, cut

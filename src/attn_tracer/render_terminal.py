@@ -392,6 +392,10 @@ def values(trace: Trace, weights: dict[str, np.ndarray], layer: int, width: int)
     return out
 
 
+def _prob(p: float) -> str:
+    return f"{p:.4f}" if p >= 1e-4 or p == 0 else f"{p:.1e}"
+
+
 def predictions(trace: Trace) -> RenderableType:
     items: list[RenderableType] = []
     for p in trace.predictions or []:
@@ -407,7 +411,7 @@ def predictions(trace: Trace) -> RenderableType:
         table.add_column("logit", justify="right", style="dim")
         table.add_column("")
         for rank, t in enumerate(p.top):
-            table.add_row(str(rank + 1), Text(t["text"]), str(t["id"]), f"{t['prob']:.4f}",
+            table.add_row(str(rank + 1), Text(t["text"]), str(t["id"]), _prob(t["prob"]),
                           f"{t['logit']:.3f}", Text("█" * max(1, round(t["prob"] * 30)),
                                                     style="green"))
         items.append(table)

@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from attn_tracer.errors import AttnError
+
 __all__ = ["CheckpointError", "read_safetensors", "write_safetensors"]
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be loaded; the message is one line a user can act on."""
+class CheckpointError(AttnError):
+    """A checkpoint that cannot be loaded (exit 1); the message is one line a user can act on."""
 
 
 # Little-endian NumPy dtypes by safetensors name. BF16 has no NumPy dtype: it is read as
