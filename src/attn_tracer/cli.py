@@ -260,7 +260,8 @@ Opt = typer.Option
 @app.command(epilog=f"Examples: {EXAMPLES['trace']}")
 def trace(
     texts: Annotated[list[str] | None, typer.Argument(
-        help="The text (several make a batch), or - for standard input.", show_default=False)
+        help="The text (several make a batch), or - for standard input.", show_default=False,
+        metavar="TEXT...")
     ] = None,
     file: Annotated[Path | None, Opt("--file", "-f", help="Read the text from a file.",
                                      rich_help_panel="Input")] = None,
@@ -277,18 +278,18 @@ def trace(
     max_length: Annotated[int | None, Opt("--max-length", help="Cut longer texts to this many "
                                           "tokens.", rich_help_panel="Input")] = None,
     d_model: Annotated[int | None, Opt("--d-model", help="Width of the residual stream "
-                                       "[default: 768].", rich_help_panel="Model",
+                                       "(default: 768).", rich_help_panel="Model",
                                        show_default=False)] = None,
     heads: Annotated[int | None, Opt("--heads", help="Attention heads (d_head = d_model / heads)"
-                                     " [default: 12].", rich_help_panel="Model",
+                                     " (default: 12).", rich_help_panel="Model",
                                      show_default=False)] = None,
-    layers: Annotated[int | None, Opt("--layers", help="Layers [default: 2].",
+    layers: Annotated[int | None, Opt("--layers", help="Layers (default: 2).",
                                       rich_help_panel="Model", show_default=False)] = None,
     n_ctx: Annotated[int | None, Opt("--n-ctx", help="Longest text the model accepts "
-                                     "[default: 1024].", rich_help_panel="Model",
+                                     "(default: 1024).", rich_help_panel="Model",
                                      show_default=False)] = None,
     pos: Annotated[str | None, Opt("--pos", help="Positional encoding: sinusoidal, learned or "
-                                   "none [default: sinusoidal; learned with --arch gpt2].",
+                                   "none (default: sinusoidal; learned with --arch gpt2).",
                                    rich_help_panel="Model", show_default=False)] = None,
     mask: Annotated[str, Opt("--mask", help="causal (a query sees only earlier keys) or none.",
                              rich_help_panel="Model")] = "causal",
@@ -299,20 +300,20 @@ def trace(
     seed: Annotated[int, Opt("--seed", help="Seed of the random weights.",
                              rich_help_panel="Model")] = 0,
     arch: Annotated[str | None, Opt("--arch", help="attn (attention + residual only) or gpt2 "
-                                    "(LayerNorm, MLP) [default: attn; gpt2 with --weights].",
+                                    "(LayerNorm, MLP) (default: attn; gpt2 with --weights).",
                                     rich_help_panel="Model", show_default=False)] = None,
     weights: Annotated[str | None, Opt("--weights", help="Real GPT-2 weights: a directory, a "
                                        ".safetensors/.bin file, or a model id in the Hugging Face"
                                        " cache (gpt2, distilgpt2, …).", rich_help_panel="Model")
                        ] = None,
     layer: Annotated[list[str] | None, Opt("--layer", "-l", help="Layers to show: a number "
-                                           "(repeatable), 0,2 or all [default: 0; all for --json].",
+                                           "(repeatable), 0,2 or all (default: 0; all for --json).",
                                            rich_help_panel="View", show_default=False)] = None,
     head: Annotated[list[str] | None, Opt("--head", help="Heads to show: a number (repeatable), "
-                                          "0,3 or all [default: all].", rich_help_panel="View",
+                                          "0,3 or all (default: all).", rich_help_panel="View",
                                           show_default=False)] = None,
     batch_index: Annotated[list[int] | None, Opt("--batch-index", help="Batch rows to draw "
-                                                 "[default: all].", rich_help_panel="View",
+                                                 "(default: all).", rich_help_panel="View",
                                                  show_default=False)] = None,
     stages: Annotated[bool, Opt("--stages", help="Also show raw, scaled and masked scores.",
                                 rich_help_panel="View")] = False,
@@ -343,7 +344,7 @@ def trace(
     dtype: Annotated[str, Opt("--dtype", help="float32, float64; float16, bfloat16 on CUDA.",
                               rich_help_panel="Engine")] = "float32",
     max_memory: Annotated[str | None, Opt("--max-memory", help="Refuse runs estimated above this"
-                                          " (e.g. 4G) [default: half the machine's RAM].",
+                                          " (e.g. 4G) (default: half the machine's RAM).",
                                           rich_help_panel="Engine", show_default=False)] = None,
     debug: Debug = False,
 ) -> None:

@@ -6,10 +6,11 @@ model runs to the end before the first byte reaches stdout: a failed run prints 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,12 +73,12 @@ def read_inputs(r: Request, notice: Callable[[str], None]) -> tuple[list[str], l
         raw = read_file(r.lines, "--lines file")
         rows = raw.splitlines()
         texts = [t for t in rows if t.strip()]
+        if not texts:
+            raise UsageError(f"--lines {r.lines} has no text: every line is empty")
         if len(texts) < len(rows):
             skipped = [str(i + 1) for i, t in enumerate(rows) if not t.strip()]
             notice(f"skipped {len(skipped)} empty line{'s' if len(skipped) > 1 else ''} of "
                    f"{r.lines} (line {', '.join(skipped[:10])}{'…' if len(skipped) > 10 else ''})")
-        if not texts:
-            raise UsageError(f"--lines {r.lines} has no text: every line is empty")
     elif r.file is not None:
         texts = [read_text(None, r.file)]
     elif r.texts:
@@ -98,12 +99,15 @@ def read_inputs(r: Request, notice: Callable[[str], None]) -> tuple[list[str], l
     for t in cross:
         if not t.strip():
             raise UsageError("--cross text is empty: cross-attention needs keys to attend to")
+    if len(cross) not in (0, 1, len(texts)):
+        raise UsageError(f"give one --cross text for the whole batch, or one per batch row "
+                         f"({len(texts)}); got {len(cross)}")
     return texts, cross
 
 
 def build_config(r: Request):
     """The Config, and the checkpoint's parameters when --weights is given."""
-    from attn_tracer.weights import Weights, random_weights
+    from attn_tracer.weights import Weights
 
     arch = r.arch
     if arch is not None and arch not in ("attn", "gpt2"):
@@ -141,7 +145,8 @@ def build_config(r: Request):
     return config, None
 
 
-def parse_selection(values: list[str], count: int, flag: str, default: list[int]) -> tuple[int, ...]:
+def parse_selection(values: list[str], count: int, flag: str,
+                    default: list[int]) -> tuple[int, ...]:
     if not values:
         return tuple(default)
     chosen: list[int] = []
@@ -168,7 +173,8 @@ def validate(r: Request) -> None:
     if r.max_length is not None and r.max_length < 1:
         raise UsageError(f"--max-length must be at least 1; got {r.max_length}")
     if not 1 <= r.top_k <= VOCAB:
-        raise UsageError(f"--top-k must be between 1 and the vocabulary size {VOCAB}; got {r.top_k}")
+        raise UsageError(
+            f"--top-k must be between 1 and the vocabulary size {VOCAB}; got {r.top_k}")
     if not (math.isfinite(r.temperature) and r.temperature > 0):
         raise UsageError(f"--temperature must be a positive number (it divides the logits); "
                          f"got {r.temperature:g}")
@@ -198,7 +204,8 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
     validate(r)
     texts, cross = read_inputs(r, notice)
     limit = memory.parse_size(r.max_memory) if r.max_memory is not None else memory.default_limit()
-    config, weights = build_config(r)
+    with progress_display("loading weights", show=r.weights is not None):
+        config, weights = build_config(r)
     from attn_tracer.engine import select_engine
 
     if r.values and config.d_model > VALUES_LIMIT:
@@ -216,7 +223,7 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
                                  1, 1, 1, 0, 0, "patterns", bool(cross)), limit)
     from attn_tracer.pipeline import run, tokenize_all
 
-    token_lists, _ = tokenize_all(texts, r.allow_special, r.max_length, config.n_ctx, "text")
+    token_lists, _ = tokenize_all(texts, r.allow_special, r.max_length, config, "text")
     if r.values and max(len(t) for t in token_lists) > VALUES_LIMIT:
         raise UsageError(f"--values prints every number: use it with at most {VALUES_LIMIT} "
                          "tokens (cut with --max-length)")
@@ -226,19 +233,45 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
                 raise UsageError(f"--batch-index {b} is out of range: the batch has {len(texts)} "
                                  f"text{'s' if len(texts) > 1 else ''} (0 to {len(texts) - 1})")
     length = max(len(t) for t in token_lists)
+    k_len = length
+    if cross:
+        cross_lists, _ = tokenize_all(cross, r.allow_special, r.max_length, config,
+                                      "--cross text")
+        k_len = max(len(t) for t in cross_lists)
+    # The whole run, now that the lengths are known: still before a single weight is drawn.
+    memory.check(memory.estimate(config, r.dtype if r.dtype in memory.BYTES else "float32",
+                                 len(texts), length, k_len, len(layers), len(heads), capture,
+                                 bool(cross), predict=r.predict), limit)
     engine = select_engine(r.engine, r.device, r.dtype, length)
-    if weights is None:
-        from attn_tracer.weights import random_weights
+    with progress_display(f"{length} tokens through {config.layers} layers") as advance:
+        if weights is None:
+            from attn_tracer.weights import random_weights
 
-        weights = random_weights(config, cross=bool(cross))
-    trace, cut = run(texts, config, engine, weights, selection, cross_texts=cross or None,
-                     padding=r.padding, max_length=r.max_length, allow_special=r.allow_special,
-                     predict_top_k=r.top_k if r.predict else None, temperature=r.temperature,
-                     max_memory=limit)
+            weights = random_weights(config, cross=bool(cross))
+        trace, cut = run(texts, config, engine, weights, selection, cross_texts=cross or None,
+                         padding=r.padding, max_length=r.max_length,
+                         allow_special=r.allow_special, predict_top_k=r.top_k if r.predict
+                         else None, temperature=r.temperature, max_memory=limit,
+                         progress=advance)
     if cut:
         notice(f"--max-length {r.max_length} cut text{'s' if len(cut) > 1 else ''} "
                f"{', '.join(map(str, cut))}")
     write_outputs(r, trace, weights, console)
+
+
+@contextlib.contextmanager
+def progress_display(description: str, show: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A transient Rich progress bar on stderr, only when stderr is a terminal (never in pipes,
+    CI logs or tests). Yields `advance(done, total)`, a no-op when nothing is shown."""
+    if not (show and sys.stderr.isatty()):
+        yield lambda done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def write_outputs(r: Request, trace, weights, console: Callable) -> None:
