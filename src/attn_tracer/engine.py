@@ -19,9 +19,12 @@ from attn_tracer.errors import AttnError, UsageError
 ENGINES = ("auto", "numpy", "torch")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 HALF = ("float16", "bfloat16")
-# Below this many tokens NumPy is faster end to end than paying torch's import; above it,
-# torch's threaded kernels win. Measured by benchmarks/run.py (see BENCHMARKS.md).
-TORCH_FROM_LEN = 256
+# `--engine auto` on the CPU: NumPy below this many tokens, torch from it on. Measured by
+# benchmarks/run.py (figure f, BENCHMARKS.md) for the default stack (2 layers, d_model 768),
+# whole `attn trace` wall time on 2 cores: torch's import (1.5-3 s) outweighs its faster
+# kernels at every length up to 1,024 (torch ÷ numpy 1.7-3.7×); the two tie at 2,048 tokens
+# and torch wins at 4,096 (12.7 s vs 22.5 s). So the default n_ctx never leaves NumPy.
+TORCH_FROM_LEN = 2048
 
 
 def namespace(x: Any):

@@ -21,6 +21,10 @@ BLD = ("batch", "len", "d_model")
 
 
 def linear(x, W, b=None):
+    if b is not None and not isinstance(x, np.ndarray):  # torch: x·W + b in one addmm
+        from attn_tracer.torch_ops import linear as fused_linear
+
+        return fused_linear(x, W, b)
     y = x @ W
     return y if b is None else y + b
 
@@ -53,9 +57,11 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, prefix: str, engin
     v = project("V", x_kv, k_len, lk)  # [batch, heads, k_len, d_head]
 
     layer = int(prefix.split(".")[1])
-    if engine.fused and rec.selection.capture != "all":
+    shown = list(rec.selection.heads) if rec.selection.layer_captured(layer) else []
+    # When every head is shown, the explicit path below already has the patterns: fusing too
+    # would compute attention twice.
+    if engine.fused and rec.selection.capture != "all" and len(set(shown)) < heads:
         # Fused: the full len×len matrix is built only for the heads the user will look at.
-        shown = list(rec.selection.heads) if rec.selection.layer_captured(layer) else []
         index = xp.asarray(shown, dtype=xp.int64, device=q.device)
         pattern_steps(xp.take(q, index, axis=1), xp.take(k, index, axis=1), config, allowed,
                       rec.heads_view(heads), prefix)
@@ -98,6 +104,10 @@ def softmax(x):
     Such a row (a pad query) would be 0/0 = NaN; defining it as zeros keeps it out of Z.
     """
     xp = namespace(x)
+    if xp is not np:  # torch: the same softmax in one kernel instead of eight passes
+        from attn_tracer.torch_ops import softmax as fused_softmax
+
+        return fused_softmax(x)
     dtype = x.dtype
     # Not getattr(…, None): NumPy reads dtype == None as float64, which would round it to float32.
     if dtype in (xp.float16, getattr(xp, "bfloat16", xp.float16)):

@@ -52,3 +52,18 @@ def layer_norm(x, w, b, eps: float):
 def gelu_new(x):
     """layers.gelu_new (GPT-2's tanh approximation) in one kernel."""
     return F.gelu(x, approximate="tanh")
+
+
+def softmax(x):
+    """layers.softmax in one kernel, in at least float32; a row with no allowed key is all 0."""
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    out = torch.softmax(x, dim=-1, dtype=torch.float32 if half else None)
+    dead = torch.isneginf(x.amax(dim=-1, keepdim=True))  # a pad query: every key is −∞
+    if dead.any():
+        out = out.masked_fill(dead, 0.0)  # torch.softmax gives NaN there
+    return out.to(x.dtype) if half else out
+
+
+def linear(x, W, b):
+    """layers.linear (x·W + b, W stored [in, out]) as one addmm, as nn.Linear runs it."""
+    return F.linear(x, W.mT, b)
