@@ -190,12 +190,18 @@ _PLAIN = st.characters(
 _UNVISIBLE = {"␣": " ", "↵": "\n", "⇥": "\t"}
 
 
+_CODEPOINT = re.compile(r"<U\+[0-9A-F]{4,6}>")
+
+
 def _bytes_of(label: str) -> bytes:
-    """Read a label back: hex groups are bytes, the visible-whitespace marks are whitespace."""
+    """Read a label back: hex groups are bytes, <U+XXXX> is that character, the
+    visible-whitespace marks are whitespace."""
     out = b""
-    for piece in re.split(f"({HEX_LABEL.pattern})", label):
+    for piece in re.split(f"({HEX_LABEL.pattern}|{_CODEPOINT.pattern})", label):
         if HEX_LABEL.fullmatch(piece):
             out += bytes.fromhex(piece[1:-1])
+        elif _CODEPOINT.fullmatch(piece):
+            out += chr(int(piece[3:-1], 16)).encode("utf-8")
         else:
             out += "".join(_UNVISIBLE.get(ch, ch) for ch in piece).encode("utf-8")
     return out
