@@ -250,30 +250,24 @@ def grid(items: list[RenderableType], item_width: int, width: int) -> Renderable
 def labels(inp: Input) -> list[str]:
     """Row labels for every batch position: the exact token label, and for a token holding
     part of a character, that character too; pad positions included."""
-    parts = split_characters(inp.tokens)
-    toks = iter(zip(inp.tokens, parts, strict=True))
-    out = []
-    for real in inp.valid:
-        if not real:
-            out.append("<pad>")
-            continue
-        tok, part = next(toks)
-        out.append(f"{tok.text} {part}" if part else tok.text)
-    return out
+    return _per_position(inp, "<pad>", lambda text, part: f"{text} {part}" if part else text)
 
 
 def column_labels(inp: Input) -> list[str]:
     """Short labels for three-cell columns: the character a partial token belongs to, and no ␣
     (the rows carry the exact labels)."""
-    parts = split_characters(inp.tokens)
-    toks = iter(zip(inp.tokens, parts, strict=True))
+    return _per_position(inp, "pad", lambda text, part: part or text.removeprefix("␣") or text)
+
+
+def _per_position(inp: Input, pad: str, label) -> list[str]:
+    toks = iter(zip(inp.tokens, split_characters(inp.tokens), strict=True))
     out = []
     for real in inp.valid:
-        if not real:
-            out.append("pad")
-            continue
-        tok, part = next(toks)
-        out.append(part or tok.text.removeprefix("␣") or tok.text)
+        if real:
+            tok, part = next(toks)
+            out.append(label(tok.text, part))
+        else:
+            out.append(pad)
     return out
 
 
