@@ -129,7 +129,8 @@ def _usage_message(e) -> str:
 
 
 def _one_line(message: str) -> str:
-    return " ".join(message.split())
+    """One line, with control characters (say, an escape code in a file name) made visible."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in " ".join(message.split()))
 
 
 def _quiet_pipe() -> None:

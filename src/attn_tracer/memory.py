@@ -79,6 +79,6 @@ def parse_size(text: str) -> int:
         value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
         raise UsageError(f"--max-memory must be a size such as 4G or 500M; got {text!r}") from None
-    if not value > 0:
-        raise UsageError(f"--max-memory must be positive; got {text!r}")
+    if not 0 < value < float("inf"):  # nan and inf too: int(inf) would raise
+        raise UsageError(f"--max-memory must be a positive size such as 4G; got {text!r}")
     return int(value)

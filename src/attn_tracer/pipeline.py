@@ -184,8 +184,13 @@ def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
     W_E = engine.asarray(weights.unembedding())
     logits = rec("logits", "logits = h·W_Eᵀ (at the last real position)",
                  rows @ xp.matrix_transpose(W_E), ("batch", "vocab"))
+    # Shifted by the row's max first (softmax does not change): a tiny T (even one that is 0 in
+    # float32) then sends the other logits to −∞, probability 0, instead of the row to NaN.
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        shifted = logits - xp.max(logits, axis=-1, keepdims=True)  # ≤ 0; 0 at the max
+        scaled = xp.where(shifted == 0, xp.zeros_like(shifted), shifted / temperature)
     probs = rec("probs", f"softmax(logits / T), T = {temperature:g}",
-                layers.softmax(logits / temperature), ("batch", "vocab"))
+                layers.softmax(scaled), ("batch", "vocab"))
     # Both are only [batch, vocab]: keep them whatever the selection captures, so every logit,
     # not just the top k, can be read off the trace.
     rec.tensors["logits"], rec.tensors["probs"] = engine.to_host(logits), engine.to_host(probs)

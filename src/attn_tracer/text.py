@@ -37,7 +37,8 @@ def read_file(path: Path, what: str = "file") -> str:
 
 def read_stdin() -> str:
     if sys.stdin is None or sys.stdin.isatty():
-        raise UsageError("- reads standard input, but nothing is piped in")
+        raise UsageError("- reads standard input, but nothing is piped in: pipe a text in "
+                         "(echo hi | attn trace -) or give it as an argument")
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
     if isinstance(data, str):
         return data
