@@ -370,7 +370,18 @@ def trace(
     runner.execute(request, notice=_notice, console=_stdout_console)
 
 
+def _interrupted(signum, frame) -> None:
+    # Ctrl-C anywhere, even inside a library's import or a C loop that would turn
+    # KeyboardInterrupt into its own error: one line and 130. SystemExit still runs the
+    # `finally` blocks that remove half-written files.
+    print("attn: error: interrupted", file=sys.stderr)
+    raise SystemExit(130)
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, _interrupted)
     app()
 
 

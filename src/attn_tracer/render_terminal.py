@@ -91,13 +91,31 @@ def token_strip(inp: Input, title: str) -> Text:
 
 # ── the shape trace ───────────────────────────────────────────────────────────────────────────
 
-def shape_table(steps: list[Step]) -> Table:
-    """Every step; layers after the first fold into one line where they repeat layer 0."""
+def shape_table(steps: list[Step], width: int = 120) -> Table:
+    """Every step; layers after the first fold into one line where they repeat layer 0.
+
+    Below 100 columns the dims go under the shape, so the formula keeps room to be read.
+    """
+    narrow = width < 100
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, expand=False)
+    # Only the formula wraps: a shape or its dims split over two lines no longer reads as one.
     table.add_column("step", style="cyan", no_wrap=True)
-    table.add_column("formula")
-    table.add_column("shape", justify="right", no_wrap=True, style="bold")
-    table.add_column("dims", style="dim")
+    table.add_column("formula", ratio=1)
+    table.add_column("shape · dims" if narrow else "shape", justify="right", no_wrap=True,
+                     style="bold")
+    if not narrow:
+        table.add_column("dims", style="dim", no_wrap=True)
+
+    def row(name: Text | str, op: str, shape: tuple | None, dims: tuple) -> None:
+        if shape is None:
+            table.add_row(name, "", "", *([] if narrow else [""]))
+        elif narrow:
+            cell = Text(_shape(shape) + "\n")
+            cell.append(", ".join(dims), style="dim")
+            table.add_row(name, Text(op), cell)
+        else:
+            table.add_row(name, Text(op), _shape(shape), Text(", ".join(dims)))
+
     layer0 = [_unlayered(s) for s in steps if s.name.startswith("blocks.0.")]
     folded: list[int] = []
     current = None
@@ -113,17 +131,17 @@ def shape_table(steps: list[Step]) -> Table:
                 nxt = steps[i] if i < len(steps) else None
                 if nxt is None or not nxt.name.startswith("blocks.") or not _same_as_layer0(
                         steps, int(nxt.name.split(".")[1]), layer0):
-                    table.add_row(_layer_range(folded), f"same {len(layer0)} steps as blocks.0",
-                                  _shape(mine[-1].shape), Text(", ".join(mine[-1].dims)))
+                    row(_layer_range(folded), f"same {len(layer0)} steps as blocks.0",
+                        mine[-1].shape, mine[-1].dims)
                     folded = []
                 continue
         name = s.name
         if layer is not None:
             if layer != current:
-                table.add_row(Text(f"blocks.{layer}", style="bold"), "", "", "")
+                row(Text(f"blocks.{layer}", style="bold"), "", None, ())
                 current = layer
             name = "  " + s.name.split(".", 2)[2]
-        table.add_row(Text(name), Text(s.op), _shape(s.shape), Text(", ".join(s.dims)))
+        row(Text(name), s.op, s.shape, s.dims)
         i += 1
     return table
 
@@ -234,17 +252,27 @@ def legend(padded: bool = False) -> Text:
     return t
 
 
-def grid(items: list[RenderableType], item_width: int, width: int) -> RenderableType:
+def grid(items: list[Text], item_width: int, width: int) -> Text:
+    """Blocks of text side by side, as many as fit in `width`, two cells apart.
+
+    Joined line by line rather than laid out by a Rich Table: the blocks have fixed widths
+    already, and a table's layout pass was most of the default view's rendering time.
+    """
     per_row = max(1, (width + 2) // (item_width + 2))
-    table = Table.grid(padding=(0, 2))
-    for _ in range(per_row):
-        table.add_column(no_wrap=True)
+    out = Text(no_wrap=True, overflow="crop")
     for i in range(0, len(items), per_row):
-        row = items[i:i + per_row]
-        table.add_row(*row, *[""] * (per_row - len(row)))
-        if i + per_row < len(items):
-            table.add_row(*[""] * per_row)
-    return table
+        blocks = [item.split("\n", allow_blank=True) for item in items[i:i + per_row]]
+        widths = [max((line.cell_len for line in lines), default=0) for lines in blocks]
+        for r in range(max(len(lines) for lines in blocks)):
+            row = Text()
+            for j, lines in enumerate(blocks):
+                line = lines[r] if r < len(lines) else Text()
+                row.append_text(line)
+                if j < len(blocks) - 1:
+                    row.append(" " * (widths[j] - line.cell_len + 2))
+            out.append_text(row.rstrip() or row)
+            out.append("\n")
+    return out
 
 
 def labels(inp: Input) -> list[str]:
@@ -435,7 +463,7 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
             console.print(token_strip(inp, f"cross text {b}"))
     console.print()
     console.print(Text("shape trace", style="bold"))
-    console.print(shape_table(trace.steps))
+    console.print(shape_table(trace.steps, width))
     if show_values and weights is not None:
         for layer in trace.selection.layers:
             console.print(Text(f"values of layer {layer} (text 0)", style="bold"))
