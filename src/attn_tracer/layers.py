@@ -85,15 +85,20 @@ def pattern_steps(q, k, config: Config, allowed, rec, prefix: str):
     """scores = Q·Kᵀ → ÷ √d_head → mask → softmax: each stage recorded."""
     xp = namespace(q)
     score_dims = ("batch", "heads", "q_len", "k_len")
+    # On torch, stages that nobody keeps are updated in place: two fewer [batch, heads, len,
+    # len] buffers per layer, which is most of the cost of showing every head of a long text.
+    in_place = xp is not np and not any(
+        rec.keeps(f"{prefix}.{stage}") for stage in ("scores", "scaled", "masked"))
     scores = rec(f"{prefix}.scores", "scores = Q·Kᵀ", q @ xp.matrix_transpose(k), score_dims)
     if config.scale:
         root = math.sqrt(config.d_head)
         scores = rec(f"{prefix}.scaled", f"scores ÷ √d_head (√{config.d_head} = {root:.4g})",
-                     scores / root, score_dims)
+                     scores.div_(root) if in_place else scores / root, score_dims)
     if allowed is not None:
         minus_inf = xp.full((), -math.inf, dtype=scores.dtype, device=scores.device)
         scores = rec(f"{prefix}.masked", "scores + mask (−∞)",
-                     xp.where(allowed, scores, minus_inf), score_dims)
+                     scores.masked_fill_(~allowed, -math.inf) if in_place
+                     else xp.where(allowed, scores, minus_inf), score_dims)
     return rec(f"{prefix}.pattern", "pattern = softmax(scores)", softmax(scores),
                score_dims)
 

@@ -130,6 +130,10 @@ class Recorder:
             raise AssertionError(f"step {name}: shape {shape} has no name for every axis {dims}")
         self.steps.append(Step(name, op, tuple(int(n) for n in shape), dims))
 
+    def keeps(self, name: str) -> bool:
+        """Whether the tensor of step `name` will be kept (so it must not be overwritten)."""
+        return self.selection.captures(_layer_of(name), name)
+
     def heads_view(self, heads: int) -> Recorder:
         """A recorder for steps computed on a subset of heads that records the full-head shape."""
         return _HeadsView(self, heads)
@@ -161,6 +165,9 @@ def _layer_of(name: str) -> int | None:
 class _HeadsView:
     def __init__(self, rec: Recorder, heads: int) -> None:
         self.rec, self.heads = rec, heads
+
+    def keeps(self, name: str) -> bool:
+        return self.rec.keeps(name)
 
     def __call__(self, name: str, op: str, x, dims: tuple[str, ...]):
         shape = list(x.shape)
