@@ -301,7 +301,8 @@ def render_view(r: Request, trace, weights, target):
 
     buffer = Console(file=io.StringIO(), width=target.width, color_system=target.color_system,
                      force_terminal=target.is_terminal, no_color=target.no_color,
-                     legacy_windows=False, highlight=False, record=True)
+                     legacy_windows=False, highlight=False,
+                     record=r.svg is not None or r.html is not None)
     render_terminal.render(trace, buffer, show_stages=r.stages, weights=weights.params,
                            show_values=r.values, batch_rows=r.batch_index)
     return buffer

@@ -55,9 +55,10 @@ def load_ranks(data: bytes | None = None) -> dict[bytes, int]:
             f"the bundled GPT-2 vocabulary is corrupted (sha256 {digest[:12]}…, expected "
             f"{RANKS_SHA256[:12]}…); reinstall attn-tracer"
         )
-    # Each line is "<base64 token> <rank>"; parsed in bulk, since this is on every command's path.
-    fields = data.split()
-    return dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2]), strict=True))
+    # Each line is "<base64 token> <rank>", and in this file (its hash just matched) the rank
+    # of line i is i: parsed in bulk, since this is on every command's path.
+    tokens = data.split()[0::2]
+    return dict(zip(map(binascii.a2b_base64, tokens), range(len(tokens)), strict=True))
 
 
 @functools.cache

@@ -32,9 +32,9 @@ class Weights:
         # The whole table costs ~0.4 s to draw and a sentence needs ten rows: draw only the
         # blocks of TOKEN_BLOCK ids that hold them, each from its own stream, so a row never
         # depends on which other tokens are present.
-        flat = ids.reshape(-1)
-        blocks = {int(b): self._token_block(int(b)) for b in np.unique(flat // TOKEN_BLOCK)}
-        rows = [blocks[int(t) // TOKEN_BLOCK][int(t) % TOKEN_BLOCK] for t in flat]
+        flat = ids.reshape(-1).tolist()
+        blocks = {b: self._token_block(b) for b in {t // TOKEN_BLOCK for t in flat}}
+        rows = [blocks[t // TOKEN_BLOCK][t % TOKEN_BLOCK] for t in flat]
         out = np.stack(rows) if rows else np.zeros((0, self.config.d_model), np.float32)
         return out.reshape(*ids.shape, self.config.d_model)
 
