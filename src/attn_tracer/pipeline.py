@@ -77,6 +77,32 @@ def embed(batch: Batch, config: Config, weights: Weights, engine: Engine, rec, p
     return x
 
 
+@dataclass(frozen=True)
+class Prepared:
+    batch: Batch
+    cross: Batch | None  # the cross-attention texts, one row per batch row
+    cut: list[int]  # rows that --max-length cut
+
+
+def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None = None,
+            padding: str = "right", max_length: int | None = None,
+            allow_special: bool = False) -> Prepared:
+    """Tokenize, cut and pad the texts (and the cross texts) into batches."""
+    token_lists, cut = tokenize_all(texts, allow_special, max_length, config, "text")
+    batch = make_batch(token_lists, texts, padding)
+    cross = None
+    if cross_texts:
+        cross_lists, _ = tokenize_all(cross_texts, allow_special, max_length, config,
+                                      "--cross text")
+        if len(cross_lists) == 1 and len(token_lists) > 1:
+            rows = len(token_lists)
+            cross_lists, cross_texts = cross_lists * rows, cross_texts * rows
+        if len(cross_lists) != len(token_lists):
+            raise UsageError(f"give one --cross text, or one per batch row ({len(token_lists)})")
+        cross = make_batch(cross_lists, cross_texts, padding)
+    return Prepared(batch, cross, cut)
+
+
 def run(
     texts: list[str],
     config: Config,
@@ -92,24 +118,17 @@ def run(
     temperature: float = 1.0,
     max_memory: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    prepared: Prepared | None = None,
 ) -> tuple[Trace, list[int]]:
     """Trace `texts` through the stack. Returns the trace and the rows cut by --max-length.
 
+    `prepared` is what `prepare` made of the same texts, when the caller has it already.
     `progress(done, total)` is called after each layer (for a progress display).
     """
-    token_lists, cut = tokenize_all(texts, allow_special, max_length, config, "text")
-    batch = make_batch(token_lists, texts, padding)
-    cross = None
-    if cross_texts:
-        cross_lists, _ = tokenize_all(cross_texts, allow_special, max_length, config,
-                                      "--cross text")
-        if len(cross_lists) == 1 and len(token_lists) > 1:
-            rows = len(token_lists)
-            cross_lists, cross_texts = cross_lists * rows, cross_texts * rows
-        if len(cross_lists) != len(token_lists):
-            raise UsageError(f"give one --cross text, or one per batch row ({len(token_lists)})")
-        cross = make_batch(cross_lists, cross_texts, padding)
-
+    if prepared is None:
+        prepared = prepare(texts, config, cross_texts=cross_texts, padding=padding,
+                           max_length=max_length, allow_special=allow_special)
+    batch, cross, cut = prepared.batch, prepared.cross, prepared.cut
     length = batch.ids.shape[1]
     k_len = cross.ids.shape[1] if cross else length
     needed = memory.estimate(config, engine.dtype, len(texts), length, k_len,

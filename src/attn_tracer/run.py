@@ -221,10 +221,13 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
     # Refuse absurd sizes from the parameter count alone, before a single weight is drawn.
     memory.check(memory.estimate(config, r.dtype if r.dtype in memory.BYTES else "float32",
                                  1, 1, 1, 0, 0, "patterns", bool(cross)), limit)
-    from attn_tracer.pipeline import run, tokenize_all
+    from attn_tracer.pipeline import prepare, run
 
-    token_lists, _ = tokenize_all(texts, r.allow_special, r.max_length, config, "text")
-    if r.values and max(len(t) for t in token_lists) > VALUES_LIMIT:
+    prepared = prepare(texts, config, cross_texts=cross or None, padding=r.padding,
+                       max_length=r.max_length, allow_special=r.allow_special)
+    length = prepared.batch.ids.shape[1]
+    k_len = prepared.cross.ids.shape[1] if prepared.cross else length
+    if r.values and length > VALUES_LIMIT:
         raise UsageError(f"--values prints every number: use it with at most {VALUES_LIMIT} "
                          "tokens (cut with --max-length)")
     if r.batch_index is not None:
@@ -232,12 +235,6 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
             if not 0 <= b < len(texts):
                 raise UsageError(f"--batch-index {b} is out of range: the batch has {len(texts)} "
                                  f"text{'s' if len(texts) > 1 else ''} (0 to {len(texts) - 1})")
-    length = max(len(t) for t in token_lists)
-    k_len = length
-    if cross:
-        cross_lists, _ = tokenize_all(cross, r.allow_special, r.max_length, config,
-                                      "--cross text")
-        k_len = max(len(t) for t in cross_lists)
     # The whole run, now that the lengths are known: still before a single weight is drawn.
     memory.check(memory.estimate(config, r.dtype if r.dtype in memory.BYTES else "float32",
                                  len(texts), length, k_len, len(layers), len(heads), capture,
@@ -252,7 +249,7 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
                          padding=r.padding, max_length=r.max_length,
                          allow_special=r.allow_special, predict_top_k=r.top_k if r.predict
                          else None, temperature=r.temperature, max_memory=limit,
-                         progress=advance)
+                         progress=advance, prepared=prepared)
     if cut:
         notice(f"--max-length {r.max_length} cut text{'s' if len(cut) > 1 else ''} "
                f"{', '.join(map(str, cut))}")
