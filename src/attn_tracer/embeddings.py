@@ -18,6 +18,23 @@ def sinusoidal(positions: np.ndarray, d_model: int) -> np.ndarray:
     return pe.astype(np.float32)
 
 
+def embed(ids: np.ndarray, positions: np.ndarray, config: Config, weights: Weights, engine,
+          rec, prefix: str = "", padded: bool = False):
+    """X = W_E[tokens] + P[positions] [batch, len, d_model], on the engine, each part recorded."""
+    bld = ("batch", "len", "d_model")
+    ids = rec(f"{prefix}tokens", "token ids, padded with <|endoftext|>" if padded else "token ids",
+              ids, ("batch", "len"))
+    x = rec(f"{prefix}embed", "W_E[tokens]", engine.asarray(weights.token_rows(ids)), bld)
+    pos = positional(config, weights, positions)
+    if pos is not None:
+        op = "PE(position): sin/cos" if config.pos == "sinusoidal" else "W_pos[position]"
+        x = x + rec(f"{prefix}pos_embed", op, engine.asarray(pos), bld)
+    x = rec(f"{prefix}resid_pre", "X = W_E[tokens] + P" if pos is not None else "X = W_E[tokens]",
+            x, bld)
+    rec.flush()
+    return x
+
+
 def positional(config: Config, weights: Weights, positions: np.ndarray) -> np.ndarray | None:
     """P[positions] → [*positions.shape, d_model], or None without positional information."""
     if config.pos == "none":

@@ -1,10 +1,15 @@
-"""The layers, written once against the Array API so the same lines run on NumPy and PyTorch.
+"""The layers, written once against the Array API: the same lines run on NumPy and PyTorch.
 
 One attention layer, top to bottom, is the formula
 
     pattern = softmax(Q·Kᵀ / √d_head + mask),   Z = pattern·V,   out = merge(Z)·W_O + b_O
 
 with every intermediate handed to `rec` (the trace recorder) under its step name.
+
+NumPy runs every formula here as written; it is the reference the torch engine is tested
+against (≤ 1e-5 in float32). On torch, four elementwise steps (x·W + b, softmax, LayerNorm,
+GELU) call the same formula as one fused kernel from `torch_ops`, attention nobody looks at runs
+as one `scaled_dot_product_attention`, and score stages nobody keeps are updated in place.
 """
 
 from __future__ import annotations
@@ -20,8 +25,12 @@ from attn_tracer.engine import Engine, namespace
 BLD = ("batch", "len", "d_model")
 
 
+def _torch(x) -> bool:
+    return namespace(x) is not np
+
+
 def linear(x, W, b=None):
-    if b is not None and not isinstance(x, np.ndarray):  # torch: x·W + b in one addmm
+    if b is not None and _torch(x):  # torch: x·W + b in one addmm
         from attn_tracer.torch_ops import linear as fused_linear
 
         return fused_linear(x, W, b)
@@ -29,11 +38,14 @@ def linear(x, W, b=None):
     return y if b is None else y + b
 
 
-def attention(x, x_kv, p: dict, config: Config, allowed, rec, prefix: str, engine: Engine):
+def attention(x, x_kv, p: dict, config: Config, allowed, rec, engine: Engine, layer: int,
+              block: str = "attn", causal: bool = False):
     """Multi-head attention of `x` over `x_kv` (the same array for self-attention).
 
-    `allowed` [batch, 1, q_len, k_len] is True where a query may look at a key, or None.
+    `allowed` [batch, 1, q_len, k_len] is True where a query may look at a key, or None;
+    `causal` says it is exactly the causal triangle, which a fused kernel can exploit.
     """
+    prefix = f"blocks.{layer}.{block}"
     xp = namespace(x)
     batch, q_len, _ = x.shape
     k_len = x_kv.shape[1]
@@ -56,18 +68,18 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, prefix: str, engin
     k = project("K", x_kv, k_len, lk)  # [batch, heads, k_len, d_head]
     v = project("V", x_kv, k_len, lk)  # [batch, heads, k_len, d_head]
 
-    layer = int(prefix.split(".")[1])
-    shown = list(rec.selection.heads) if rec.selection.layer_captured(layer) else []
+    shown = list(rec.selection.heads) if layer in rec.selection.layers else []
     # When every head is shown, the explicit path below already has the patterns: fusing too
     # would compute attention twice.
-    if engine.fused and rec.selection.capture != "all" and len(set(shown)) < heads:
+    if engine.fused and rec.selection.capture != "all" and len(shown) < heads:
         # Fused: the full len×len matrix is built only for the heads the user will look at.
         index = xp.asarray(shown, dtype=xp.int64, device=q.device)
         pattern_steps(xp.take(q, index, axis=1), xp.take(k, index, axis=1), config, allowed,
-                      rec.heads_view(heads), prefix)
+                      rec, prefix, all_heads=heads)
         from attn_tracer.torch_ops import fused_attention
 
-        z = fused_attention(q, k, v, allowed, 1 / math.sqrt(d_head) if config.scale else 1.0)
+        scale = 1 / math.sqrt(d_head) if config.scale else 1.0
+        z = fused_attention(q, k, v, allowed, scale, causal)
     else:
         pattern = pattern_steps(q, k, config, allowed, rec, prefix)
         z = pattern @ v
@@ -81,26 +93,32 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, prefix: str, engin
                linear(z, p[f"{prefix}.W_O"], b_O), ("batch", lq, "d_model"))
 
 
-def pattern_steps(q, k, config: Config, allowed, rec, prefix: str):
-    """scores = Q·Kᵀ → ÷ √d_head → mask → softmax: each stage recorded."""
+def pattern_steps(q, k, config: Config, allowed, rec, prefix: str, all_heads: int | None = None):
+    """scores = Q·Kᵀ → ÷ √d_head → mask → softmax: each stage recorded.
+
+    `all_heads`: q and k hold only the shown heads of that many (see Recorder).
+    """
     xp = namespace(q)
     score_dims = ("batch", "heads", "q_len", "k_len")
+
+    def record(stage: str, op: str, x):
+        return rec(f"{prefix}.{stage}", op, x, score_dims, all_heads=all_heads)
+
     # On torch, stages that nobody keeps are updated in place: two fewer [batch, heads, len,
     # len] buffers per layer, which is most of the cost of showing every head of a long text.
-    in_place = xp is not np and not any(
+    in_place = _torch(q) and not any(
         rec.keeps(f"{prefix}.{stage}") for stage in ("scores", "scaled", "masked"))
-    scores = rec(f"{prefix}.scores", "scores = Q·Kᵀ", q @ xp.matrix_transpose(k), score_dims)
+    scores = record("scores", "scores = Q·Kᵀ", q @ xp.matrix_transpose(k))
     if config.scale:
         root = math.sqrt(config.d_head)
-        scores = rec(f"{prefix}.scaled", f"scores ÷ √d_head (√{config.d_head} = {root:.4g})",
-                     scores.div_(root) if in_place else scores / root, score_dims)
+        scores = record("scaled", f"scores ÷ √d_head (√{config.d_head} = {root:.4g})",
+                        scores.div_(root) if in_place else scores / root)
     if allowed is not None:
         minus_inf = xp.full((), -math.inf, dtype=scores.dtype, device=scores.device)
-        scores = rec(f"{prefix}.masked", "scores + mask (−∞)",
-                     scores.masked_fill_(~allowed, -math.inf) if in_place
-                     else xp.where(allowed, scores, minus_inf), score_dims)
-    return rec(f"{prefix}.pattern", "pattern = softmax(scores)", softmax(scores),
-               score_dims)
+        scores = record("masked", "scores + mask (−∞)",
+                        scores.masked_fill_(~allowed, -math.inf) if in_place
+                        else xp.where(allowed, scores, minus_inf))
+    return record("pattern", "pattern = softmax(scores)", softmax(scores))
 
 
 def softmax(x):
@@ -109,7 +127,7 @@ def softmax(x):
     Such a row (a pad query) would be 0/0 = NaN; defining it as zeros keeps it out of Z.
     """
     xp = namespace(x)
-    if xp is not np:  # torch: the same softmax in one kernel instead of eight passes
+    if _torch(x):  # torch: the same softmax in one kernel instead of eight passes
         from attn_tracer.torch_ops import softmax as fused_softmax
 
         return fused_softmax(x)
@@ -127,7 +145,7 @@ def softmax(x):
 
 def layer_norm(x, w, b, eps: float):
     xp = namespace(x)
-    if xp is not np:  # torch: the same formula in one kernel instead of nine passes
+    if _torch(x):  # torch: the same formula in one kernel instead of nine passes
         from attn_tracer.torch_ops import layer_norm as fused_layer_norm
 
         return fused_layer_norm(x, w, b, eps)
@@ -143,7 +161,7 @@ def layer_norm(x, w, b, eps: float):
 def gelu_new(x):
     """GPT-2's GELU, the tanh approximation."""
     xp = namespace(x)
-    if xp is not np:  # torch: the same formula in one kernel instead of eight passes
+    if _torch(x):  # torch: the same formula in one kernel instead of eight passes
         from attn_tracer.torch_ops import gelu_new as fused_gelu
 
         return fused_gelu(x)
@@ -151,31 +169,34 @@ def gelu_new(x):
 
 
 def mlp(x, p: dict, rec, prefix: str):
-    d_mlp = ("batch", "len", "d_mlp")
+    wide = ("batch", "len", "d_mlp")
     b_in, b_out = p.get(f"{prefix}.b_in"), p.get(f"{prefix}.b_out")
     h = rec(f"{prefix}.in", "X·W_in" + (" + b_in" if b_in is not None else ""),
-            linear(x, p[f"{prefix}.W_in"], b_in), d_mlp)
-    h = rec(f"{prefix}.gelu", "gelu(…) (tanh approximation)", gelu_new(h), d_mlp)
+            linear(x, p[f"{prefix}.W_in"], b_in), wide)
+    h = rec(f"{prefix}.gelu", "gelu(…) (tanh approximation)", gelu_new(h), wide)
     return rec(f"{prefix}.out", "…·W_out" + (" + b_out" if b_out is not None else ""),
                linear(h, p[f"{prefix}.W_out"], b_out), BLD)
 
 
 def block(x, p: dict, config: Config, allowed, rec, layer: int, engine: Engine,
-          x_cross=None, cross_allowed=None):
-    """One layer: attention (+ cross-attention) with residuals; GPT-2 adds LayerNorms and MLP."""
+          x_cross=None, cross_allowed=None, causal: bool = False):
+    """One layer: attention (+ cross-attention) with residuals; GPT-2 adds LayerNorms and MLP.
+
+    `causal`: `allowed` is exactly the causal triangle (see attention).
+    """
     b = f"blocks.{layer}"
     if config.arch == "gpt2":
         h = rec(f"{b}.ln_1", "LayerNorm(X)", layer_norm(x, p[f"{b}.ln_1.w"], p[f"{b}.ln_1.b"],
                                                         config.ln_eps), BLD)
-        a = attention(h, h, p, config, allowed, rec, f"{b}.attn", engine)
+        a = attention(h, h, p, config, allowed, rec, engine, layer, causal=causal)
         x = rec(f"{b}.resid_mid", "X + attn(LayerNorm(X))", x + a, BLD)
         h = rec(f"{b}.ln_2", "LayerNorm(X)", layer_norm(x, p[f"{b}.ln_2.w"], p[f"{b}.ln_2.b"],
                                                         config.ln_eps), BLD)
         return rec(f"{b}.resid_post", "X + mlp(LayerNorm(X))", x + mlp(h, p, rec, f"{b}.mlp"),
                    BLD)
-    a = attention(x, x, p, config, allowed, rec, f"{b}.attn", engine)
+    a = attention(x, x, p, config, allowed, rec, engine, layer, causal=causal)
     x = rec(f"{b}.resid_post" if x_cross is None else f"{b}.resid_mid", "X + attn(X)", x + a, BLD)
     if x_cross is not None:
-        c = attention(x, x_cross, p, config, cross_allowed, rec, f"{b}.cross_attn", engine)
+        c = attention(x, x_cross, p, config, cross_allowed, rec, engine, layer, "cross_attn")
         x = rec(f"{b}.resid_post", "X + cross_attn(X, X_kv)", x + c, BLD)
     return x

@@ -20,7 +20,6 @@ from attn_tracer.trace import Input, Prediction, Recorder, Selection, Trace
 from attn_tracer.weights import Weights
 
 PAD_ID = tokens.ENDOFTEXT_ID  # GPT-2 has no pad token; its <|endoftext|> is the usual stand-in
-BATCH_LEN = ("batch", "len")
 
 
 @dataclass(frozen=True)
@@ -31,11 +30,13 @@ class Batch:
     positions: np.ndarray  # [batch, len]
 
 
-def make_batch(token_lists: list[list[tokens.Token]], texts: list[str], side: str) -> Batch:
+def make_batch(token_lists: list[list[tokens.Token]], texts: list[str], side: str,
+               truncated: list[int] | None = None) -> Batch:
     """Pad every row to the longest with <|endoftext|>; positions count real tokens only."""
     length = max(len(t) for t in token_lists)
-    inputs = [Input(text, toks, len(toks), length - len(toks), side)
-              for text, toks in zip(texts, token_lists, strict=True)]
+    truncated = truncated or [0] * len(texts)
+    inputs = [Input(text, toks, len(toks), length - len(toks), side, cut)
+              for text, toks, cut in zip(texts, token_lists, truncated, strict=True)]
     ids = np.full((len(inputs), length), PAD_ID, np.int64)
     for row, inp in zip(ids, inputs, strict=True):
         row[inp.valid] = [t.id for t in inp.tokens]
@@ -60,28 +61,19 @@ def cross_mask(valid_q: np.ndarray, valid_k: np.ndarray) -> np.ndarray | None:
     return None if allowed.all() else allowed
 
 
-def embed(batch: Batch, config: Config, weights: Weights, engine: Engine, rec, prefix: str = ""):
-    """X = W_E[tokens] + P[positions], on the engine."""
-    op = "token ids" if batch.valid.all() else "token ids, padded with <|endoftext|>"
-    ids = rec(f"{prefix}tokens", op, batch.ids, BATCH_LEN)
-    x = rec(f"{prefix}embed", "W_E[tokens]", engine.asarray(weights.token_rows(ids)),
-            ("batch", "len", "d_model"))
-    pos = embeddings.positional(config, weights, batch.positions)
-    if pos is not None:
-        op = "PE(position): sin/cos" if config.pos == "sinusoidal" else "W_pos[position]"
-        p = rec(f"{prefix}pos_embed", op, engine.asarray(pos), ("batch", "len", "d_model"))
-        x = x + p
-    x = rec(f"{prefix}resid_pre", "X = W_E[tokens] + P" if pos is not None else "X = W_E[tokens]",
-            x, ("batch", "len", "d_model"))
-    rec.flush()
-    return x
-
-
 @dataclass(frozen=True)
 class Prepared:
     batch: Batch
     cross: Batch | None  # the cross-attention texts, one row per batch row
-    cut: list[int]  # rows that --max-length cut
+
+    @property
+    def cut(self) -> list[int]:
+        """Rows that --max-length cut."""
+        return [b for b, inp in enumerate(self.batch.inputs) if inp.truncated]
+
+    @property
+    def cross_cut(self) -> list[int]:
+        return [b for b, inp in enumerate(self.cross.inputs) if inp.truncated] if self.cross else []
 
 
 def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None = None,
@@ -89,18 +81,20 @@ def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None =
             allow_special: bool = False) -> Prepared:
     """Tokenize, cut and pad the texts (and the cross texts) into batches."""
     token_lists, cut = tokenize_all(texts, allow_special, max_length, config, "text")
-    batch = make_batch(token_lists, texts, padding)
+    batch = make_batch(token_lists, texts, padding, cut)
     cross = None
     if cross_texts:
-        cross_lists, _ = tokenize_all(cross_texts, allow_special, max_length, config,
-                                      "--cross text")
-        if len(cross_lists) == 1 and len(token_lists) > 1:
-            rows = len(token_lists)
-            cross_lists, cross_texts = cross_lists * rows, cross_texts * rows
+        cross_lists, cross_cut = tokenize_all(cross_texts, allow_special, max_length, config,
+                                              "--cross text")
         if len(cross_lists) != len(token_lists):
-            raise UsageError(f"give one --cross text, or one per batch row ({len(token_lists)})")
-        cross = make_batch(cross_lists, cross_texts, padding)
-    return Prepared(batch, cross, cut)
+            if len(cross_lists) != 1:
+                raise UsageError(
+                    f"give one --cross text, or one per batch row ({len(token_lists)})")
+            rows = len(token_lists)  # one cross text serves every row
+            cross_lists, cross_texts, cross_cut = (cross_lists * rows, cross_texts * rows,
+                                                   cross_cut * rows)
+        cross = make_batch(cross_lists, cross_texts, padding, cross_cut)
+    return Prepared(batch, cross)
 
 
 def run(
@@ -128,7 +122,7 @@ def run(
     if prepared is None:
         prepared = prepare(texts, config, cross_texts=cross_texts, padding=padding,
                            max_length=max_length, allow_special=allow_special)
-    batch, cross, cut = prepared.batch, prepared.cross, prepared.cut
+    batch, cross = prepared.batch, prepared.cross
     length = batch.ids.shape[1]
     k_len = cross.ids.shape[1] if cross else length
     needed = memory.estimate(config, engine.dtype, len(texts), length, k_len,
@@ -140,12 +134,17 @@ def run(
     p = {name: engine.asarray(w) for name, w in weights.params.items()
          if name not in ("wte", "wpe")}
     rec = Recorder(selection, engine)
-    x = embed(batch, config, weights, engine, rec)
-    x_cross = embed(cross, config, weights, engine, rec, "cross.") if cross else None
+    x = embeddings.embed(batch.ids, batch.positions, config, weights, engine, rec,
+                         padded=not batch.valid.all())
+    x_cross = (embeddings.embed(cross.ids, cross.positions, config, weights, engine, rec,
+                                "cross.", padded=not cross.valid.all()) if cross else None)
     allowed = _on(engine, self_mask(config, batch.valid))
+    # One text, causal, no padding: the mask is the plain triangle a fused kernel can skip.
+    causal = config.mask == "causal" and bool(batch.valid.all())
     cross_allowed = _on(engine, cross_mask(batch.valid, cross.valid)) if cross else None
     for layer in range(config.layers):
-        x = layers.block(x, p, config, allowed, rec, layer, engine, x_cross, cross_allowed)
+        x = layers.block(x, p, config, allowed, rec, layer, engine, x_cross, cross_allowed,
+                         causal)
         rec.flush()
         if progress is not None:
             progress(layer + 1, config.layers)
@@ -168,10 +167,11 @@ def run(
         predictions=predictions,
         temperature=temperature,
     )
-    return trace, cut
+    return trace, prepared.cut
 
 
 def tokenize_all(texts, allow_special, max_length, config: Config, what):
+    """Token lists of `texts`, and for each how many tokens --max-length cut."""
     n_ctx = config.n_ctx
     # A checkpoint's context is fixed by its position table; only random weights can grow it.
     limit = f"the checkpoint's context of {n_ctx}" if config.weights else f"--n-ctx {n_ctx}"
@@ -181,9 +181,9 @@ def tokenize_all(texts, allow_special, max_length, config: Config, what):
         toks = tokens.tokenize(text, allow_special=allow_special)
         if not toks:
             raise UsageError(f"{what} {i} is empty: there is nothing to attend to")
-        if max_length is not None and len(toks) > max_length:
+        cut.append(max(0, len(toks) - max_length) if max_length is not None else 0)
+        if cut[-1]:
             toks = toks[:max_length]
-            cut.append(i)
         if len(toks) > n_ctx:
             raise UsageError(
                 f"{what} {i} has {len(toks)} tokens, more than {limit}; "

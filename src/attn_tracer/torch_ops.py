@@ -2,44 +2,25 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
-# The last mask checked by is_causal() and the answer: one check per run, not one per layer.
-_last_mask: tuple[weakref.ref | None, bool] = (None, False)
 
-
-def fused_attention(q, k, v, allowed, scale: float):
+def fused_attention(q, k, v, allowed, scale: float, causal: bool = False):
     """softmax(Q·Kᵀ·scale + mask)·V without building the len×len matrix.
 
-    A query with no allowed key (a pad query) gets Z = 0, as in the explicit path, where
-    SDPA would give NaN.
+    `causal`: `allowed` is exactly the causal triangle (one text, no padding). Saying so lets
+    the kernel skip the blocks above the diagonal, half the work, where a boolean mask makes it
+    visit them all. A query with no allowed key (a pad query) gets Z = 0, as in the explicit
+    path, where SDPA would give NaN.
     """
     if allowed is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if is_causal(allowed):
-        # The plain causal triangle: is_causal lets the kernel skip the blocks above the
-        # diagonal (half the work), where a boolean mask makes it visit them all.
+    if causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
     has_key = allowed.any(dim=-1, keepdim=True)  # [batch, 1, q_len, 1]
     return torch.where(has_key, z, torch.zeros((), dtype=z.dtype, device=z.device))
-
-
-def is_causal(allowed) -> bool:
-    """Whether `allowed` [batch, 1, len, len] is exactly the causal triangle (no padding)."""
-    global _last_mask
-    ref, answer = _last_mask
-    if ref is not None and ref() is allowed:
-        return answer
-    q_len, k_len = allowed.shape[-2:]
-    answer = q_len == k_len and torch.equal(
-        allowed, torch.ones(q_len, k_len, dtype=torch.bool, device=allowed.device).tril()
-        .expand_as(allowed))
-    _last_mask = (weakref.ref(allowed), answer)
-    return answer
 
 
 def layer_norm(x, w, b, eps: float):

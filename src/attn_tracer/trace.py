@@ -45,14 +45,14 @@ class Selection:
         if name in self.extra:
             return True
         if self.capture == "all":
-            return layer is None or layer in self.layers
+            # Every step of the selected layers, what comes before the layers, and each
+            # selected layer's input (the previous layer's output), so its numbers add up.
+            return (layer is None or layer in self.layers
+                    or (name == f"blocks.{layer}.resid_post" and layer + 1 in self.layers))
         if layer is None or layer not in self.layers:
             return False
         stage = name.rsplit(".", 1)[-1]
         return stage == "pattern" or (self.capture == "stages" and stage in STAGES)
-
-    def layer_captured(self, layer: int) -> bool:
-        return layer in self.layers
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Input:
     length: int  # real tokens
     padding: int = 0  # pad tokens added to reach the batch length
     side: str = "right"
+    truncated: int = 0  # tokens that --max-length cut off the end
 
     @property
     def valid(self) -> np.ndarray:
@@ -118,11 +119,20 @@ class Recorder:
         self.tensors: dict[str, np.ndarray] = {}
         self._pending: dict[str, Any] = {}
 
-    def __call__(self, name: str, op: str, x, dims: tuple[str, ...]):
-        self.shape(name, op, tuple(x.shape), dims)
-        layer = _layer_of(name)
-        if self.selection.captures(layer, name):
-            self._pending[name] = self._select_heads(x, dims)
+    def __call__(self, name: str, op: str, x, dims: tuple[str, ...], *,
+                 all_heads: int | None = None):
+        """Record step `name`; keep `x` if the selection asks for it.
+
+        `all_heads`: x was computed for the selected heads only (the fused path), out of this
+        many; the step's recorded shape is still the full one.
+        """
+        shape = tuple(x.shape)
+        if all_heads is not None:
+            axis = dims.index("heads")
+            shape = (*shape[:axis], all_heads, *shape[axis + 1:])
+        self.shape(name, op, shape, dims)
+        if self.keeps(name):
+            self._pending[name] = x if all_heads is not None else self._select_heads(x, dims)
         return x
 
     def shape(self, name: str, op: str, shape: tuple[int, ...], dims: tuple[str, ...]) -> None:
@@ -134,10 +144,6 @@ class Recorder:
         """Whether the tensor of step `name` will be kept (so it must not be overwritten)."""
         return self.selection.captures(_layer_of(name), name)
 
-    def heads_view(self, heads: int) -> Recorder:
-        """A recorder for steps computed on a subset of heads that records the full-head shape."""
-        return _HeadsView(self, heads)
-
     def flush(self) -> None:
         """Bring this layer's captured tensors to the host, once, at the end of the layer."""
         for name, x in self._pending.items():
@@ -147,11 +153,12 @@ class Recorder:
     def _select_heads(self, x, dims: tuple[str, ...]):
         if "heads" not in dims:
             return x
+        axis = dims.index("heads")
         heads = list(self.selection.heads)
-        if x.shape[dims.index("heads")] == len(heads):
-            return x  # already computed for the selected heads only
+        if heads == list(range(x.shape[axis])):
+            return x
         index = [slice(None)] * len(dims)
-        index[dims.index("heads")] = heads
+        index[axis] = heads
         return x[tuple(index)]
 
 
@@ -160,19 +167,3 @@ def _layer_of(name: str) -> int | None:
     if parts[0] == "blocks":
         return int(parts[1])
     return None
-
-
-class _HeadsView:
-    def __init__(self, rec: Recorder, heads: int) -> None:
-        self.rec, self.heads = rec, heads
-
-    def keeps(self, name: str) -> bool:
-        return self.rec.keeps(name)
-
-    def __call__(self, name: str, op: str, x, dims: tuple[str, ...]):
-        shape = list(x.shape)
-        shape[dims.index("heads")] = self.heads
-        self.rec.shape(name, op, tuple(shape), dims)
-        if self.rec.selection.captures(_layer_of(name), name):
-            self.rec._pending[name] = x
-        return x
