@@ -527,3 +527,56 @@ def test_error_bad_config(tmp_path: Path, saved_dir: Path, config_text: str, pro
     (tmp_path / "config.json").write_text(config_text)
     with pytest.raises(CheckpointError, match=problem):
         load_checkpoint(str(tmp_path))
+
+
+# ── config switches and widths the math depends on ─────────────────────────────────────────
+
+
+def _tiny_gpt2(tmp_path: Path, **config):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_head=2, n_layer=1, n_positions=16,
+                                       **config)).eval()
+    model.save_pretrained(tmp_path)
+    return model
+
+
+@pytest.mark.parametrize("switch", [{"activation_function": "relu"},
+                                    {"scale_attn_by_inverse_layer_idx": True},
+                                    {"scale_attn_weights": False}])
+def test_config_switches_that_change_the_math_are_refused(tmp_path: Path, switch: dict) -> None:
+    _tiny_gpt2(tmp_path, **switch)
+    name = next(iter(switch))
+    with pytest.raises(CheckpointError, match=name):
+        load_checkpoint(str(tmp_path))
+
+
+def test_n_inner_is_honoured_and_matches_hugging_face(tmp_path: Path) -> None:
+    from attn_tracer.engine import select_engine
+    from attn_tracer.pipeline import run
+    from attn_tracer.run import Request, build_config
+    from attn_tracer.tokens import encode
+    from attn_tracer.trace import Selection
+
+    model = _tiny_gpt2(tmp_path, n_inner=48)  # not 4·n_embd
+    config, weights = build_config(Request(weights=str(tmp_path)))
+    assert config.d_mlp == 48
+    text = "Attention is all you need"
+    trace, _ = run([text], config, select_engine("numpy", "cpu", "float32", 8), weights,
+                   Selection((0,), (0,)), predict_top_k=1)
+    with torch.no_grad():
+        reference = model(torch.tensor([encode(text)])).logits[0, -1].numpy()
+    np.testing.assert_allclose(trace.tensors["logits"][0], reference, atol=1e-5)
+
+
+def test_heads_that_do_not_fit_a_bare_file_are_a_usage_error(tmp_path: Path,
+                                                              hf_state: dict) -> None:
+    from attn_tracer.errors import UsageError
+
+    path = tmp_path / "gpt2.safetensors"
+    st_numpy.save_file(state_for_file(hf_state), str(path))
+    with pytest.raises(UsageError, match="--heads 3"):
+        load_checkpoint(str(path), heads=3)
+    with pytest.raises(UsageError, match="no such file"):
+        load_checkpoint(str(tmp_path / "missing.safetensors"))

@@ -214,7 +214,7 @@ ROWS: list[tuple] = [
     ("weights-text-as-bin", ["trace", "hi", "--weights", "{tmp}/notes.txt.bin"], 1,
      "not a PyTorch checkpoint"),
     ("weights-plain-text", ["trace", "hi", "--weights", "{tmp}/plain.txt"], 1, "plain.txt"),
-    ("weights-missing-path", ["trace", "hi", "--weights", "{tmp}/nope.safetensors"], 1,
+    ("weights-missing-path", ["trace", "hi", "--weights", "{tmp}/nope.safetensors"], 2,
      "nope.safetensors"),
     ("weights-not-in-cache", ["trace", "hi", "--weights", "gpt2"], 1, "huggingface-cli download"),
     ("weights-org-not-in-cache", ["trace", "hi", "--weights", "openai-community/gpt2-xl"], 1,

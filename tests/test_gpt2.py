@@ -397,7 +397,7 @@ def test_cli_not_a_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "notes.safetensors"
     path.write_text("just some text, not a checkpoint at all")
     assert_error(invoke(["trace", "--weights", str(path), "Hello"]), 1, "not a valid safetensors")
-    assert_error(invoke(["trace", "--weights", str(tmp_path / "nope"), "Hi"]), 1,
+    assert_error(invoke(["trace", "--weights", str(tmp_path / "nope"), "Hi"]), 2,
                  "no such file or directory")
 
 

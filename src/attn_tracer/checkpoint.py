@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from attn_tracer.safetensors_io import CheckpointError, read_safetensors
+from attn_tracer.safetensors_io import CheckpointError, CheckpointUsageError, read_safetensors
 
 __all__ = ["Checkpoint", "CheckpointError", "hf_cache_dir", "load_checkpoint"]
 
@@ -60,6 +60,8 @@ class Checkpoint:
     vocab: int
     ln_eps: float
     params: dict[str, np.ndarray] = field(repr=False)  # float32, canonical names
+    d_mlp: int = 0  # the MLP's width (GPT-2: 4·d_model; n_inner where a config sets it)
+    heads_guessed: bool = False  # a bare weights file: heads from GPT-2's head size, not told
 
     @property
     def d_head(self) -> int:
@@ -75,6 +77,7 @@ class _Dims:
     vocab: int
     d_mlp: int
     ln_eps: float
+    heads_guessed: bool = False
 
 
 def hf_cache_dir() -> Path:
@@ -100,7 +103,7 @@ def load_checkpoint(source: str, heads: int | None = None) -> Checkpoint:
         return _load_file(source, path, heads)
     if _looks_like_model_id(source):
         return _load_directory(source, _find_in_cache(source))
-    raise CheckpointError(f"no such file or directory: {source}")
+    raise CheckpointUsageError(f"no such file or directory: {source}")
 
 
 # -- sources ---------------------------------------------------------------------------------
@@ -137,6 +140,8 @@ def _checkpoint(source: str, path: Path, dims: _Dims, params: dict[str, np.ndarr
         vocab=dims.vocab,
         ln_eps=dims.ln_eps,
         params=params,
+        d_mlp=dims.d_mlp,
+        heads_guessed=dims.heads_guessed,
     )
 
 
@@ -228,6 +233,7 @@ def _read_config(directory: Path) -> _Dims:
         raise CheckpointError(
             f"{config_path} describes a {model_type!r} model; only GPT-2 checkpoints are supported"
         )
+    _check_supported(config_path, config)
     d_model = _config_int(config_path, config, "n_embd")
     heads = _config_int(config_path, config, "n_head")
     n_inner = config.get("n_inner")
@@ -242,6 +248,26 @@ def _read_config(directory: Path) -> _Dims:
     )
     _check_heads(str(config_path), d_model, heads)
     return dims
+
+
+# Config switches that change the math, and the value GPT-2 has: attn implements only that
+# value, so a checkpoint that sets another is refused rather than traced wrong. (Hugging Face's
+# reorder_and_upcast_attn only changes the rounding in half precision, so it may take any value.)
+GPT2_SWITCHES = {
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # the same tanh approximation
+    "scale_attn_weights": (True,),
+    "scale_attn_by_inverse_layer_idx": (False,),
+    "add_cross_attention": (False,),
+}
+
+
+def _check_supported(config_path: Path, config: dict[str, Any]) -> None:
+    for name, allowed in GPT2_SWITCHES.items():
+        if name in config and config[name] not in allowed:
+            raise CheckpointError(
+                f"{config_path} sets {name}={config[name]!r}; attn implements GPT-2's "
+                f"{allowed[0]!r} only, so it would trace different math"
+            )
 
 
 def _config_int(config_path: Path, config: dict[str, Any], name: str) -> int:
@@ -279,13 +305,19 @@ def _infer_dims(path: Path, raw: Mapping[str, Any], heads: int | None) -> _Dims:
     layer_ids = {int(m.group(1)) for key in raw if (m := re.match(r"h\.(\d+)\.", key))}
     # Gaps in the numbering surface later as a missing key, which names the block.
     layers = max(layer_ids) + 1
-    if heads is None:
+    guessed = heads is None
+    if guessed:
         heads = d_model // GPT2_D_HEAD
         if heads == 0:
-            raise CheckpointError(
+            raise CheckpointUsageError(
                 f"{path}: d_model={d_model} is smaller than GPT-2's head size {GPT2_D_HEAD}; "
-                "say how many heads the model has"
+                "say how many heads the model has with --heads"
             )
+    elif heads <= 0 or d_model % heads:
+        raise CheckpointUsageError(
+            f"--heads {heads}: heads={heads} does not divide d_model={d_model} of {path.name}; "
+            "pick a head count that divides it"
+        )
     _check_heads(str(path), d_model, heads)
     return _Dims(
         d_model=d_model,
@@ -295,6 +327,7 @@ def _infer_dims(path: Path, raw: Mapping[str, Any], heads: int | None) -> _Dims:
         vocab=vocab,
         d_mlp=c_fc[1],
         ln_eps=DEFAULT_LN_EPS,
+        heads_guessed=guessed,
     )
 
 

@@ -30,8 +30,11 @@ class Config:
     vocab: int = 50257
     ln_eps: float = 1e-5  # GPT-2's LayerNorm epsilon
     weights: str | None = None  # the checkpoint source, None for seeded random weights
+    d_mlp: int | None = None  # the MLP's width; None: GPT-2's 4·d_model
 
     def __post_init__(self) -> None:
+        if self.d_mlp is None:
+            object.__setattr__(self, "d_mlp", 4 * self.d_model)
         for name in ("d_model", "heads", "layers", "n_ctx"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -52,10 +55,6 @@ class Config:
     @property
     def d_head(self) -> int:
         return self.d_model // self.heads
-
-    @property
-    def d_mlp(self) -> int:
-        return 4 * self.d_model  # GPT-2's MLP width
 
     def to_dict(self) -> dict:
         return {**asdict(self), "d_head": self.d_head}

@@ -72,8 +72,8 @@ class Engine:
         return self.name == "torch"
 
 
-def select_engine(engine: str, device: str, dtype: str, length: int) -> Engine:
-    """Resolve `auto` choices and refuse combinations that cannot run, before any work."""
+def check_choices(engine: str, device: str, dtype: str) -> str:
+    """Refuse unknown names; the device, normalized. Needs nothing installed."""
     if engine not in ENGINES:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     if dtype not in DTYPES:
@@ -83,6 +83,12 @@ def select_engine(engine: str, device: str, dtype: str, length: int) -> Engine:
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
     if engine == "numpy" and device not in ("auto", "cpu"):
         raise UsageError("--engine numpy runs on the CPU only; use --engine torch for a GPU")
+    return device
+
+
+def select_engine(engine: str, device: str, dtype: str, length: int) -> Engine:
+    """Resolve `auto` choices and refuse combinations that cannot run, before any work."""
+    device = check_choices(engine, device, dtype)
 
     if device == "auto":
         device = "cuda" if engine != "numpy" and cuda_present() else "cpu"
@@ -133,7 +139,8 @@ def check_cuda(device: str) -> str:
             f"PyTorch (CUDA {build}) sees no GPU"
         )
         raise AttnError(
-            f"--device {device}: CUDA is not available ({why}, torch {torch.__version__})")
+            f"--device {device}: CUDA is not available ({why}, torch {torch.__version__}); "
+            "run on the CPU with --device cpu, or install a CUDA build of PyTorch")
     count = torch.cuda.device_count()
     index = int(device[5:]) if ":" in device else 0
     if index >= count:

@@ -35,7 +35,8 @@ def tokens_document(tokens: list[Token]) -> bytes:
 
 def _input_json(inp: Input) -> dict:
     return {"text": inp.text, "tokens": [token_json(t) for t in inp.tokens],
-            "length": inp.length, "padding": inp.padding, "padding_side": inp.side}
+            "length": inp.length, "padding": inp.padding, "padding_side": inp.side,
+            "truncated": inp.truncated}
 
 
 def config_json(trace: Trace) -> dict:

@@ -71,7 +71,11 @@ def read_inputs(r: Request, notice: Callable[[str], None]) -> tuple[list[str], l
         raise UsageError("give the text one way: TEXT arguments, --file, or --lines")
     if r.lines is not None:
         raw = read_file(r.lines, "--lines file")
-        rows = raw.splitlines()
+        # One text per "\n" (a trailing \r of Windows files dropped): str.splitlines would
+        # also split inside a text at U+2028, form feeds and other separators.
+        rows = [line.removesuffix("\r") for line in raw.split("\n")]
+        if rows and rows[-1] == "":
+            rows.pop()
         texts = [t for t in rows if t.strip()]
         if not texts:
             raise UsageError(f"--lines {r.lines} has no text: every line is empty")
@@ -93,7 +97,9 @@ def read_inputs(r: Request, notice: Callable[[str], None]) -> tuple[list[str], l
             raise UsageError(f"{where} is empty or only whitespace: there is nothing to attend to")
     if r.cross and r.cross_file is not None:
         raise UsageError("give the cross text either with --cross or with --cross-file, not both")
-    cross = list(r.cross)
+    from attn_tracer.text import check_argument
+
+    cross = [check_argument(t, "the --cross text") for t in r.cross]
     if r.cross_file is not None:
         cross = [read_file(r.cross_file, "--cross-file")]
     for t in cross:
@@ -105,7 +111,7 @@ def read_inputs(r: Request, notice: Callable[[str], None]) -> tuple[list[str], l
     return texts, cross
 
 
-def build_config(r: Request):
+def build_config(r: Request, notice: Callable[[str], None] = lambda message: None):
     """The Config, and the checkpoint's parameters when --weights is given."""
     from attn_tracer.weights import Weights
 
@@ -126,11 +132,15 @@ def build_config(r: Request):
         from attn_tracer.checkpoint import load_checkpoint
 
         ck = load_checkpoint(r.weights, r.heads)
+        if ck.heads_guessed:
+            notice(f"{r.weights} has no config.json: assuming GPT-2's 64-dimensional heads, "
+                   f"{ck.heads} head{'s' if ck.heads > 1 else ''}; say otherwise with --heads")
         if r.heads is not None and r.heads != ck.heads:
             raise UsageError(f"--heads {r.heads} conflicts with the checkpoint's {ck.heads} heads")
         config = Config(d_model=ck.d_model, heads=ck.heads, layers=ck.layers, n_ctx=ck.n_ctx,
                         pos="learned", mask=r.mask, scale=r.scale, bias=True, seed=r.seed,
-                        arch="gpt2", vocab=ck.vocab, ln_eps=ck.ln_eps, weights=r.weights)
+                        arch="gpt2", vocab=ck.vocab, ln_eps=ck.ln_eps, weights=r.weights,
+                        d_mlp=ck.d_mlp)
         return config, Weights(config, dict(ck.params), trained=True)
     arch = arch or "attn"
     config = Config(
@@ -178,6 +188,9 @@ def validate(r: Request) -> None:
     if not (math.isfinite(r.temperature) and r.temperature > 0):
         raise UsageError(f"--temperature must be a positive number (it divides the logits); "
                          f"got {r.temperature:g}")
+    from attn_tracer.engine import check_choices
+
+    check_choices(r.engine, r.device, r.dtype)
     if r.precision is not None and not 0 <= r.precision <= 12:
         raise UsageError(f"--precision must be between 0 and 12 decimals; got {r.precision}")
     if r.values and r.json:
@@ -205,7 +218,7 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
     texts, cross = read_inputs(r, notice)
     limit = memory.parse_size(r.max_memory) if r.max_memory is not None else memory.default_limit()
     with progress_display("loading weights", show=r.weights is not None):
-        config, weights = build_config(r)
+        config, weights = build_config(r, notice)
     from attn_tracer.engine import select_engine
 
     if r.values and config.d_model > VALUES_LIMIT:
@@ -253,6 +266,11 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
     if cut:
         notice(f"--max-length {r.max_length} cut text{'s' if len(cut) > 1 else ''} "
                f"{', '.join(map(str, cut))}")
+    if prepared.cross_cut:
+        rows = prepared.cross_cut
+        which = "the --cross text" if len(cross) == 1 else (
+            f"--cross text{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}")
+        notice(f"--max-length {r.max_length} cut {which}")
     write_outputs(r, trace, weights, console)
 
 

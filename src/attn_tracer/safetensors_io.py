@@ -20,13 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from attn_tracer.errors import AttnError
+from attn_tracer.errors import AttnError, UsageError
 
 __all__ = ["CheckpointError", "read_safetensors", "write_safetensors"]
 
 
 class CheckpointError(AttnError):
     """A checkpoint that cannot be loaded (exit 1); the message is one line a user can act on."""
+
+
+class CheckpointUsageError(CheckpointError, UsageError):
+    """A checkpoint request that is itself wrong (exit 2): a path that does not exist, a
+    --heads that does not fit the weights."""
 
 
 # Little-endian NumPy dtypes by safetensors name. BF16 has no NumPy dtype: it is read as

@@ -18,7 +18,24 @@ def read_text(argument: str | None, file: Path | None) -> str:
         return read_stdin()
     if argument is None:
         raise UsageError("no input: give a TEXT, --file PATH, or - to read standard input")
-    return argument
+    return check_argument(argument, "the TEXT argument")
+
+
+def check_argument(text: str, what: str) -> str:
+    """A command-line argument as text, refusing bytes that were not UTF-8.
+
+    Python hands such bytes over as lone surrogates; tiktoken would quietly turn them into
+    U+FFFD, so the trace would not be of the text the user gave.
+    """
+    if not any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        return text
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        bad = next(c for c in text if 0xD800 <= ord(c) <= 0xDFFF)
+        raise UsageError(f"{what} contains a lone surrogate (U+{ord(bad):04X}), which is not "
+                         "text; pass valid UTF-8") from None
+    return decode(data, what)
 
 
 def read_file(path: Path, what: str = "file") -> str:
