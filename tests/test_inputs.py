@@ -61,3 +61,25 @@ def test_unknown_engine_is_refused_before_any_work(tmp_path):
                                  str(tmp_path / "big.safetensors")])
     assert result.exit_code == 2
     assert "--engine must be one of" in result.stderr
+
+
+def test_save_does_not_change_what_the_terminal_draws(tmp_path):
+    plain = runner.invoke(app, ["trace", *TINY, "--layers", "2", "The cat"])
+    saved = runner.invoke(app, ["trace", *TINY, "--layers", "2", "The cat", "--save",
+                                str(tmp_path / "t.npz")])
+    assert plain.exit_code == saved.exit_code == 0
+    assert "attn layer 1" not in saved.stdout
+    assert plain.stdout == saved.stdout
+
+
+def test_options_that_would_be_ignored_are_said():
+    result = runner.invoke(app, ["trace", *TINY, "hi", "--top-k", "3"])
+    assert result.exit_code == 0
+    assert "add --predict" in result.stderr
+
+
+def test_values_limit_covers_the_cross_text():
+    result = runner.invoke(app, ["trace", "--d-model", "4", "--heads", "2", "--values", "hi",
+                                 "--cross", " ".join(["word"] * 20)])
+    assert result.exit_code == 2
+    assert "at most 16" in result.stderr

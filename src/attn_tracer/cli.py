@@ -106,6 +106,9 @@ class Group(TyperGroup):
             _fail("out of memory; shrink the run with --max-length, --layer/--head, --d-model", 1)
         except Exception as e:
             _traceback_if_debug()
+            if type(e).__name__ == "OutOfMemoryError":  # torch's, matched without importing it
+                _fail("out of GPU memory; shrink the run with --max-length, --layer/--head, "
+                      "--dtype bfloat16, or run on the CPU with --device cpu", 1)
             _fail(f"internal error ({type(e).__name__}: {_one_line(str(e))}); rerun with --debug "
                   "for the traceback and report it", 1)
         if rv == 130:

@@ -128,6 +128,16 @@ def cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
+def free_memory(engine: Engine) -> int | None:
+    """Bytes free on the engine's GPU, or None on the CPU (where the host's RAM is the limit)."""
+    if not engine.device.startswith("cuda"):
+        return None
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(torch.device(engine.device))
+    return free
+
+
 def check_cuda(device: str) -> str:
     if not torch_installed():
         raise AttnError(f"--device {device} needs PyTorch with CUDA: pip install torch")

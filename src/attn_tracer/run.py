@@ -7,6 +7,7 @@ model runs to the end before the first byte reaches stdout: a failed run prints 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import sys
@@ -213,13 +214,25 @@ def validate(r: Request) -> None:
         raise UsageError("--save, --svg and --html must name different files")
 
 
+def ignored_options(r: Request) -> list[str]:
+    """Options given that this run will not use: said, so that nothing is silently dropped."""
+    out = []
+    if not r.predict and (r.top_k != 10 or r.temperature != 1.0):
+        out.append("--top-k and --temperature shape --predict's table; add --predict to see it")
+    if r.weights is not None and r.seed != 0:
+        out.append("--seed draws random weights; with --weights it changes nothing")
+    return out
+
+
 def execute(r: Request, notice: Callable[[str], None], console: Callable) -> None:
     validate(r)
+    for ignored in ignored_options(r):
+        notice(ignored)
     texts, cross = read_inputs(r, notice)
     limit = memory.parse_size(r.max_memory) if r.max_memory is not None else memory.default_limit()
     with progress_display("loading weights", show=r.weights is not None):
         config, weights = build_config(r, notice)
-    from attn_tracer.engine import select_engine
+    from attn_tracer.engine import free_memory, select_engine
 
     if r.values and config.d_model > VALUES_LIMIT:
         raise UsageError(f"--values prints every number: use it with --d-model ≤ {VALUES_LIMIT} "
@@ -240,9 +253,9 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
                        max_length=r.max_length, allow_special=r.allow_special)
     length = prepared.batch.ids.shape[1]
     k_len = prepared.cross.ids.shape[1] if prepared.cross else length
-    if r.values and length > VALUES_LIMIT:
+    if r.values and max(length, k_len) > VALUES_LIMIT:
         raise UsageError(f"--values prints every number: use it with at most {VALUES_LIMIT} "
-                         "tokens (cut with --max-length)")
+                         "tokens in each text (cut with --max-length)")
     if r.batch_index is not None:
         for b in r.batch_index:
             if not 0 <= b < len(texts):
@@ -253,6 +266,10 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
                                  len(texts), length, k_len, len(layers), len(heads), capture,
                                  bool(cross), predict=r.predict), limit)
     engine = select_engine(r.engine, r.device, r.dtype, length)
+    if r.max_memory is None and (gpu := free_memory(engine)) is not None:
+        # On a GPU the tensors live in its memory: refuse what would not fit there.
+        memory.check(memory.estimate(config, r.dtype, len(texts), length, k_len, len(layers),
+                                     len(heads), capture, bool(cross), predict=r.predict), gpu)
     with progress_display(f"{length} tokens through {config.layers} layers") as advance:
         if weights is None:
             from attn_tracer.weights import random_weights
@@ -318,6 +335,10 @@ def render_view(r: Request, trace, weights, target):
                      force_terminal=target.is_terminal, no_color=target.no_color,
                      legacy_windows=False, highlight=False,
                      record=r.svg is not None or r.html is not None)
+    if not r.layer and len(trace.selection.layers) > 1:
+        # --save and --json keep every layer by default; the view still draws layer 0 alone.
+        trace = dataclasses.replace(
+            trace, selection=dataclasses.replace(trace.selection, layers=(0,)))
     render_terminal.render(trace, buffer, show_stages=r.stages, weights=weights.params,
                            show_values=r.values, batch_rows=r.batch_index)
     return buffer

@@ -167,6 +167,6 @@ def split_characters(tokens: list[Token]) -> list[str]:
             if (a < start or b > end) and not 0xDC80 <= ord(ch) <= 0xDCFF:
                 split.append(ch)
             i += 1
-        out.append("".join(split))
+        out.append("".join(_visible(ch) for ch in split))  # a zero-width joiner is seen too
         start = end
     return out
