@@ -180,3 +180,358 @@ def test_all_heads_fill_the_width():
     title_lines = [x for x in plain.splitlines() if "attn layer 0 head" in x]
     assert len(title_lines) < 4  # several heatmaps side by side per line
     assert np.all([cell_len(x) <= 160 for x in plain.splitlines()])
+
+
+# ── masked cells come from the mask, not from a weight of 0 ───────────────────────────────────
+
+def expected_allowed(trace, b: int) -> np.ndarray:
+    """The self-attention mask of batch row b, rebuilt here from lengths and padding."""
+    inp = trace.inputs[b]
+    total = inp.length + inp.padding
+    start = inp.padding if inp.side == "left" else 0
+    valid = np.zeros(total, bool)
+    valid[start:start + inp.length] = True
+    allowed = valid[:, None] & valid[None, :]
+    if trace.config.mask == "causal":
+        allowed &= np.arange(total)[None, :] <= np.arange(total)[:, None]
+    return allowed
+
+
+def test_an_underflowed_weight_is_not_drawn_as_masked():
+    # No scale, no mask, one wide head: the softmax saturates until a weight underflows to
+    # exactly 0 in float32. Nothing is masked, so nothing may be drawn ·.
+    cfg = Config(d_model=768, heads=1, layers=1, scale=False, mask="none")
+    engine = select_engine("numpy", "cpu", "float32", 8)
+    trace, _ = run([ENGLISH], cfg, engine, random_weights(cfg), Selection((0,), (0,), "stages"))
+    pattern = trace.tensors["blocks.0.attn.pattern"][0, 0]
+    assert (pattern == 0).any()  # the premise: an exact 0 that no mask put there
+    out = render(trace, 160, False, show_stages=True)
+    rows = heatmap_rows(out, 0)
+    assert len(rows) == 6
+    for q, row in enumerate(rows):
+        shown = cells(row, 6)
+        assert "·" not in shown
+        for k, cell in enumerate(shown):
+            if pattern[q, k] == 0:
+                assert cell == ".00"
+    # The pattern stage of --stages (a probability matrix) says the same.
+    plain = ANSI.sub("", out)
+    stage = plain.split("pattern  pattern = softmax(scores)")[1].split("\n\n")[0]
+    assert "·" not in stage and "0.00" in stage
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_masked_cells_are_where_the_mask_forbids(padding):
+    cfg = Config(d_model=64, heads=4, layers=1)
+    engine = select_engine("numpy", "cpu", "float32", 8)
+    trace, _ = run([ENGLISH, "A dog"], cfg, engine, random_weights(cfg),
+                   Selection((0,), (0,), "patterns"), padding=padding)
+    for b in (0, 1):
+        allowed = expected_allowed(trace, b)
+        assert np.all(trace.tensors["blocks.0.attn.pattern"][b, 0][~allowed] == 0)
+        np.testing.assert_array_equal(render_terminal.allowed_mask(trace, "attn", b), allowed)
+    plain = ANSI.sub("", render(trace, 160, False, batch_rows=[1]))
+    lines = plain.splitlines()
+    start = next(i for i, x in enumerate(lines) if "attn layer 0 head 0 · text 1" in x)
+    allowed = expected_allowed(trace, 1)
+    for q, line in enumerate(lines[start + 2:start + 2 + 6]):
+        if not allowed[q].any():
+            assert render_terminal.PAD_ROW in line  # a pad query: struck through
+            continue
+        shown = line.split()[-6:]
+        assert [c == "·" for c in shown] == list(~allowed[q])
+
+
+def test_cross_attention_mask_is_both_texts_real_tokens():
+    cfg = Config(d_model=64, heads=4, layers=1)
+    engine = select_engine("numpy", "cpu", "float32", 8)
+    trace, _ = run(["The cat sat", "Hi"], cfg, engine, random_weights(cfg, cross=True),
+                   Selection((0,), (0,), "patterns"), cross_texts=["Le chat", "un chien noir"])
+    pattern = trace.tensors["blocks.0.cross_attn.pattern"]
+    for b in (0, 1):
+        q, k = trace.inputs[b], trace.cross[b]
+        expected = (np.arange(q.length + q.padding) < q.length)[:, None] & (
+            np.arange(k.length + k.padding) < k.length)[None, :]
+        allowed = render_terminal.allowed_mask(trace, "cross_attn", b)
+        np.testing.assert_array_equal(allowed, expected)
+        assert np.all(pattern[b, 0][~allowed] == 0) and np.all(pattern[b, 0][allowed] > 0)
+
+
+# ── --values: the blocks are the tensors of Q = X·W_Q + b_Q ──────────────────────────────────
+
+def printed_block(plain: str, title: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """(row labels, numbers, decimals) of the block whose title line starts with `title`;
+    a bias row printed under the block (after one blank line) is returned as its last row."""
+    lines = plain.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith(title))
+    body = []
+    i = start + 2
+    while i < len(lines) and lines[i].strip():
+        body.append(lines[i].split())
+        i += 1
+    bias = title.split()[0].replace("W_", "b_")
+    if i + 1 < len(lines) and lines[i + 1].split()[:1] == [bias]:
+        body.append(lines[i + 1].split())
+    numbers = [cell for row in body for cell in row[1:]]
+    decimals = {len(c.split(".")[1]) if "." in c else 0 for c in numbers}
+    return [row[0] for row in body], np.array([[float(c) for c in row[1:]] for row in body]), \
+        sorted(decimals)
+
+
+@pytest.mark.parametrize("arch", ["attn", "gpt2"])
+def test_values_print_the_input_weights_bias_and_projection(arch):
+    cfg = Config(d_model=4, heads=2, layers=2, arch=arch)
+    engine = select_engine("numpy", "cpu", "float32", 3)
+    weights = random_weights(cfg)
+    trace, _ = run(["a b c"], cfg, engine, weights, Selection((0, 1), (0, 1), "all"))
+    plain = ANSI.sub("", render(trace, 160, False, weights=weights.params, show_values=True))
+    sections = plain.split("values of layer ")
+    for layer in (0, 1):
+        text = next(s for s in sections if s.startswith(f"{layer} "))
+        x_name = (f"blocks.{layer}.ln_1" if arch == "gpt2"
+                  else "resid_pre" if layer == 0 else f"blocks.{layer - 1}.resid_post")
+        x_true = trace.tensors[x_name][0].astype(np.float64)
+        w_true = weights.params[f"blocks.{layer}.attn.W_Q"].astype(np.float64)
+        b_true = weights.params[f"blocks.{layer}.attn.b_Q"].astype(np.float64)
+        q_true = trace.tensors[f"blocks.{layer}.attn.q"][0]
+        # The premise, from the trace alone: this X is what the attention multiplied.
+        np.testing.assert_allclose(q_true, x_true @ w_true + b_true, atol=1e-5)
+
+        _, x, (x_dec,) = printed_block(text, "X  ")
+        labels, wb, (w_dec,) = printed_block(text, "W_Q  ")
+        assert labels[-1] == "b_Q"  # b_Q printed under W_Q's columns
+        w, b = wb[:-1], wb[-1]
+        _, q, (q_dec,) = printed_block(text, "Q  ")
+        dx, dw, dq = (0.5 * 10.0 ** -d + 1e-9 for d in (x_dec, w_dec, q_dec))
+        # The printed blocks are the right tensors, rounded…
+        assert np.abs(x - x_true).max() <= dx and np.abs(w - w_true).max() <= dw
+        assert np.abs(b - b_true).max() <= dw and np.abs(q - q_true).max() <= dq
+        # …and Q = X·W_Q + b_Q checks by hand, within what the rounding allows.
+        bound = dq + dw + dx * np.abs(w).sum(0)[None, :] + np.abs(x) @ np.full((4, 4), dw) \
+            + 4 * dx * dw
+        assert np.all(np.abs(q - (x @ w + b)) <= bound + 1e-6)
+    # W_O and b_O are printed too, before out = Z·W_O + b_O.
+    assert "W_O  [d_model, d_model] and b_O" in plain
+
+
+def test_values_skip_an_input_that_was_not_captured():
+    cfg = Config(d_model=4, heads=2, layers=2)
+    engine = select_engine("numpy", "cpu", "float32", 3)
+    weights = random_weights(cfg)
+    trace, _ = run(["a b c"], cfg, engine, weights, Selection((1,), (0, 1), "all"))
+    trace.tensors.pop("blocks.0.resid_post", None)
+    plain = ANSI.sub("", render(trace, 120, False, weights=weights.params, show_values=True))
+    note = [x for x in plain.splitlines() if "blocks.0.resid_post" in x and "not captured" in x]
+    assert len(note) == 1
+    assert "Q  Q = X·W_Q + b_Q" in plain
+
+
+# ── every width: nothing wider than the terminal, nothing split that must stay whole ─────────
+
+EMOJI = (__import__("pathlib").Path(__file__).parents[1] / "sample_texts" / "emoji.txt")
+WIDTH_CASES = {
+    "english": dict(texts=[ENGLISH]),
+    "chinese": dict(texts=[CHINESE]),
+    "emoji": dict(texts=[EMOJI.read_text(encoding="utf-8")], max_length=30),
+    "batch": dict(texts=[ENGLISH, "Hi"], heads=(0, 1, 2, 3)),
+    "two tokens": dict(texts=["Hi there", "A"], heads=(0, 1, 2, 3)),  # titles wider than maps
+    "cross": dict(texts=["The cat sat", "A long sentence with more words"],
+                  cross_texts=["Le chat noir"]),
+    "stages": dict(texts=[ENGLISH], capture="stages", render=dict(show_stages=True)),
+    "predict": dict(texts=[ENGLISH, "Hi"], predict_top_k=10),
+}
+
+
+@__import__("functools").cache
+def width_case(name: str):
+    case = dict(WIDTH_CASES[name])
+    cfg = Config(d_model=64, heads=4, layers=2)
+    engine = select_engine("numpy", "cpu", "float32", 8)
+    cross = case.get("cross_texts")
+    trace, _ = run(case["texts"], cfg, engine, random_weights(cfg, cross=bool(cross)),
+                   Selection((0,), case.get("heads", (0, 1)), case.get("capture", "patterns")),
+                   cross_texts=cross, max_length=case.get("max_length"),
+                   predict_top_k=case.get("predict_top_k"))
+    return trace, case.get("render", {})
+
+
+# A formula of up to ONE_LINE cells is never broken, at any width from 40 on: the shape trace
+# changes its layout (dims under the shape, then wrapped there, then each step on its own lines)
+# rather than give a formula less room. A longer one may wrap where the terminal is too narrow
+# for it (at 40 columns, "logits = h·W_Eᵀ (at the last real position)" cannot fit any layout),
+# but only between two words, each line starting in the same column, nothing cut; at 160
+# columns every formula is on one line.
+ONE_LINE = 24
+
+
+def shown_whole(lines: list[str], formula: str, one_line: bool) -> bool:
+    if any(formula in line for line in lines):
+        return True
+    if one_line:
+        return False
+    words = formula.split(" ")
+    for i, line in enumerate(lines):
+        x = line.find(words[0])
+        while x >= 0:
+            if (x == 0 or line[x - 1] == " ") and _wrapped_from(lines, i, x, words):
+                return True
+            x = line.find(words[0], x + 1)
+    return False
+
+
+def _wrapped_from(lines: list[str], i: int, x: int, words: list[str]) -> bool:
+    """The words on lines i, i+1, … from column x, a line ending at a column boundary."""
+    rest = words
+    while rest:
+        if i >= len(lines) or (x > 0 and lines[i][:x].strip() and lines[i][x - 1] != " "):
+            return False
+        segment = lines[i][x:]
+        taken = 0
+        for n in range(len(rest), 0, -1):
+            piece = " ".join(rest[:n])
+            after = segment[len(piece):]
+            if segment.startswith(piece) and (not after.strip() or after.startswith("  ")):
+                taken = n
+                break
+        if not taken:
+            return False
+        rest, i = rest[taken:], i + 1
+    return True
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 100, 160])
+@pytest.mark.parametrize("name", list(WIDTH_CASES))
+def test_every_width_keeps_lines_labels_and_formulas_whole(name, width):
+    trace, options = width_case(name)
+    plain = ANSI.sub("", render(trace, width, False, **options))
+    lines = plain.splitlines()
+    too_wide = [x for x in lines if cell_len(x) > width]
+    assert not too_wide, "\n".join(too_wide[:3])
+    # Header: lines break only between its · items; cross-attention is named.
+    head = plain.split("\n\n")[0].splitlines()
+    for item in ("2 layers × 4 heads", "d_model 64", "d_head 16", "pos sinusoidal",
+                 "mask causal", "random weights, seed 0 (untrained)"):
+        assert any(item in x for x in head), (item, head)
+    assert any("cross-attention" in x for x in head) == (trace.cross is not None)
+    # Token strip: every pos:label on one line (a label like <f0 9f 91> has spaces).
+    for inp in [*trace.inputs, *(trace.cross or [])]:
+        for pos, tok in enumerate(inp.tokens):
+            assert any(f"{pos}:{tok.text}" in x for x in lines), f"{pos}:{tok.text}"
+    # Shape trace: every formula whole.
+    for formula in {s.op for s in trace.steps}:
+        one_line = width == 160 or cell_len(formula) <= ONE_LINE
+        assert shown_whole(lines, formula, one_line), (formula, width)
+    # Heatmap titles whole, even where a title is wider than its map.
+    kinds = ["attn", "cross_attn"] if trace.cross else ["attn"]
+    for kind in kinds:
+        for h in trace.selection.heads:
+            for b in range(len(trace.inputs)):
+                where = f" · text {b}" if len(trace.inputs) > 1 else ""
+                title = f"{kind} layer 0 head {h}{where}"
+                assert any(x.startswith(title) or f"  {title}" in x for x in lines), title
+    flat = " ".join(plain.split())
+    k_len = len(trace.inputs[0].valid)
+    if 10 + 1 + 4 * k_len > width:  # the strongest-keys view: its explanation is whole
+        assert re.search(rf"{k_len} keys do not fit in {width} columns: the (\d+ )?strongest "
+                         r"keys? of each query", flat)
+    if any(i.padding for i in trace.inputs):  # the pad legend on a line of its own
+        assert any(x.startswith(f"<pad> {render_terminal.PAD_ROW * 3} pad query") for x in lines)
+    if trace.predictions and width >= 80:  # the title above the table, on one line
+        titles = [x for x in lines if x.startswith("next token after")]
+        assert len(titles) == 2 and all(x.rstrip().endswith("T = 1)") for x in titles)
+
+
+# ── wording, numbers, predictions, stages of several heads ───────────────────────────────────
+
+def test_singular_counts():
+    cfg = Config(d_model=8, heads=1, layers=1)
+    engine = select_engine("numpy", "cpu", "float32", 3)
+    trace, _ = run(["Hi"], cfg, engine, random_weights(cfg), Selection((0,), (0,)))
+    flat = " ".join(ANSI.sub("", render(trace, 120, False)).split())
+    assert "1 text · 1 token · 1 layer × 1 head" in flat and "(1 token)" in flat
+    for wrong in ("1 tokens", "1 layers", "1 heads", "1 texts"):
+        assert wrong not in flat
+
+
+def test_stages_use_one_number_format_per_matrix():
+    trace = trace_of(ENGLISH, capture="stages", heads=(0,))
+    scores = trace.tensors["blocks.0.attn.scores"][0, 0]
+    assert np.abs(scores).max() >= 10 and np.abs(scores).min() < 1  # the premise: mixed sizes
+    # 60 columns: one stage a line, so each matrix's rows are whole lines.
+    lines = ANSI.sub("", render(trace, 60, False, show_stages=True)).splitlines()
+    for stage in ("scores", "scaled", "masked", "pattern"):
+        start = next(i for i, x in enumerate(lines) if x.startswith(f"{stage}  "))
+        rows = lines[start + 2:start + 8]
+        assert len(decimals_of(rows)) == 1, (stage, rows)
+    start = next(i for i, x in enumerate(lines) if x.startswith("scores  "))
+    rows = lines[start + 2:start + 8]
+    shown = np.array([[float(c) for c in x.split()[1:7]] for x in rows])
+    (d,) = decimals_of(rows)
+    assert np.abs(shown - scores).max() <= 0.5 * 10.0 ** -d + 1e-6
+
+
+def decimals_of(rows: list[str]) -> set[int]:
+    return {len(c.split(".")[1]) if "." in c else 0 for x in rows for c in x.split()[1:]
+            if c not in ("−∞", "·")}
+
+
+def test_stages_say_which_head_of_several():
+    trace = trace_of(ENGLISH, capture="stages", heads=(2, 3))
+    plain = ANSI.sub("", render(trace, 160, False, show_stages=True))
+    assert "stages of head 2 (choose another with --head)" in plain
+    one = ANSI.sub("", render(trace_of(ENGLISH, capture="stages", heads=(2,)), 160, False,
+                              show_stages=True))
+    assert "choose another with --head" not in one
+
+
+def predict_trace(padding: str = "right", texts=(ENGLISH, "Hi")):
+    cfg = Config(d_model=64, heads=4, layers=2)
+    engine = select_engine("numpy", "cpu", "float32", 8)
+    trace, _ = run(list(texts), cfg, engine, random_weights(cfg), Selection((0,), (0,)),
+                   padding=padding, predict_top_k=10)
+    return trace
+
+
+def prediction_rows(plain: str, batch: int) -> list[list[str]]:
+    lines = plain.splitlines()
+    start = next(i for i, x in enumerate(lines)
+                 if x.startswith("next token after") and f"text {batch}," in x)
+    rows = []
+    for line in lines[start + 3:]:
+        if not line.strip() or not line.split()[0].isdigit():
+            break
+        rows.append(line)
+    return rows
+
+
+def test_predictions_position_bars_and_rows():
+    trace = predict_trace("left")
+    plain = ANSI.sub("", render(trace, 160, False))
+    # Position: the index among the text's real tokens, as in the token strip (not the batch
+    # index, 5 with left padding).
+    assert re.search(r"“Hi” \(text 1, position 0,", plain)
+    assert re.search(r"“␣mat” \(text 0, position 5,", plain)
+    # Bars: 30 cells at probability 1, none at all below 1/60.
+    for b, p in enumerate(trace.predictions):
+        rows = prediction_rows(plain, b)
+        assert len(rows) == len(p.top)
+        for row, top in zip(rows, p.top, strict=True):
+            assert row.count("█") == int(top["prob"] * 30 + 0.5)
+            if top["prob"] < 1 / 60:
+                assert "█" not in row
+    # Only the batch rows asked for.
+    one = ANSI.sub("", render(trace, 160, False, batch_rows=[1]))
+    assert "(text 1, position 0" in one and "(text 0, position" not in one
+
+
+def test_random_weights_explain_the_repeated_last_token():
+    trace = predict_trace()
+    repeated = [p.top[0]["id"] == trace.inputs[p.batch].tokens[-1].id for p in trace.predictions]
+    assert any(repeated)  # the premise: "Hi" predicts "Hi"
+    plain = ANSI.sub("", render(trace, 160, False))
+    notes = [x for x in plain.splitlines() if "Tied embeddings" in x]
+    assert len(notes) == 1 and "h·W_Eᵀ" in notes[0] and "last token" in notes[0]
+    # Not said where it did not happen.
+    only_mat = ANSI.sub("", render(trace, 160, False, batch_rows=[b for b, r in
+                                                                   enumerate(repeated) if not r]))
+    assert "Tied embeddings" not in only_mat

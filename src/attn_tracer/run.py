@@ -225,6 +225,16 @@ def ignored_options(r: Request) -> list[str]:
 
 
 def execute(r: Request, notice: Callable[[str], None], console: Callable) -> None:
+    # Notices wait until the run has worked: a failure is one line on stderr, nothing else.
+    said: list[str] = []
+    trace, weights = compute(r, said.append)
+    for message in said:
+        notice(message)
+    write_outputs(r, trace, weights, console)
+
+
+def compute(r: Request, notice: Callable[[str], None]):
+    """Everything that can fail for a reason of the user's: validation, inputs, the run."""
     validate(r)
     for ignored in ignored_options(r):
         notice(ignored)
@@ -288,7 +298,7 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
         which = "the --cross text" if len(cross) == 1 else (
             f"--cross text{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}")
         notice(f"--max-length {r.max_length} cut {which}")
-    write_outputs(r, trace, weights, console)
+    return trace, weights
 
 
 @contextlib.contextmanager
