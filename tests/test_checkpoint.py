@@ -142,17 +142,16 @@ def make_cache(hub: Path, folder: str, source_dir: Path) -> Path:
 # -- loading a directory, a file, a cached id -------------------------------------------------
 
 
+def assert_small_dims(ck) -> None:
+    assert (ck.d_model, ck.heads, ck.layers, ck.n_ctx, ck.vocab) == (
+        D_MODEL, HEADS, LAYERS, N_CTX, VOCAB)
+    assert ck.ln_eps == pytest.approx(1e-5)
+
+
 def test_directory_safetensors_matches_hf(saved_dir: Path, hf_state: dict) -> None:
     ck = load_checkpoint(str(saved_dir))
     assert_matches(ck, hf_state)
-    assert (ck.d_model, ck.heads, ck.layers, ck.n_ctx, ck.vocab) == (
-        D_MODEL,
-        HEADS,
-        LAYERS,
-        N_CTX,
-        VOCAB,
-    )
-    assert ck.ln_eps == pytest.approx(1e-5)
+    assert_small_dims(ck)
     assert ck.d_head == D_MODEL // HEADS
     assert ck.source == str(saved_dir)
     assert ck.path == str(saved_dir / "model.safetensors")
@@ -232,14 +231,7 @@ def test_single_safetensors_file(tmp_path: Path, hf_state: dict) -> None:
     st_numpy.save_file(state_for_file(hf_state), str(path))
     ck = load_checkpoint(str(path), heads=HEADS)
     assert_matches(ck, hf_state)
-    assert (ck.d_model, ck.heads, ck.layers, ck.n_ctx, ck.vocab) == (
-        D_MODEL,
-        HEADS,
-        LAYERS,
-        N_CTX,
-        VOCAB,
-    )
-    assert ck.ln_eps == pytest.approx(1e-5)
+    assert_small_dims(ck)
     # Without a config the default is GPT-2's head size of 64.
     assert load_checkpoint(str(path)).heads == D_MODEL // 64
 

@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 
 from attn_tracer import __version__
-from attn_tracer.tokens import Token
+from attn_tracer.tokens import ENDOFTEXT_ID, Token
 from attn_tracer.trace import Input, Trace
 
 SCHEMA = "attn-trace/1"
@@ -46,7 +46,7 @@ def config_json(trace: Trace) -> dict:
     c["mask_description"] = {
         "causal": c["mask"] == "causal",
         "padding": batched,
-        "pad_id": 50256,
+        "pad_id": ENDOFTEXT_ID,
         "masked_value": "-inf before softmax, exactly 0 after",
         "pad_query_rows": "all 0: a pad query attends to nothing",
     }

@@ -19,7 +19,7 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from attn_tracer.tokens import split_characters
+from attn_tracer.tokens import ENDOFTEXT_ID, split_characters
 from attn_tracer.trace import Input, Step, Trace
 
 # viridis, sampled: sequential, perceptually uniform and readable with every common color blindness.
@@ -109,7 +109,7 @@ def header(trace: Trace, width: int = 120) -> Text:
     tokens = plural(trace.inputs[0].length, "token") if rows == 1 else f"{lengths} tokens"
     items = [plural(rows, "text"), tokens,
              f"{plural(c.layers, 'layer')} × {plural(c.heads, 'head')}", f"d_model {c.d_model}",
-             f"d_head {c.d_model // c.heads}", c.arch, f"pos {c.pos}", f"mask {c.mask}"]
+             f"d_head {c.d_head}", c.arch, f"pos {c.pos}", f"mask {c.mask}"]
     if not c.scale:
         items.append("NO SCALE")
     if trace.cross:
@@ -605,9 +605,6 @@ def _fmt(v: float, digits: int | None) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-VALUE_LIMIT = 16
-
-
 def attention_input(trace: Trace, layer: int) -> str:
     """The step name of what layer `layer`'s attention reads: X in Q = X·W_Q + b_Q."""
     if trace.config.arch == "gpt2":
@@ -743,7 +740,8 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
         title = f"text {b}" if len(trace.inputs) > 1 else "tokens"
         show(console, token_strip(inp, title, width))
         if inp.padding:
-            console.print(Text(f"  + {inp.padding} <pad> ({inp.side}) — <|endoftext|>, id 50256,"
+            console.print(Text(f"  + {inp.padding} <pad> ({inp.side}) — <|endoftext|>, id "
+                               f"{ENDOFTEXT_ID},"
                                " masked out as a key; a pad query attends to nothing (row of 0)",
                                style="dim"))
     for b, inp in enumerate(trace.cross or []):
