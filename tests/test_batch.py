@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from attn_tracer import pipeline, render_terminal, tokens
+from attn_tracer import pipeline, render_heatmaps, render_terminal, tokens
 from attn_tracer.cli import app
 from attn_tracer.config import Config
 from attn_tracer.engine import select_engine
@@ -260,8 +260,8 @@ def test_pad_positions_drawn_distinctly(runner, padding):
     rows = block[2:2 + 6]  # the six query rows of the batch length
     pad_rows = [line for line in rows if "<pad>" in line]
     assert len(pad_rows) == 6 - len(tokens.tokenize("Hi")) == 5
-    assert all(render_terminal.PAD_ROW in line for line in pad_rows)
-    assert not any(render_terminal.PAD_ROW in line for line in rows if "<pad>" not in line)
+    assert all(render_heatmaps.PAD_ROW in line for line in pad_rows)
+    assert not any(render_heatmaps.PAD_ROW in line for line in rows if "<pad>" not in line)
     assert block[1].split().count("pad") == 5  # the pad key columns
     assert "pad query" in out  # the legend says what a marked row is
 
@@ -271,7 +271,7 @@ def test_rendered_pad_rows_in_a_recorded_console():
     console = Console(file=io.StringIO(), width=100, force_terminal=True, record=True)
     render_terminal.render(t, console, batch_rows=[1])
     text = console.export_text()
-    assert "<pad>" in text and render_terminal.PAD_ROW in text
+    assert "<pad>" in text and render_heatmaps.PAD_ROW in text
     assert "· text 0" not in text
 
 

@@ -15,7 +15,7 @@ import pytest
 from rich.cells import cell_len
 from rich.console import Console
 
-from attn_tracer import render_terminal
+from attn_tracer import render_heatmaps, render_terminal
 from attn_tracer.config import Config
 from attn_tracer.engine import select_engine
 from attn_tracer.pipeline import run
@@ -229,14 +229,14 @@ def test_masked_cells_are_where_the_mask_forbids(padding):
     for b in (0, 1):
         allowed = expected_allowed(trace, b)
         assert np.all(trace.tensors["blocks.0.attn.pattern"][b, 0][~allowed] == 0)
-        np.testing.assert_array_equal(render_terminal.allowed_mask(trace, "attn", b), allowed)
+        np.testing.assert_array_equal(render_heatmaps.allowed_mask(trace, "attn", b), allowed)
     plain = ANSI.sub("", render(trace, 160, False, batch_rows=[1]))
     lines = plain.splitlines()
     start = next(i for i, x in enumerate(lines) if "attn layer 0 head 0 · text 1" in x)
     allowed = expected_allowed(trace, 1)
     for q, line in enumerate(lines[start + 2:start + 2 + 6]):
         if not allowed[q].any():
-            assert render_terminal.PAD_ROW in line  # a pad query: struck through
+            assert render_heatmaps.PAD_ROW in line  # a pad query: struck through
             continue
         shown = line.split()[-6:]
         assert [c == "·" for c in shown] == list(~allowed[q])
@@ -252,7 +252,7 @@ def test_cross_attention_mask_is_both_texts_real_tokens():
         q, k = trace.inputs[b], trace.cross[b]
         expected = (np.arange(q.length + q.padding) < q.length)[:, None] & (
             np.arange(k.length + k.padding) < k.length)[None, :]
-        allowed = render_terminal.allowed_mask(trace, "cross_attn", b)
+        allowed = render_heatmaps.allowed_mask(trace, "cross_attn", b)
         np.testing.assert_array_equal(allowed, expected)
         assert np.all(pattern[b, 0][~allowed] == 0) and np.all(pattern[b, 0][allowed] > 0)
 
@@ -435,7 +435,7 @@ def test_every_width_keeps_lines_labels_and_formulas_whole(name, width):
         assert re.search(rf"{k_len} keys do not fit in {width} columns: the (\d+ )?strongest "
                          r"keys? of each query", flat)
     if any(i.padding for i in trace.inputs):  # the pad legend on a line of its own
-        assert any(x.startswith(f"<pad> {render_terminal.PAD_ROW * 3} pad query") for x in lines)
+        assert any(x.startswith(f"<pad> {render_heatmaps.PAD_ROW * 3} pad query") for x in lines)
     if trace.predictions and width >= 80:  # the title above the table, on one line
         titles = [x for x in lines if x.startswith("next token after")]
         assert len(titles) == 2 and all(x.rstrip().endswith("T = 1)") for x in titles)

@@ -1,0 +1,173 @@
+"""The shape trace: every step with its formula, shape and dimension names, laid out for the
+terminal's width (a shape is never split; a formula is wrapped between words, never cut)."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.cells import cell_len
+from rich.console import RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from attn_tracer.render_layout import GAP, wrap_words
+from attn_tracer.trace import Step
+
+MIN_FORMULA = 24  # the shape trace changes layout rather than give a formula less room
+
+
+def shape_table(steps: list[Step], width: int = 120) -> RenderableType:
+    """Every step; layers after the first fold into one line where they repeat layer 0.
+
+    A formula is never cut, and gets at least MIN_FORMULA cells before it wraps (between words):
+    from 100 columns the dims have a column of their own; below, they go under the shape; where
+    that leaves the formula too little room, the dims wrap under the shape; and in the narrowest
+    terminals each step takes its own lines, its formula indented under its name.
+    """
+    rows = _shape_rows(steps)
+    name_w = max(cell_len("step"), *(name.cell_len for name, *_ in rows))
+    shaped = [(_shape(shape), ", ".join(dims)) for _, _, shape, dims in rows if shape is not None]
+    shape_w = max(cell_len("shape · dims"), *(len(s) for s, _ in shaped))
+    dims_w = max(len(d) for _, d in shaped)
+    rich_gap = 3  # a Rich table column's padding on both sides and the (blank) rule between
+    if width >= 100 and width - name_w - shape_w - dims_w - 3 * rich_gap >= MIN_FORMULA:
+        return _table(rows, narrow=False)
+    if width - name_w - max(shape_w, dims_w) - 2 * rich_gap >= MIN_FORMULA:
+        return _table(rows, narrow=True)
+    if width - name_w - shape_w - 2 * GAP >= MIN_FORMULA:
+        return _columns(rows, width, name_w, shape_w)
+    return _stacked(rows, width)
+
+
+def _table(rows: list[tuple], narrow: bool) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, expand=False)
+    # Only the formula wraps (between words; fold: a long word is broken, never cut with …): a
+    # shape or its dims split over two lines no longer reads as one.
+    table.add_column("step", style="cyan", no_wrap=True)
+    table.add_column("formula", ratio=1, overflow="fold")
+    table.add_column("shape · dims" if narrow else "shape", justify="right", no_wrap=True,
+                     style="bold")
+    if not narrow:
+        table.add_column("dims", style="dim", no_wrap=True)
+    for name, op, shape, dims in rows:
+        if shape is None:
+            table.add_row(name, "", "", *([] if narrow else [""]))
+        elif narrow:
+            cell = Text(_shape(shape) + "\n")
+            cell.append(", ".join(dims), style="dim")
+            table.add_row(name, Text(op), cell)
+        else:
+            table.add_row(name, Text(op), _shape(shape), Text(", ".join(dims)))
+    return table
+
+
+def _columns(rows: list[tuple], width: int, name_w: int, right_w: int) -> Text:
+    """step · formula · shape, with the dims wrapped under the shape in its narrow column."""
+    formula_w = width - name_w - right_w - 2 * GAP
+    gap = " " * GAP
+    t = Text()
+    t.append(f"{'step':<{name_w}}{gap}{'formula':<{formula_w}}{gap}{'shape · dims':>{right_w}}\n",
+             style="bold")
+    t.append("─" * width + "\n", style="dim")
+    for name, op, shape, dims in rows:
+        if shape is None:
+            t.append_text(name)
+            t.append("\n")
+            continue
+        formula = wrap_words(op, formula_w)
+        right = [_shape(shape), *wrap_words(", ".join(dims), right_w)]
+        for i in range(max(len(formula), len(right))):
+            t.append_text(name if i == 0 else Text())
+            t.append(" " * ((name_w - name.cell_len if i == 0 else name_w) + GAP))
+            f = formula[i] if i < len(formula) else ""
+            t.append(f + " " * (formula_w - cell_len(f) + GAP))
+            r = right[i] if i < len(right) else ""
+            t.append(f"{r:>{right_w}}", style="bold" if i == 0 else "dim")
+            t.append("\n")
+    t.rstrip()
+    return t
+
+
+def _stacked(rows: list[tuple], width: int) -> Text:
+    """The narrowest layout: the step and its shape, then its formula indented, then its dims."""
+    indent = "  "
+    t = Text()
+    t.append("step", style="bold")
+    t.append(f"{'shape':>{width - 4}}\n", style="bold")
+    t.append(indent + "formula", style="bold")
+    t.append(f"{'dims':>{width - 9}}\n", style="dim")
+    t.append("─" * width + "\n", style="dim")
+    for name, op, shape, dims in rows:
+        t.append_text(name)
+        if shape is None:
+            t.append("\n")
+            continue
+        s = _shape(shape)
+        if name.cell_len + GAP + len(s) <= width:
+            t.append(" " * (width - name.cell_len - len(s)))
+        else:
+            t.append("\n" + " " * max(width - len(s), 0))
+        t.append(s + "\n", style="bold")
+        formula = wrap_words(op, width - len(indent))
+        dim_lines = wrap_words(", ".join(dims), width)
+        for i, f in enumerate(formula):
+            t.append(indent + f)
+            last = indent + f
+            if i == len(formula) - 1 and len(dim_lines) == 1 and (
+                    cell_len(last) + GAP + len(dim_lines[0]) <= width):
+                t.append(f"{dim_lines[0]:>{width - cell_len(last)}}", style="dim")
+                dim_lines = []
+            t.append("\n")
+        for d in dim_lines:
+            t.append(f"{d:>{width}}\n", style="dim")
+    t.rstrip()
+    return t
+
+
+def _shape_rows(steps: list[Step]) -> list[tuple]:
+    """(name, formula, shape or None for a layer's title, dims), layers repeating layer 0 folded."""
+    out: list[tuple] = []
+    layer0 = [_unlayered(s) for s in steps if s.name.startswith("blocks.0.")]
+    folded: list[int] = []
+    current = None
+    i = 0
+    while i < len(steps):
+        s = steps[i]
+        layer = int(s.name.split(".")[1]) if s.name.startswith("blocks.") else None
+        if layer:
+            mine = [x for x in steps if x.name.startswith(f"blocks.{layer}.")]
+            if [_unlayered(x) for x in mine] == layer0:
+                folded.append(layer)
+                i += len(mine)
+                nxt = steps[i] if i < len(steps) else None
+                if nxt is None or not nxt.name.startswith("blocks.") or not _same_as_layer0(
+                        steps, int(nxt.name.split(".")[1]), layer0):
+                    out.append((Text(_layer_range(folded), style="cyan"),
+                                f"same {len(layer0)} steps as blocks.0", mine[-1].shape,
+                                mine[-1].dims))
+                    folded = []
+                continue
+        name = s.name
+        if layer is not None:
+            if layer != current:
+                out.append((Text(f"blocks.{layer}", style="bold cyan"), "", None, ()))
+                current = layer
+            name = "  " + s.name.split(".", 2)[2]
+        out.append((Text(name, style="cyan"), s.op, s.shape, s.dims))
+        i += 1
+    return out
+
+
+def _same_as_layer0(steps, layer, layer0) -> bool:
+    return [_unlayered(x) for x in steps if x.name.startswith(f"blocks.{layer}.")] == layer0
+
+
+def _unlayered(s: Step) -> tuple:
+    return (s.name.split(".", 2)[2], s.op, s.shape, s.dims)
+
+
+def _layer_range(layers: list[int]) -> str:
+    return f"blocks.{layers[0]}" if len(layers) == 1 else f"blocks.{layers[0]}–{layers[-1]}"
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(n) for n in shape) + "]"
