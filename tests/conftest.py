@@ -33,6 +33,23 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+def check_one_line_error(result, code: int = 2, *needles: str) -> str:
+    """A failed run as every failure must look: exit `code`, nothing on stdout, exactly one
+    line `attn: error: …` on stderr, containing each of `needles`. Returns that line."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attn: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def one_line_error():
+    return check_one_line_error
+
+
 @pytest.fixture
 def fresh_encoding():
     """Forget the cached GPT-2 encoding before and after, so the test really builds it."""

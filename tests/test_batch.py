@@ -278,10 +278,10 @@ def test_rendered_pad_rows_in_a_recorded_console():
 # ── bad batch input: one line, exit 2 ────────────────────────────────────────────────────────
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n\t\n"])
-def test_lines_file_without_text(runner, tmp_path, content):
+def test_lines_file_without_text(runner, tmp_path, content, one_line_error):
     path = tmp_path / "blank.txt"
     path.write_text(content, encoding="utf-8")
-    message = _usage_error(runner.invoke(app, ["trace", "--lines", str(path), *SMALL_ARGS]))
+    message = one_line_error(runner.invoke(app, ["trace", "--lines", str(path), *SMALL_ARGS]))
     assert "--lines" in message and "empty" in message
 
 
@@ -294,17 +294,9 @@ def test_lines_file_without_text(runner, tmp_path, content):
     (["a", "", "c"], "text 1"),
     (["a", "--lines", "x.txt"], "one way"),
 ])
-def test_bad_batch_input(runner, args, words):
-    message = _usage_error(runner.invoke(app, ["trace", *args, *SMALL_ARGS]))
+def test_bad_batch_input(runner, args, words, one_line_error):
+    message = one_line_error(runner.invoke(app, ["trace", *args, *SMALL_ARGS]))
     assert words in message
-
-
-def _usage_error(result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("attn: error: "), result.stderr
-    return lines[0]
 
 
 def test_stages_follow_the_batch_index(runner):

@@ -32,6 +32,7 @@ from attn_tracer.pipeline import run  # noqa: E402
 from attn_tracer.run import Request, build_config  # noqa: E402
 from attn_tracer.safetensors_io import CheckpointError  # noqa: E402
 from attn_tracer.trace import Selection  # noqa: E402
+from conftest import check_one_line_error as assert_error  # noqa: E402
 
 TOL = 1e-5  # the bound, float32
 N_CTX = 64
@@ -286,14 +287,6 @@ def invoke(args: list[str], env: dict | None = None):
     return runner.invoke(app, args, env=env)
 
 
-def assert_error(result, code: int, *needles: str) -> str:
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("attn: error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -22,14 +22,6 @@ SMALL_ARGS = ["--d-model", "64", "--heads", "4", "--layers", "2"]
 LONG = Path(__file__).resolve().parent.parent / "sample_texts" / "long.txt"
 
 
-def usage_error(result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("attn: error: "), result.stderr
-    return lines[0]
-
-
 @pytest.fixture
 def no_weights(monkeypatch):
     """Any attempt to draw the weights fails the test: refusals must come before it."""
@@ -42,9 +34,9 @@ def no_weights(monkeypatch):
 
 # ── longer than the model's context ───────────────────────────────────────────────────────────
 
-def test_text_longer_than_n_ctx_suggests_max_length(runner):
+def test_text_longer_than_n_ctx_suggests_max_length(runner, one_line_error):
     text = " ".join(["word"] * 20)
-    message = usage_error(runner.invoke(app, ["trace", text, *SMALL_ARGS, "--n-ctx", "8"]))
+    message = one_line_error(runner.invoke(app, ["trace", text, *SMALL_ARGS, "--n-ctx", "8"]))
     assert "20 tokens" in message and "--n-ctx 8" in message and "--max-length 8" in message
     result = runner.invoke(app, ["trace", text, *SMALL_ARGS, "--n-ctx", "8", "--max-length",
                                  "8", "--json"])
@@ -54,26 +46,27 @@ def test_text_longer_than_n_ctx_suggests_max_length(runner):
 
 # ── the memory refusal comes before any large allocation ──────────────────────────────────────
 
-def test_tiny_max_memory_refuses_a_normal_run(runner, no_weights):
-    message = usage_error(runner.invoke(app, ["trace", "The cat sat on the mat",
+def test_tiny_max_memory_refuses_a_normal_run(runner, no_weights, one_line_error):
+    message = one_line_error(runner.invoke(app, ["trace", "The cat sat on the mat",
                                               "--max-memory", "1M"]))
     assert "needs about" in message and "MB" in message and "1.0 MB allowed" in message
     assert "--max-length" in message and "--max-memory" in message
 
 
-def test_activations_are_refused_before_the_weights_are_drawn(runner, no_weights):
+def test_activations_are_refused_before_the_weights_are_drawn(runner, no_weights,
+                                                             one_line_error):
     # Small parameters, but 3,000 tokens: the len × len matrices are what does not fit.
     text = " ".join(["word"] * 3000)
-    message = usage_error(runner.invoke(app, ["trace", text, *SMALL_ARGS, "--n-ctx", "4096",
+    message = one_line_error(runner.invoke(app, ["trace", text, *SMALL_ARGS, "--n-ctx", "4096",
                                               "--max-memory", "200M"]))
     assert "needs about" in message and "200.0 MB allowed" in message
 
 
 @pytest.mark.parametrize("args", [["--d-model", "1000000", "--heads", "16"],
                                   ["--layers", "100000"]])
-def test_absurd_sizes_are_refused_from_the_estimate(runner, no_weights, args):
+def test_absurd_sizes_are_refused_from_the_estimate(runner, no_weights, args, one_line_error):
     start = time.process_time()
-    message = usage_error(runner.invoke(app, ["trace", "The cat sat on the mat", *args]))
+    message = one_line_error(runner.invoke(app, ["trace", "The cat sat on the mat", *args]))
     assert time.process_time() - start < 1.0  # CPU seconds: no weight was drawn
     assert "needs about" in message and "TB" in message
 
