@@ -89,7 +89,8 @@ def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None =
         if len(cross_lists) != len(token_lists):
             if len(cross_lists) != 1:
                 raise UsageError(
-                    f"give one --cross text, or one per batch row ({len(token_lists)})")
+                    f"give one --cross text for the whole batch, or one per batch row "
+                    f"({len(token_lists)}); got {len(cross_lists)}")
             rows = len(token_lists)  # one cross text serves every row
             cross_lists, cross_texts, cross_cut = (cross_lists * rows, cross_texts * rows,
                                                    cross_cut * rows)
@@ -117,18 +118,21 @@ def run(
     """Trace `texts` through the stack. Returns the trace and the rows cut by --max-length.
 
     `prepared` is what `prepare` made of the same texts, when the caller has it already.
+    `max_memory`: refuse, before any work, a run estimated above this many bytes (the command
+    line checks its limit itself, earlier, before drawing weights).
     `progress(done, total)` is called after each layer (for a progress display).
     """
     if prepared is None:
         prepared = prepare(texts, config, cross_texts=cross_texts, padding=padding,
                            max_length=max_length, allow_special=allow_special)
     batch, cross = prepared.batch, prepared.cross
-    length = batch.ids.shape[1]
-    k_len = cross.ids.shape[1] if cross else length
-    needed = memory.estimate(config, engine.dtype, len(texts), length, k_len,
-                             len(selection.layers), len(selection.heads), selection.capture,
-                             cross is not None, predict=bool(predict_top_k))
-    memory.check(needed, max_memory if max_memory is not None else memory.default_limit())
+    if max_memory is not None:
+        length = batch.ids.shape[1]
+        k_len = cross.ids.shape[1] if cross else length
+        memory.check(memory.estimate(config, engine.dtype, len(texts), length, k_len,
+                                     len(selection.layers), len(selection.heads),
+                                     selection.capture, cross is not None,
+                                     predict=bool(predict_top_k)), max_memory)
 
     # Embedding tables stay on the host: only the rows of this text are looked up and sent.
     p = {name: engine.asarray(w) for name, w in weights.params.items()

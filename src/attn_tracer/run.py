@@ -106,9 +106,6 @@ def read_inputs(r: Request, notice: Callable[[str], None]) -> tuple[list[str], l
     for t in cross:
         if not t.strip():
             raise UsageError("--cross text is empty: cross-attention needs keys to attend to")
-    if len(cross) not in (0, 1, len(texts)):
-        raise UsageError(f"give one --cross text for the whole batch, or one per batch row "
-                         f"({len(texts)}); got {len(cross)}")
     return texts, cross
 
 
@@ -254,9 +251,6 @@ def compute(r: Request, notice: Callable[[str], None]):
     from attn_tracer.trace import Selection
 
     selection = Selection(layers, heads, capture)
-    # Refuse absurd sizes from the parameter count alone, before a single weight is drawn.
-    memory.check(memory.estimate(config, r.dtype if r.dtype in memory.BYTES else "float32",
-                                 1, 1, 1, 0, 0, "patterns", bool(cross)), limit)
     from attn_tracer.pipeline import prepare, run
 
     prepared = prepare(texts, config, cross_texts=cross or None, padding=r.padding,
@@ -271,26 +265,24 @@ def compute(r: Request, notice: Callable[[str], None]):
             if not 0 <= b < len(texts):
                 raise UsageError(f"--batch-index {b} is out of range: the batch has {len(texts)} "
                                  f"text{'s' if len(texts) > 1 else ''} (0 to {len(texts) - 1})")
-    # The whole run, now that the lengths are known: still before a single weight is drawn.
-    memory.check(memory.estimate(config, r.dtype if r.dtype in memory.BYTES else "float32",
-                                 len(texts), length, k_len, len(layers), len(heads), capture,
-                                 bool(cross), predict=r.predict), limit)
+    # The whole run, weights included, before a single weight is drawn: absurd sizes end here.
+    needed = memory.estimate(config, r.dtype, len(texts), length, k_len, len(layers),
+                             len(heads), capture, bool(cross), predict=r.predict)
+    memory.check(needed, limit)
     engine = select_engine(r.engine, r.device, r.dtype, length)
     if r.max_memory is None and (gpu := free_memory(engine)) is not None:
-        # On a GPU the tensors live in its memory: refuse what would not fit there.
-        memory.check(memory.estimate(config, r.dtype, len(texts), length, k_len, len(layers),
-                                     len(heads), capture, bool(cross), predict=r.predict), gpu)
+        memory.check(needed, gpu)  # on a GPU the tensors live in its memory
     with progress_display(f"{length} tokens through {config.layers} layers") as advance:
         if weights is None:
             from attn_tracer.weights import random_weights
 
             weights = random_weights(config, cross=bool(cross))
-        trace, cut = run(texts, config, engine, weights, selection, cross_texts=cross or None,
+        trace, _ = run(texts, config, engine, weights, selection, cross_texts=cross or None,
                          padding=r.padding, max_length=r.max_length,
                          allow_special=r.allow_special, predict_top_k=r.top_k if r.predict
-                         else None, temperature=r.temperature, max_memory=limit,
+                         else None, temperature=r.temperature,
                          progress=advance, prepared=prepared)
-    if cut:
+    if cut := prepared.cut:
         notice(f"--max-length {r.max_length} cut text{'s' if len(cut) > 1 else ''} "
                f"{', '.join(map(str, cut))}")
     if prepared.cross_cut:
