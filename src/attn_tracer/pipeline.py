@@ -216,8 +216,7 @@ def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
                 layers.softmax(scaled), ("batch", "vocab"))
     # Both are only [batch, vocab]: keep them whatever the selection captures, so every logit,
     # not just the top k, can be read off the trace.
-    rec.tensors["logits"], rec.tensors["probs"] = engine.to_host(logits), engine.to_host(probs)
-    logits, probs = rec.tensors["logits"].astype(np.float64), rec.tensors["probs"]
+    logits, probs = rec.keep("logits", logits).astype(np.float64), rec.keep("probs", probs)
     out = []
     for b in range(logits.shape[0]):
         top = np.argsort(-logits[b], kind="stable")[:top_k]

@@ -140,6 +140,11 @@ class Recorder:
             raise AssertionError(f"step {name}: shape {shape} has no name for every axis {dims}")
         self.steps.append(Step(name, op, tuple(int(n) for n in shape), dims))
 
+    def keep(self, name: str, x) -> np.ndarray:
+        """Keep step `name`'s tensor whatever the selection says; the host copy."""
+        self.tensors[name] = self.engine.to_host(x)
+        return self.tensors[name]
+
     def keeps(self, name: str) -> bool:
         """Whether the tensor of step `name` will be kept (so it must not be overwritten)."""
         return self.selection.captures(_layer_of(name), name)
