@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - older Typer uses click itself
 
 from attn_tracer import __version__
 from attn_tracer.errors import AttnError, UsageError
+from attn_tracer.options import CROSS, ENGINE, INPUT, MODEL, shared
 
 EXAMPLES = {
     "tokens": 'attn tokens "hello world"    ·    attn tokens --file notes.txt --json',
@@ -267,54 +268,9 @@ Opt = typer.Option
 
 
 @app.command(epilog=f"Examples: {EXAMPLES['trace']}")
+@shared(INPUT, CROSS, MODEL, ENGINE)
 def trace(
-    texts: Annotated[list[str] | None, typer.Argument(
-        help="The text (several make a batch), or - for standard input.", show_default=False,
-        metavar="TEXT...")
-    ] = None,
-    file: Annotated[Path | None, Opt("--file", "-f", help="Read the text from a file.",
-                                     rich_help_panel="Input")] = None,
-    lines: Annotated[Path | None, Opt("--lines", help="A batch: one text per line of this file "
-                                      "(- for standard input).", rich_help_panel="Input")] = None,
-    cross: Annotated[list[str] | None, Opt("--cross", help="Cross-attention: keys and values "
-                                           "come from this text.", rich_help_panel="Input")] = None,
-    cross_file: Annotated[Path | None, Opt("--cross-file", help="Read the --cross text from a "
-                                           "file.", rich_help_panel="Input")] = None,
-    allow_special: Annotated[bool, Opt("--allow-special", help="Read <|endoftext|> as token "
-                                       "50256.", rich_help_panel="Input")] = False,
-    padding: Annotated[str, Opt("--padding", help="Pad shorter batch rows on the right or left.",
-                                rich_help_panel="Input")] = "right",
-    max_length: Annotated[int | None, Opt("--max-length", help="Cut longer texts to this many "
-                                          "tokens.", rich_help_panel="Input")] = None,
-    d_model: Annotated[int | None, Opt("--d-model", help="Width of the residual stream "
-                                       "(default: 768).", rich_help_panel="Model",
-                                       show_default=False)] = None,
-    heads: Annotated[int | None, Opt("--heads", help="Attention heads (d_head = d_model / heads)"
-                                     " (default: 12).", rich_help_panel="Model",
-                                     show_default=False)] = None,
-    layers: Annotated[int | None, Opt("--layers", help="Layers (default: 2).",
-                                      rich_help_panel="Model", show_default=False)] = None,
-    n_ctx: Annotated[int | None, Opt("--n-ctx", help="Longest text the model accepts "
-                                     "(default: 1024).", rich_help_panel="Model",
-                                     show_default=False)] = None,
-    pos: Annotated[str | None, Opt("--pos", help="Positional encoding: sinusoidal, learned or "
-                                   "none (default: sinusoidal; learned with --arch gpt2).",
-                                   rich_help_panel="Model", show_default=False)] = None,
-    mask: Annotated[str, Opt("--mask", help="causal (a query sees only earlier keys) or none.",
-                             rich_help_panel="Model")] = "causal",
-    no_scale: Annotated[bool, Opt("--no-scale", help="Drop the ÷√d_head and watch the patterns "
-                                  "saturate.", rich_help_panel="Model")] = False,
-    no_bias: Annotated[bool, Opt("--no-bias", help="No biases in the projections.",
-                                 rich_help_panel="Model")] = False,
-    seed: Annotated[int, Opt("--seed", help="Seed of the random weights.",
-                             rich_help_panel="Model")] = 0,
-    arch: Annotated[str | None, Opt("--arch", help="attn (attention + residual only) or gpt2 "
-                                    "(LayerNorm, MLP) (default: attn; gpt2 with --weights).",
-                                    rich_help_panel="Model", show_default=False)] = None,
-    weights: Annotated[str | None, Opt("--weights", help="Real GPT-2 weights: a directory, a "
-                                       ".safetensors/.bin file, or a model id in the Hugging Face"
-                                       " cache (gpt2, distilgpt2, …).", rich_help_panel="Model")
-                       ] = None,
+    opts: dict,
     layer: Annotated[list[str] | None, Opt("--layer", "-l", help="Layers to show: a number "
                                            "(repeatable), 0,2 or all (default: 0; all for --json).",
                                            rich_help_panel="View", show_default=False)] = None,
@@ -346,29 +302,15 @@ def trace(
                                      rich_help_panel="Output")] = None,
     force: Annotated[bool, Opt("--force", help="Overwrite files given to --save/--svg/--html.",
                                rich_help_panel="Output")] = False,
-    device: Annotated[str, Opt("--device", help="auto, cpu, cuda or cuda:N.",
-                               rich_help_panel="Engine")] = "auto",
-    engine: Annotated[str, Opt("--engine", help="auto, numpy or torch.",
-                               rich_help_panel="Engine")] = "auto",
-    dtype: Annotated[str, Opt("--dtype", help="float32, float64; float16, bfloat16 on CUDA.",
-                              rich_help_panel="Engine")] = "float32",
-    max_memory: Annotated[str | None, Opt("--max-memory", help="Refuse runs estimated above this"
-                                          " (e.g. 4G) (default: half the machine's RAM).",
-                                          rich_help_panel="Engine", show_default=False)] = None,
     debug: Debug = False,
 ) -> None:
     """Run a text through a multi-head attention stack and show every step with its shape."""
     from attn_tracer import run as runner
 
     request = runner.Request(
-        texts=texts or [], file=file, lines=lines, cross=cross or [], cross_file=cross_file,
-        allow_special=allow_special, padding=padding, max_length=max_length, d_model=d_model,
-        heads=heads, layers=layers, n_ctx=n_ctx, pos=pos, mask=mask, scale=not no_scale,
-        bias=not no_bias, seed=seed, arch=arch, weights=weights, layer=layer or [],
-        head=head or [], batch_index=batch_index, stages=stages, values=values, predict=predict,
-        top_k=top_k, temperature=temperature, json=json_, precision=precision, save=save,
-        svg=svg, html=html, force=force, device=device, engine=engine, dtype=dtype,
-        max_memory=max_memory,
+        **opts, layer=layer or [], head=head or [], batch_index=batch_index, stages=stages,
+        values=values, predict=predict, top_k=top_k, temperature=temperature, json=json_,
+        precision=precision, save=save, svg=svg, html=html, force=force,
     )
     runner.execute(request, notice=_notice, console=_stdout_console)
 

@@ -13,6 +13,10 @@ from attn_tracer.errors import UsageError
 POSITIONS = ("sinusoidal", "learned", "none")
 MASKS = ("causal", "none")
 ARCHS = ("attn", "gpt2")
+# Where it runs (engine.py): named here so the command line can list them without NumPy.
+ENGINES = ("auto", "numpy", "torch")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+HALF = ("float16", "bfloat16")
 
 
 @dataclass(frozen=True)

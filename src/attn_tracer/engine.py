@@ -14,11 +14,9 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
+from attn_tracer.config import DTYPES, ENGINES, HALF
 from attn_tracer.errors import AttnError, UsageError
 
-ENGINES = ("auto", "numpy", "torch")
-DTYPES = ("float32", "float64", "float16", "bfloat16")
-HALF = ("float16", "bfloat16")
 # `--engine auto` on the CPU: NumPy below this many tokens, torch from it on. Measured by
 # benchmarks/run.py (figure f, BENCHMARKS.md) for the default stack (2 layers, d_model 768),
 # whole `attn trace` wall time on 2 cores: torch's import (1.5-3 s) outweighs its faster

@@ -71,7 +71,8 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, engine: Engine, la
     shown = list(rec.selection.heads) if layer in rec.selection.layers else []
     # When every head is shown, the explicit path below already has the patterns: fusing too
     # would compute attention twice.
-    if engine.fused and rec.selection.capture != "all" and len(shown) < heads:
+    if (engine.fused and rec.selection.capture != "all" and len(shown) < heads
+            and f"{prefix}.pattern" not in rec.hooks):
         # Fused: the full len×len matrix is built only for the heads the user will look at.
         index = xp.asarray(shown, dtype=xp.int64, device=q.device)
         pattern_steps(xp.take(q, index, axis=1), xp.take(k, index, axis=1), config, allowed,
@@ -107,7 +108,7 @@ def pattern_steps(q, k, config: Config, allowed, rec, prefix: str, all_heads: in
     # On torch, stages that nobody keeps are updated in place: two fewer [batch, heads, len,
     # len] buffers per layer, which is most of the cost of showing every head of a long text.
     in_place = _torch(q) and not any(
-        rec.keeps(f"{prefix}.{stage}") for stage in ("scores", "scaled", "masked"))
+        rec.needs(f"{prefix}.{stage}") for stage in ("scores", "scaled", "masked"))
     scores = record("scores", "scores = Q·Kᵀ", q @ xp.matrix_transpose(k))
     if config.scale:
         root = math.sqrt(config.d_head)

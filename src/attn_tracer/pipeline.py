@@ -16,7 +16,7 @@ from attn_tracer import embeddings, layers, memory, tokens
 from attn_tracer.config import Config
 from attn_tracer.engine import Engine
 from attn_tracer.errors import UsageError
-from attn_tracer.trace import Input, Prediction, Recorder, Selection, Trace
+from attn_tracer.trace import Hook, Input, Prediction, Recorder, Selection, Trace
 from attn_tracer.weights import Weights
 
 PAD_ID = tokens.ENDOFTEXT_ID  # GPT-2 has no pad token; its <|endoftext|> is the usual stand-in
@@ -114,6 +114,7 @@ def run(
     max_memory: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     prepared: Prepared | None = None,
+    hooks: dict[str, Hook] | None = None,
 ) -> tuple[Trace, list[int]]:
     """Trace `texts` through the stack. Returns the trace and the rows cut by --max-length.
 
@@ -121,6 +122,7 @@ def run(
     `max_memory`: refuse, before any work, a run estimated above this many bytes (the command
     line checks its limit itself, earlier, before drawing weights).
     `progress(done, total)` is called after each layer (for a progress display).
+    `hooks`: step name → function of that step's array (see Recorder), for the analyses.
     """
     if prepared is None:
         prepared = prepare(texts, config, cross_texts=cross_texts, padding=padding,
@@ -137,7 +139,7 @@ def run(
     # Embedding tables stay on the host: only the rows of this text are looked up and sent.
     p = {name: engine.asarray(w) for name, w in weights.params.items()
          if name not in ("wte", "wpe")}
-    rec = Recorder(selection, engine)
+    rec = Recorder(selection, engine, hooks)
     x = embeddings.embed(batch.ids, batch.positions, config, weights, engine, rec,
                          padded=not batch.valid.all())
     x_cross = (embeddings.embed(cross.ids, cross.positions, config, weights, engine, rec,

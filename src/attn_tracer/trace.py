@@ -8,6 +8,7 @@ Renderers read a `Trace`; they never see an engine's arrays.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,12 +110,24 @@ class Trace:
                 yield layer, self.tensors[name]
 
 
-class Recorder:
-    """Called by the layer code at every step; records the shape, keeps what is selected."""
+Hook = Callable[[Any], Any]
 
-    def __init__(self, selection: Selection, engine) -> None:
+
+class Recorder:
+    """Called by the layer code at every step; records the shape, keeps what is selected.
+
+    `hooks` maps a step name to a function called with that step's array, on the engine, as it
+    is made (TransformerLens's hook points, over the trace's step names). An analysis reduces
+    it there and keeps nothing else (attn heads), or returns a replacement that the rest of the
+    forward uses (ablation); returning None leaves the step as it was. A hooked pattern is
+    always formed, even on the fused path.
+    """
+
+    def __init__(self, selection: Selection, engine, hooks: dict[str, Hook] | None = None
+                 ) -> None:
         self.selection = selection
         self.engine = engine
+        self.hooks = hooks or {}
         self.steps: list[Step] = []
         self.tensors: dict[str, np.ndarray] = {}
         self._pending: dict[str, Any] = {}
@@ -131,6 +144,8 @@ class Recorder:
             axis = dims.index("heads")
             shape = (*shape[:axis], all_heads, *shape[axis + 1:])
         self.shape(name, op, shape, dims)
+        if (hook := self.hooks.get(name)) is not None and (replaced := hook(x)) is not None:
+            x = replaced
         if self.keeps(name):
             self._pending[name] = x if all_heads is not None else self._select_heads(x, dims)
         return x
@@ -148,6 +163,10 @@ class Recorder:
     def keeps(self, name: str) -> bool:
         """Whether the tensor of step `name` will be kept (so it must not be overwritten)."""
         return self.selection.captures(_layer_of(name), name)
+
+    def needs(self, name: str) -> bool:
+        """Whether step `name` must be formed in full and left intact: kept, or hooked."""
+        return name in self.hooks or self.keeps(name)
 
     def flush(self) -> None:
         """Bring this layer's captured tensors to the host, once, at the end of the layer."""

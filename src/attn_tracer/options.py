@@ -1,0 +1,167 @@
+"""The options that every command running the model shares, defined once.
+
+`attn trace`, `attn heads` and `attn attribute` take the same input, model and engine options.
+Each group below is written as the signature of a function, the way Typer reads options;
+`@shared(INPUT, MODEL, ENGINE)` splices those parameters into a command's own signature and
+hands their values to the command as one dict, `opts`, ready for `run.Request(**opts, …)`.
+A help text or a default changed here changes for every command at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from attn_tracer.config import ARCHS, DTYPES, ENGINES, MASKS, POSITIONS
+
+Opt = typer.Option
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    # An Enum is how every Typer in our range turns an option into a real choice: listed in
+    # --help, completed by the shell, refused with the valid values when wrong.
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+Padding = _choices("Padding", ("right", "left"))
+Position = _choices("Position", POSITIONS)
+Mask = _choices("Mask", MASKS)
+Arch = _choices("Arch", ARCHS)
+EngineName = _choices("EngineName", ENGINES)
+DType = _choices("DType", DTYPES)
+
+
+def _devices(incomplete: str) -> list[str]:
+    # cuda:N is open-ended, so --device stays a string that the engine checks; the shell still
+    # completes the usual names.
+    return [d for d in ("auto", "cpu", "cuda", "cuda:0", "cuda:1") if d.startswith(incomplete)]
+
+
+def _input(
+    texts: Annotated[list[str] | None, typer.Argument(
+        help="The text (several make a batch), or - for standard input.", show_default=False,
+        metavar="TEXT...")] = None,
+    file: Annotated[Path | None, Opt("--file", "-f", help="Read the text from a file.",
+                                     rich_help_panel="Input")] = None,
+    lines: Annotated[Path | None, Opt("--lines", help="A batch: one text per line of this file "
+                                      "(- for standard input).", rich_help_panel="Input")] = None,
+    allow_special: Annotated[bool, Opt("--allow-special", help="Read <|endoftext|> as token "
+                                       "50256.", rich_help_panel="Input")] = False,
+    padding: Annotated[Padding, Opt("--padding",
+                                help="Pad shorter batch rows on the right or left.",
+                                    rich_help_panel="Input")] = Padding.right,
+    max_length: Annotated[int | None, Opt("--max-length", help="Cut longer texts to this many "
+                                          "tokens.", rich_help_panel="Input")] = None,
+) -> None: ...
+
+
+def _cross(
+    cross: Annotated[list[str] | None, Opt("--cross", help="Cross-attention: keys and values "
+                                           "come from this text.", rich_help_panel="Input")] = None,
+    cross_file: Annotated[Path | None, Opt("--cross-file", help="Read the --cross text from a "
+                                           "file.", rich_help_panel="Input")] = None,
+) -> None: ...
+
+
+def _model(
+    d_model: Annotated[int | None, Opt("--d-model", help="Width of the residual stream "
+                                       "(default: 768).", rich_help_panel="Model",
+                                       show_default=False)] = None,
+    heads: Annotated[int | None, Opt("--heads", help="Attention heads (d_head = d_model / heads)"
+                                     " (default: 12).", rich_help_panel="Model",
+                                     show_default=False)] = None,
+    layers: Annotated[int | None, Opt("--layers", help="Layers (default: 2).",
+                                      rich_help_panel="Model", show_default=False)] = None,
+    n_ctx: Annotated[int | None, Opt("--n-ctx", help="Longest text the model accepts "
+                                     "(default: 1024).", rich_help_panel="Model",
+                                     show_default=False)] = None,
+    pos: Annotated[Position | None, Opt("--pos",
+                                   help="Positional encoding (default: sinusoidal; learned with "
+                                   "--arch gpt2).", rich_help_panel="Model",
+                                   show_default=False)] = None,
+    mask: Annotated[Mask, Opt("--mask",
+                             help="causal (a query sees only earlier keys) or none.",
+                              rich_help_panel="Model")] = Mask.causal,
+    no_scale: Annotated[bool, Opt("--no-scale", help="Drop the ÷√d_head and watch the patterns "
+                                  "saturate.", rich_help_panel="Model")] = False,
+    no_bias: Annotated[bool, Opt("--no-bias", help="No biases in the projections.",
+                                 rich_help_panel="Model")] = False,
+    seed: Annotated[int, Opt("--seed", help="Seed of the random weights.",
+                             rich_help_panel="Model")] = 0,
+    arch: Annotated[Arch | None, Opt("--arch",
+                                    help="attn (attention + residual only) or gpt2 (LayerNorm, "
+                                    "MLP) (default: attn; gpt2 with --weights).",
+                                    rich_help_panel="Model", show_default=False)] = None,
+    weights: Annotated[str | None, Opt("--weights", help="Real GPT-2 weights: a directory, a "
+                                       ".safetensors/.bin file, or a model id in the Hugging Face"
+                                       " cache (gpt2, distilgpt2, …).", rich_help_panel="Model")
+                       ] = None,
+) -> None: ...
+
+
+def _engine(
+    device: Annotated[str, Opt("--device", autocompletion=_devices,
+                               help="auto, cpu, cuda or cuda:N.",
+                               rich_help_panel="Engine")] = "auto",
+    engine: Annotated[EngineName, Opt("--engine",
+                               help="The array library (auto: NumPy on the CPU below 2,048 "
+                               "tokens).", rich_help_panel="Engine")] = "auto",
+    dtype: Annotated[DType, Opt("--dtype",
+                              help="float16 and bfloat16 need CUDA.",
+                                rich_help_panel="Engine")] = DType.float32,
+    max_memory: Annotated[str | None, Opt("--max-memory", help="Refuse runs estimated above this"
+                                          " (e.g. 4G) (default: half the machine's RAM).",
+                                          rich_help_panel="Engine", show_default=False)] = None,
+) -> None: ...
+
+
+def _parameters(group: Callable) -> list[inspect.Parameter]:
+    params = inspect.signature(group, eval_str=True).parameters.values()
+    return [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
+
+
+INPUT = _parameters(_input)
+CROSS = _parameters(_cross)
+MODEL = _parameters(_model)
+ENGINE = _parameters(_engine)
+
+
+def to_request(values: dict[str, Any]) -> dict[str, Any]:
+    """The shared options as `run.Request` fields (flags named for what they turn off)."""
+    out = {k: v.value if isinstance(v, Enum) else v for k, v in values.items()}
+    for flag, field in (("no_scale", "scale"), ("no_bias", "bias")):
+        if flag in out:
+            out[field] = not out.pop(flag)
+    for name in ("texts", "cross"):
+        if name in out:
+            out[name] = out[name] or []
+    return out
+
+
+def shared(*groups: list[inspect.Parameter]):
+    """Give a command the options of `groups`, before its own; it receives them as `opts`."""
+    names = [p.name for group in groups for p in group]
+
+    def decorate(command: Callable) -> Callable:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+               if p.name != "opts"]
+        # The TEXT argument stays first; the command's own options follow the shared ones.
+        params = [p for group in groups for p in group] + [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            opts = to_request({name: kwargs.pop(name) for name in names})
+            return command(opts=opts, **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
