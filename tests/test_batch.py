@@ -258,12 +258,15 @@ def test_pad_positions_drawn_distinctly(runner, padding):
                          "--batch-index", "1", "--padding", padding])
     block = out.split("attn layer 0 head 0 · text 1")[1].split("\n\n")[0].splitlines()
     rows = block[2:2 + 6]  # the six query rows of the batch length
-    pad_rows = [line for line in rows if "<pad>" in line]
+    pad_rows = [line for line in rows if line.split()[0] == render_heatmaps.PAD_LABEL]
     assert len(pad_rows) == 6 - len(tokens.tokenize("Hi")) == 5
-    assert all(render_heatmaps.PAD_ROW in line for line in pad_rows)
-    assert not any(render_heatmaps.PAD_ROW in line for line in rows if "<pad>" not in line)
-    assert block[1].split().count("pad") == 5  # the pad key columns
-    assert "pad query" in out  # the legend says what a marked row is
+    # A pad query's every cell is the padding mask; the real query's row has numbers, and ×
+    # only under the pad keys.
+    assert all(line.split()[1:] == [render_heatmaps.PADDED] * 6 for line in pad_rows)
+    (real,) = [line for line in rows if line not in pad_rows]
+    assert real.split()[1:].count(render_heatmaps.PADDED) == 5
+    assert block[1].split().count("pad") == 5  # the pad key columns, labelled as the rows are
+    assert "padding mask (pad key, or pad query)" in out  # the legend says what × is
 
 
 def test_rendered_pad_rows_in_a_recorded_console():
@@ -271,7 +274,7 @@ def test_rendered_pad_rows_in_a_recorded_console():
     console = Console(file=io.StringIO(), width=100, force_terminal=True, record=True)
     render_terminal.render(t, console, batch_rows=[1])
     text = console.export_text()
-    assert "<pad>" in text and render_heatmaps.PAD_ROW in text
+    assert render_heatmaps.PAD_LABEL in text and render_heatmaps.PADDED in text
     assert "· text 0" not in text
 
 
@@ -303,4 +306,4 @@ def test_stages_follow_the_batch_index(runner):
     out = _view(runner, ["The cat sat on the mat", "Hi", *SMALL_ARGS, "--head", "0",
                          "--stages", "--batch-index", "1"])
     stages = out.split("stages of layer 0 head 0 (text 1)")[1].split("attention patterns")[0]
-    assert "<pad>" in stages and "␣cat" not in stages
+    assert render_heatmaps.PAD_LABEL in stages and "␣cat" not in stages

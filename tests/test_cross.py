@@ -14,7 +14,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from attn_tracer import pipeline, render_layout
+from attn_tracer import pipeline
 from attn_tracer.cli import app
 from attn_tracer.config import Config
 from attn_tracer.engine import select_engine
@@ -157,9 +157,9 @@ def test_cli_cross_heatmap_rows_and_columns(runner):
                                  *SMALL_ARGS, "--head", "0"], env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.stderr
     block = result.stdout.split("cross_attn layer 0 head 0")[1].split("\n\n")[0].splitlines()
-    # Columns: the cross text's four tokens (Le, ␣chat, ␣no, ir), drawn without the ␣.
-    expected = [render_layout.fit(w, 3).strip() for w in ("Le", "chat", "no", "ir")]
-    assert block[1].split() == expected
+    # Columns: the cross text's four tokens (Le, ␣chat, ␣no, ir), drawn without the ␣, whole:
+    # at 120 columns there is room for "chat" (a 3-cell column would cut it to "ch…").
+    assert block[1].split() == ["Le", "chat", "no", "ir"]
     rows = [line.split()[0] for line in block[2:5]]
     assert rows == ["The", "␣cat", "␣sat"]  # rows: the main text's tokens
 

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from attn_tracer.pipeline import run
 from attn_tracer.trace import Selection
 from attn_tracer.weights import random_weights
 
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_texts"
 ENGLISH = "The cat sat on the mat"
 CHINESE = "今天天气很好"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -48,7 +50,11 @@ def heatmap_rows(text: str, head: int) -> list[str]:
     start = next(i for i, line in enumerate(lines) if f"attn layer 0 head {head}" in line)
     column = lines[start].index(f"attn layer 0 head {head}")
     rows = []
-    for line in lines[start + 2:]:
+    body = start + 2
+    if lines[start + 1][column:].split() and all(
+            x.isdigit() for x in lines[start + 1][column:].split()):
+        body += 1  # a line of key positions, drawn when labels repeat
+    for line in lines[body:]:
         if not line.strip():
             break
         rows.append(line[column:])
@@ -117,14 +123,37 @@ def test_colors_follow_viridis_and_masked_cells_have_none():
 @pytest.mark.parametrize("width", [80, 160])
 def test_chinese_view_maps_pieces_back_to_characters(width):
     trace = trace_of(CHINESE)
-    plain = ANSI.sub("", render(trace, width, False))
-    assert "<e4 bb> 今" in plain and "<8a> 今" in plain  # rows: exact bytes and the character
-    header = heatmap_rows(render(trace, width, False), 0)
+    out = render(trace, width, False)
+    plain = ANSI.sub("", out)
+    # The token list: each piece as its character and piece number, not bytes alone.
+    assert "0:今₁" in plain and "1:今₂" in plain and "<e4 bb>" not in plain.split("shape")[0]
+    rows = heatmap_rows(out, 0)
+    assert len(rows) == len(trace.inputs[0].tokens)
+    # Rows: the character first; positions in front, since 天 天 repeat.
+    assert rows[0].split()[:2] == ["0", "今₁"] and rows[1].split()[:2] == ["1", "今₂"]
     lines = plain.splitlines()
-    column_line = lines[lines.index(next(x for x in lines if "attn layer 0 head 0" in x)) + 1]
-    assert column_line.split()[:3] == ["今", "今", "天"]  # columns: the character, not <e…
-    assert len(header) == len(trace.inputs[0].tokens)
+    column_line = lines[lines.index(next(x for x in lines if "attn layer 0 head 0" in x)) + 2]
+    assert lines[lines.index(column_line) - 1].split()[:3] == ["0", "1", "2"]  # 天 天 repeat
+    # Columns: a continuation piece is marked, so 今 split in two does not read as 今今.
+    assert column_line.split()[:3] == ["今₁", "今₂", "天"]
     assert max(cell_len(line) for line in plain.splitlines()) <= width
+
+
+def test_strongest_keys_align_by_cell_width_for_chinese():
+    # Keys are CJK (two cells each): padded by len() the weight columns drift row by row.
+    text = (SAMPLES / "chinese_paragraph.txt").read_text(encoding="utf-8")
+    trace = trace_of(text, heads=(0,))
+    plain = ANSI.sub("", render(trace, 120, False))
+    listed = [x for x in plain.splitlines() if re.match(r"^\s*\d+ .* \d+:", x)]
+    assert len(listed) > 10
+    for line in listed:
+        # Each "pos:label weight" item starts at the same cell offset in every row.
+        # Key positions are right-aligned: measure where each item's ":" ends.
+        ends = [cell_len(line[:m.end()]) for m in re.finditer(r"\d+:", line)]
+        assert ends == [ends[0] + i * (ends[1] - ends[0]) for i in range(len(ends))]
+    offsets = {cell_len(x[:re.search(r"\d+:", x).end()]) for x in listed}
+    assert len(offsets) == 1, offsets  # and the first item starts in the same cell everywhere
+    assert not any(".00" in x for x in listed)  # keys below 0.005 are not listed
 
 
 def test_stages_side_by_side():
@@ -159,7 +188,10 @@ def test_long_text_switches_to_strongest_keys():
     text = " ".join(["word"] * 300)
     trace = trace_of(text, heads=(0,))
     plain = ANSI.sub("", render(trace, 100, False))
-    assert "strongest keys" in plain and "query rows not shown" in plain
+    flat = " ".join(plain.split())
+    assert "strongest keys" in flat
+    # What was not listed, and the option that lists it, said exactly.
+    assert "(queries 0–275 not listed: list them with --query 0:275; --json has every row)" in flat
     assert "tokens not shown" in plain
     assert max(cell_len(line) for line in plain.splitlines()) <= 100
     assert len(plain.splitlines()) < 120
@@ -235,11 +267,13 @@ def test_masked_cells_are_where_the_mask_forbids(padding):
     start = next(i for i, x in enumerate(lines) if "attn layer 0 head 0 · text 1" in x)
     allowed = expected_allowed(trace, 1)
     for q, line in enumerate(lines[start + 2:start + 2 + 6]):
-        if not allowed[q].any():
-            assert render_heatmaps.PAD_ROW in line  # a pad query: struck through
-            continue
         shown = line.split()[-6:]
-        assert [c == "·" for c in shown] == list(~allowed[q])
+        valid = trace.inputs[1].valid
+        # Each forbidden cell says which mask forbids it: × padding (a pad key, or every key of
+        # a pad query), · the causal mask; an allowed cell is a number.
+        expected = ["×" if not (valid[q] and valid[k]) else "·" if not allowed[q, k] else "num"
+                    for k in range(6)]
+        assert [c if c in "·×" else "num" for c in shown] == expected
 
 
 def test_cross_attention_mask_is_both_texts_real_tokens():
@@ -415,8 +449,10 @@ def test_every_width_keeps_lines_labels_and_formulas_whole(name, width):
     assert any("cross-attention" in x for x in head) == (trace.cross is not None)
     # Token strip: every pos:label on one line (a label like <f0 9f 91> has spaces).
     for inp in [*trace.inputs, *(trace.cross or [])]:
-        for pos, tok in enumerate(inp.tokens):
-            assert any(f"{pos}:{tok.text}" in x for x in lines), f"{pos}:{tok.text}"
+        names = [n for n, real in zip(render_heatmaps.reading_labels(inp), inp.valid,
+                                      strict=True) if real]
+        for pos, name in enumerate(names):
+            assert any(f"{pos}:{name}" in x for x in lines), f"{pos}:{name}"
     # Shape trace: every formula whole.
     for formula in {s.op for s in trace.steps}:
         one_line = width == 160 or cell_len(formula) <= ONE_LINE
@@ -435,7 +471,7 @@ def test_every_width_keeps_lines_labels_and_formulas_whole(name, width):
         assert re.search(rf"{k_len} keys do not fit in {width} columns: the (\d+ )?strongest "
                          r"keys? of each query", flat)
     if any(i.padding for i in trace.inputs):  # the pad legend on a line of its own
-        assert any(x.startswith(f"<pad> {render_heatmaps.PAD_ROW * 3} pad query") for x in lines)
+        assert f"{render_heatmaps.PADDED} padding mask (pad key, or pad query)" in plain
     if trace.predictions and width >= 80:  # the title above the table, on one line
         titles = [x for x in lines if x.startswith("next token after")]
         assert len(titles) == 2 and all(x.rstrip().endswith("T = 1)") for x in titles)

@@ -282,6 +282,13 @@ def trace(
                                                  show_default=False)] = None,
     stages: Annotated[bool, Opt("--stages", help="Also show raw, scaled and masked scores.",
                                 rich_help_panel="View")] = False,
+    query: Annotated[str | None, Opt("--query", help="Query rows to draw: a position P or a "
+                                     "range A:B; with P, also the text shaded by its attention.",
+                                     rich_help_panel="View", show_default=False)] = None,
+    keys: Annotated[str | None, Opt("--keys", help="Key columns to draw: a range A:B (or P).",
+                                    rich_help_panel="View", show_default=False)] = None,
+    numbers: Annotated[bool, Opt("--numbers", help="With --query P: each token's weight beside "
+                                 "it (always without color).", rich_help_panel="View")] = False,
     values: Annotated[bool, Opt("--values", help="Print the numbers (small configurations only).",
                                 rich_help_panel="View")] = False,
     predict: Annotated[bool, Opt("--predict", help="Show the next-token distribution.",
@@ -300,6 +307,9 @@ def trace(
                                     rich_help_panel="Output")] = None,
     html: Annotated[Path | None, Opt("--html", help="Save the terminal view as HTML.",
                                      rich_help_panel="Output")] = None,
+    width: Annotated[int | None, Opt("--width", help="Columns of the view (default: the "
+                                     "terminal's; 120 for --svg/--html from a pipe).",
+                                     rich_help_panel="Output", show_default=False)] = None,
     force: Annotated[bool, Opt("--force", help="Overwrite files given to --save/--svg/--html.",
                                rich_help_panel="Output")] = False,
     debug: Debug = False,
@@ -309,6 +319,7 @@ def trace(
 
     request = runner.Request(
         **opts, layer=layer or [], head=head or [], batch_index=batch_index, stages=stages,
+        query=query, keys=keys, numbers=numbers, width=width,
         values=values, predict=predict, top_k=top_k, temperature=temperature, json=json_,
         precision=precision, save=save, svg=svg, html=html, force=force,
     )

@@ -14,7 +14,17 @@ from rich.cells import cell_len, set_cell_size
 from rich.console import Console, RenderableType
 from rich.text import Text
 
-from attn_tracer.render_heatmaps import attention_maps, legend
+from attn_tracer.render_heatmaps import (
+    PAD_LABEL,
+    PIECE,
+    attention_maps,
+    column_labels,
+    labels,
+    legend,
+    mask_marks,
+    reading_labels,
+    shaded_text,
+)
 from attn_tracer.render_layout import GAP, flow, plural
 from attn_tracer.render_numbers import predictions, stages, values
 from attn_tracer.render_shapes import shape_table
@@ -29,9 +39,11 @@ def header(trace: Trace, width: int = 120) -> Text:
     rows = len(trace.inputs)
     lengths = ", ".join(str(i.length) for i in trace.inputs)
     tokens = plural(trace.inputs[0].length, "token") if rows == 1 else f"{lengths} tokens"
-    items = [plural(rows, "text"), tokens,
+    sizes = [plural(rows, "text"), tokens,
              f"{plural(c.layers, 'layer')} × {plural(c.heads, 'head')}", f"d_model {c.d_model}",
-             f"d_head {c.d_head}", c.arch, f"pos {c.pos}", f"mask {c.mask}"]
+             f"d_head {c.d_head}"]
+    # The switches on a line of their own: a name like "attn" alone after a wrap reads as noise.
+    items = [f"arch {c.arch}", f"pos {c.pos}", f"mask {c.mask}"]
     if not c.scale:
         items.append("NO SCALE")
     if trace.cross:
@@ -41,7 +53,9 @@ def header(trace: Trace, width: int = 120) -> Text:
         items.append(f"cross-attention over {k}")
     first = Text("attn trace", style="bold")
     first.append("  ")
-    t = flow([Text(i, style="dim") for i in items], width, first=first)
+    t = flow([Text(i, style="dim") for i in sizes], width, first=first)
+    t.append("\n")
+    t.append_text(flow([Text(i, style="dim") for i in items], width))
     t.append("\n")
     what = (f"GPT-2 weights from {c.weights}" if c.weights
             else f"random weights, seed {c.seed} (untrained)")
@@ -60,6 +74,7 @@ def token_strip(inp: Input, title: str, width: int = 120) -> Text:
     t.append(f"{title} ", style="bold")
     t.append(f"({plural(inp.length, 'token')})\n", style="dim")
     n = len(inp.tokens)
+    names = [name for name, real in zip(reading_labels(inp), inp.valid, strict=True) if real]
     shown = list(range(n))
     if n > STRIP_HEAD + STRIP_TAIL:
         shown = [*range(STRIP_HEAD), *range(n - STRIP_TAIL, n)]
@@ -70,7 +85,7 @@ def token_strip(inp: Input, title: str, width: int = 120) -> Text:
             t.append(("\n" if used else "") + f"… {n - len(shown)} tokens not shown "
                      "(attn tokens lists them all) …\n", style="dim")
             used = 0
-        label = inp.tokens[pos].text
+        label = names[pos]
         room = width - len(f"{pos}:")
         if cell_len(label) > room:
             label = set_cell_size(label, max(room - 1, 0)) + "…"
@@ -98,21 +113,26 @@ def show(console: Console, renderable: RenderableType) -> None:
 
 def render(trace: Trace, console: Console, *, show_stages: bool = False,
            weights: dict[str, np.ndarray] | None = None, show_values: bool = False,
-           batch_rows: list[int] | None = None) -> None:
+           batch_rows: list[int] | None = None, queries: range | None = None,
+           keys: range | None = None, numbers: bool = False) -> None:
     width = console.width
+    colored = console.color_system is not None and not console.no_color
     show(console, header(trace, width))
     console.print()
     for b, inp in enumerate(trace.inputs):
         title = f"text {b}" if len(trace.inputs) > 1 else "tokens"
         show(console, token_strip(inp, title, width))
         if inp.padding:
-            console.print(Text(f"  + {inp.padding} <pad> ({inp.side}) — <|endoftext|>, id "
-                               f"{ENDOFTEXT_ID},"
-                               " masked out as a key; a pad query attends to nothing (row of 0)",
-                               style="dim"))
+            console.print(Text(f"  + {plural(inp.padding, PAD_LABEL)} ({inp.side}): "
+                               f"<|endoftext|>, id {ENDOFTEXT_ID}, masked out as a key; a pad "
+                               "query attends to nothing (a row of 0)", style="dim"))
     for b, inp in enumerate(trace.cross or []):
         if b == 0 or inp.text != trace.cross[0].text:  # type: ignore[index]
             console.print(token_strip(inp, f"cross text {b}", width))
+    if any(PIECE in label for inp in [*trace.inputs, *(trace.cross or [])]
+           for label in column_labels(inp)):
+        console.print(Text("今₁ 今₂: the pieces of one character that GPT-2 split across "
+                           "tokens (attn tokens shows their bytes)", style="dim"))
     console.print()
     console.print(Text("shape trace", style="bold"))
     show(console, shape_table(trace.steps, width))
@@ -132,14 +152,42 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
             console.print(Text(f"stages of head {head} (choose another with --head)",
                                style="dim"))
         show(console, stages(trace, layer, head, width, row))
-    maps = attention_maps(trace, width, "attn", batch_rows)
-    if trace.cross:
-        maps += attention_maps(trace, width, "cross_attn", batch_rows)
+    kinds = ["attn", "cross_attn"] if trace.cross else ["attn"]
+    maps = [m for kind in kinds
+            for m in attention_maps(trace, width, kind, batch_rows, queries, keys)]
     if maps:
         console.print(Text("attention patterns (rows: queries, columns: keys)", style="bold"))
         for m in maps:
             show(console, m)
-        show(console, legend(any(i.padding for i in trace.inputs), width))
+        if queries is not None and len(queries) == 1:
+            for kind in kinds:
+                for item in query_texts(trace, kind, queries.start, width, batch_rows,
+                                        numbers or not colored):
+                    show(console, item)
+        show(console, legend(any(i.padding for i in trace.inputs) or bool(
+            trace.cross and any(i.padding for i in trace.cross)), width,
+            causal=trace.config.mask == "causal", colored=colored))
     if trace.predictions:
         console.print()
         console.print(predictions(trace, width, batch_rows))
+
+
+def query_texts(trace: Trace, kind: str, query: int, width: int,
+                batch_rows: list[int] | None, numbers: bool) -> list[Text]:
+    """For one query: the text its keys come from, each token shaded by the weight it gets."""
+    out = []
+    keys_from = trace.cross if kind == "cross_attn" else trace.inputs
+    for layer, pattern in trace.patterns(kind):
+        for b in batch_rows if batch_rows is not None else range(pattern.shape[0]):
+            inp = keys_from[b]  # type: ignore[index]
+            marks = mask_marks(trace, kind, b)
+            for i, h in enumerate(trace.selection.heads):
+                where = f" · text {b}" if len(trace.inputs) > 1 else ""
+                title = Text(f"{kind} layer {layer} head {h}{where}: what query {query} "
+                             f"({labels(trace.inputs[b])[query]}) attends to", style="bold")
+                title.append("\n")
+                title.append_text(shaded_text(pattern[b, i], reading_labels(inp), marks, query,
+                                              width,
+                                              numbers))
+                out.append(title)
+    return out

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import io
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from attn_tracer.errors import UsageError
 from attn_tracer.tokens import VOCAB
 
 VALUES_LIMIT = 16  # --values prints every number: beyond this, nobody reads them
+SAVED_WIDTH = 120  # columns of --svg/--html when neither a terminal nor COLUMNS says
 
 
 @dataclass
@@ -48,6 +50,10 @@ class Request:
     head: list[str] = field(default_factory=list)
     batch_index: list[int] | None = None
     stages: bool = False
+    query: str | None = None
+    keys: str | None = None
+    numbers: bool = False
+    width: int | None = None
     values: bool = False
     predict: bool = False
     top_k: int = 10
@@ -189,6 +195,8 @@ def validate(r: Request) -> None:
     from attn_tracer.engine import check_choices
 
     check_choices(r.engine, r.device, r.dtype)
+    if r.width is not None and not 40 <= r.width <= 1000:
+        raise UsageError(f"--width must be between 40 and 1000 columns; got {r.width}")
     if r.precision is not None and not 0 <= r.precision <= 12:
         raise UsageError(f"--precision must be between 0 and 12 decimals; got {r.precision}")
     if r.values and r.json:
@@ -211,11 +219,34 @@ def validate(r: Request) -> None:
         raise UsageError("--save, --svg and --html must name different files")
 
 
+def parse_range(text: str, count: int, flag: str) -> range:
+    """`P`, `A:B` (both ends included), `A:` or `:B` → the positions, checked against `count`."""
+    head, colon, tail = text.strip().partition(":")
+    try:
+        start = int(head) if head.strip() else 0
+        stop = (int(tail) if tail.strip() else count - 1) if colon else start
+    except ValueError:
+        raise UsageError(f"{flag} takes a position P or a range A:B; got {text!r}") from None
+    if not (0 <= start <= stop < count):
+        raise UsageError(f"{flag} {text} is out of range: positions go from 0 to {count - 1}"
+                         + (" (A:B needs A ≤ B)" if colon and 0 <= stop < start else ""))
+    return range(start, stop + 1)
+
+
+def view_ranges(r: Request, length: int, k_len: int) -> tuple[range | None, range | None]:
+    """The query rows and key columns the heatmaps draw (--query, --keys)."""
+    queries = parse_range(r.query, length, "--query") if r.query is not None else None
+    keys = parse_range(r.keys, k_len, "--keys") if r.keys is not None else None
+    return queries, keys
+
+
 def ignored_options(r: Request) -> list[str]:
     """Options given that this run will not use: said, so that nothing is silently dropped."""
     out = []
     if not r.predict and (r.top_k != 10 or r.temperature != 1.0):
         out.append("--top-k and --temperature shape --predict's table; add --predict to see it")
+    if r.numbers and (r.query is None or ":" in r.query):
+        out.append("--numbers writes the weights beside the text shaded by one --query P")
     if r.weights is not None and r.seed != 0:
         out.append("--seed draws random weights; with --weights it changes nothing")
     return out
@@ -260,6 +291,7 @@ def compute(r: Request, notice: Callable[[str], None]):
     if r.values and max(length, k_len) > VALUES_LIMIT:
         raise UsageError(f"--values prints every number: use it with at most {VALUES_LIMIT} "
                          "tokens in each text (cut with --max-length)")
+    view_ranges(r, length, k_len)  # refused now, before the run, not after
     if r.batch_index is not None:
         for b in r.batch_index:
             if not 0 <= b < len(texts):
@@ -333,7 +365,9 @@ def render_view(r: Request, trace, weights, target):
 
     from attn_tracer import render_terminal
 
-    buffer = Console(file=io.StringIO(), width=target.width, color_system=target.color_system,
+    width = r.width or (target.width if target.is_terminal or "COLUMNS" in os.environ
+                        or not (r.svg or r.html) else SAVED_WIDTH)
+    buffer = Console(file=io.StringIO(), width=width, color_system=target.color_system,
                      force_terminal=target.is_terminal, no_color=target.no_color,
                      legacy_windows=False, highlight=False,
                      record=r.svg is not None or r.html is not None)
@@ -341,6 +375,10 @@ def render_view(r: Request, trace, weights, target):
         # --save and --json keep every layer by default; the view still draws layer 0 alone.
         trace = dataclasses.replace(
             trace, selection=dataclasses.replace(trace.selection, layers=(0,)))
+    length = len(trace.inputs[0].valid)
+    k_len = len(trace.cross[0].valid) if trace.cross else length
+    queries, keys = view_ranges(r, length, k_len)
     render_terminal.render(trace, buffer, show_stages=r.stages, weights=weights.params,
-                           show_values=r.values, batch_rows=r.batch_index)
+                           show_values=r.values, batch_rows=r.batch_index, queries=queries,
+                           keys=keys, numbers=r.numbers)
     return buffer

@@ -133,6 +133,10 @@ def _visible(ch: str) -> str:
         category == "Zs" and ch != " "
     ) or ch == "\ufffd":  # a literal U+FFFD must not look like a failed decode
         return f"<U+{code:04X}>"
+    if 0xFE00 <= code <= 0xFE0F or 0xE0100 <= code <= 0xE01EF:
+        # A variation selector only picks how the character before it is drawn (❤️ vs ❤);
+        # alone it is invisible, and a dotted circle would claim a mark that is not there.
+        return f"<U+{code:04X}>"
     if category.startswith("M"):
         return "◌" + ch  # a combining mark alone needs a base to be seen
     return ch
