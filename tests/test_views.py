@@ -151,3 +151,20 @@ def test_width_sets_the_saved_view(runner, tmp_path):
     assert max(cell_len(x) for x in result.stdout.splitlines()) <= 150
     # Rich writes the terminal's width into the SVG's clip path: 150 columns, not 80.
     assert svg.read_text().count("<svg") == 1
+
+
+def test_the_attn_architecture_reports_no_mlp_or_layernorm(runner):
+    import json
+
+    doc = json.loads(runner.invoke(app, ["trace", "hi", *SMALL, "--json"]).stdout)
+    assert "d_mlp" not in doc["config"] and "ln_eps" not in doc["config"]
+    gpt2 = json.loads(runner.invoke(app, ["trace", "hi", *SMALL, "--arch", "gpt2",
+                                          "--json"]).stdout)
+    assert gpt2["config"]["d_mlp"] == 64 and gpt2["config"]["ln_eps"] == 1e-5
+
+
+def test_saved_svg_needs_no_network(runner, tmp_path):
+    svg = tmp_path / "v.svg"
+    assert runner.invoke(app, ["trace", "今天", *SMALL, "--svg", str(svg)]).exit_code == 0
+    text = svg.read_text(encoding="utf-8")
+    assert "url(" not in text and "cdnjs" not in text

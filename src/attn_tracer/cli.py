@@ -301,8 +301,9 @@ def trace(
                                rich_help_panel="Output")] = False,
     precision: Annotated[int | None, Opt("--precision", help="Round JSON floats to N decimals.",
                                          rich_help_panel="Output")] = None,
-    save: Annotated[Path | None, Opt("--save", help="Save every step's tensor of the shown layers"
-                                     " (.npz or .safetensors).", rich_help_panel="Output")] = None,
+    save: Annotated[Path | None, Opt("--save", help="Save every step's tensor of the --layer "
+                                     "layers (default: all) (.npz or .safetensors).",
+                                     rich_help_panel="Output")] = None,
     svg: Annotated[Path | None, Opt("--svg", help="Save the terminal view as SVG.",
                                     rich_help_panel="Output")] = None,
     html: Annotated[Path | None, Opt("--html", help="Save the terminal view as HTML.",

@@ -61,7 +61,10 @@ class Config:
         return self.d_model // self.heads
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "d_head": self.d_head}
+        out = {**asdict(self), "d_head": self.d_head}
+        if self.arch == "attn":  # attention and residual only: no MLP, no LayerNorm to describe
+            del out["d_mlp"], out["ln_eps"]
+        return out
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -9,6 +9,8 @@ blocks go side by side only as far as their real widths allow, and a formula is 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from rich.cells import cell_len, set_cell_size
 from rich.console import Console, RenderableType
@@ -191,3 +193,18 @@ def query_texts(trace: Trace, kind: str, query: int, width: int,
                                               numbers))
                 out.append(title)
     return out
+
+
+def export_svg(console: Console, title: str) -> str:
+    """The recorded view as SVG that renders offline, as it does on screen.
+
+    Rich's template fetches Fira Code from a CDN; a saved view must not need the network, so
+    the font is taken from the machine (local(), or the first monospace font it has).
+    """
+    from rich._export_format import CONSOLE_SVG_FORMAT
+
+    offline = re.sub(r',\s*url\("https?://[^"]*"\) format\("[^"]*"\)', "", CONSOLE_SVG_FORMAT)
+    offline = offline.replace("font-family: Fira Code, monospace;",
+                              "font-family: Fira Code, 'DejaVu Sans Mono', Menlo, Consolas, "
+                              "'Noto Sans Mono CJK SC', 'Noto Color Emoji', monospace;")
+    return console.export_svg(title=title, clear=False, code_format=offline)

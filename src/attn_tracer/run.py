@@ -349,7 +349,9 @@ def write_outputs(r: Request, trace, weights, console: Callable) -> None:
     if not r.json or r.svg or r.html:
         view = render_view(r, trace, weights, console())
         if r.svg is not None:
-            save.write_atomic(r.svg, view.export_svg(title="attn trace", clear=False).encode())
+            from attn_tracer.render_terminal import export_svg
+
+            save.write_atomic(r.svg, export_svg(view, "attn trace").encode())
         if r.html is not None:
             save.write_atomic(r.html, view.export_html(clear=False).encode())
     if r.json:
