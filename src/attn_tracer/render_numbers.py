@@ -393,9 +393,12 @@ def value_circuit_view(weights: dict[str, np.ndarray], config, layer: int, kind:
     dims, head_dims = [str(i) for i in range(d_model)], [str(i) for i in range(d_head)]
     name = f"L{layer}H{head}"
     items = [
-        matrix(vc.down, dims, head_dims, f"value down W_V[:, {head}]  [d_model, d_head]"),
-        matrix(vc.up, head_dims, dims, f"value up W_O[{head}]  [d_head, d_model]"),
-        matrix(vc.ov, dims, dims, f"W_OV = W_V[:, {head}]·W_O[{head}]  [d_model, d_model]"),
+        matrix(vc.down, dims, head_dims, f"value down W_V[:, {head}]  "
+               f"{_shape(('d_model', 'd_head'), vc.down.shape)}"),
+        matrix(vc.up, head_dims, dims, f"value up W_O[{head}]  "
+               f"{_shape(('d_head', 'd_model'), vc.up.shape)}"),
+        matrix(vc.ov, dims, dims, f"W_OV = W_V[:, {head}]·W_O[{head}]  "
+               f"{_shape(('d_model', 'd_model'), vc.ov.shape)}"),
     ]
     return [Text(f"the value circuit of {name}{' (cross)' if kind == 'cross_attn' else ''}: "
                  "how the head maps what it reads to what it writes, d_model → d_model",

@@ -165,6 +165,7 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
         for kind in kinds:
             block = "cross_attn " if kind == "cross_attn" else ""
             keys = " (keys from the cross text, no causal mask)" if kind == "cross_attn" else ""
+            console.print()
             console.print(Text(f"stages of {block}layer {layer} head {head}{where}{keys}: "
                                "scores → ÷√d_head → + mask → softmax", style="bold"))
             if len(heads) > 1 and kind == "attn":
