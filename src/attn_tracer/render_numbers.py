@@ -68,8 +68,9 @@ def matrix(m: np.ndarray, rows: list[str], cols: list[str], title: str,
     bias = _Numbers(footer[1][None, :], False, cell) if footer is not None else None
     for a, b in spans:
         if len(spans) > 1:
-            first, last = (cols[a], cols[b - 1]) if cols else (str(a), str(b - 1))
-            t.append(f"columns {first} … {last} ({a}–{b - 1} of {n})\n", style="dim italic")
+            named = cols and (cols[a], cols[b - 1]) != (str(a), str(b - 1))
+            t.append((f"columns {cols[a]} … {cols[b - 1]} ({a}–{b - 1} of {n})" if named
+                      else f"columns {a}–{b - 1} of {n}") + "\n", style="dim italic")
         if cols:
             t.append(" " * (LABEL_WIDTH + 1))
             for j in range(a, b):
@@ -156,7 +157,7 @@ def _fmt(v: float, digits: int | None) -> str:
 
 # ── the mask, as the matrix that is added to the scores ─────────────────────────────────────
 
-def mask_blocks(trace: Trace, kind: str, b: int) -> list[Text]:
+def mask_blocks(trace: Trace, kind: str, b: int, width: int | None = None) -> list[Text]:
     """The additive mask [q_len, k_len] of batch row `b`: 0 where a query may see a key, −∞
     where not. With padding and a causal mask, the two parts first and then their sum."""
     inp = trace.inputs[b]
@@ -172,29 +173,36 @@ def mask_blocks(trace: Trace, kind: str, b: int) -> list[Text]:
         return [Text(f"mask: none ({why}, no padding): the scores pass unchanged", style="dim")]
     parts = []
     if causal is not None:
-        parts.append(additive(causal, rows, cols, "causal mask (k > q)"))
+        parts.append(additive(causal, rows, cols, "causal mask (k > q)", width))
     if padded:
-        parts.append(additive(padding, rows, cols, "padding mask (<pad>)"))
+        parts.append(additive(padding, rows, cols, "padding mask (<pad>)", width))
     if len(parts) == 2:
         parts.append(additive(causal & padding, rows, cols,  # type: ignore[operator]
-                              "mask = causal + padding"))
+                              "mask = causal + padding", width))
     return parts
 
 
-def additive(allowed: np.ndarray, rows: list[str], cols: list[str], title: str) -> Text:
-    """A mask matrix: 0 where allowed, −∞ elsewhere (what is added to the scores)."""
+def additive(allowed: np.ndarray, rows: list[str], cols: list[str], title: str,
+             width: int | None = None) -> Text:
+    """A mask matrix: 0 where allowed, −∞ elsewhere (what is added to the scores); wider than
+    `width`, it wraps into blocks of columns as `matrix` does."""
     cell = 4
+    n = allowed.shape[1]
+    spans = _column_spans(n, cell, None, width)
     t = Text(no_wrap=True, overflow="crop")
     t.append(f"{title}\n", style="bold")
-    t.append(" " * (LABEL_WIDTH + 1))
-    for c in cols:
-        t.append(f"{fit(c, cell - 1)} ", style="cyan")
-    t.append("\n")
-    for i, row in enumerate(allowed):
-        t.append(f"{fit(rows[i], LABEL_WIDTH)} ", style="cyan")
-        for ok in row:
-            t.append(f"{'0' if ok else '−∞':>{cell - 1}} ", style="" if ok else "dim")
+    for a, b in spans:
+        if len(spans) > 1:
+            t.append(f"columns {a}–{b - 1} of {n}\n", style="dim italic")
+        t.append(" " * (LABEL_WIDTH + 1))
+        for c in cols[a:b]:
+            t.append(f"{fit(c, cell - 1)} ", style="cyan")
         t.append("\n")
+        for i, row in enumerate(allowed):
+            t.append(f"{fit(rows[i], LABEL_WIDTH)} ", style="cyan")
+            for ok in row[a:b]:
+                t.append(f"{'0' if ok else '−∞':>{cell - 1}} ", style="" if ok else "dim")
+            t.append("\n")
     return t
 
 
@@ -298,19 +306,19 @@ def values(trace: Trace, weights: dict[str, np.ndarray], layer: int, width: int,
         if key not in trace.tensors:
             continue
         if name == "masked" or (name == "pattern" and f"{prefix}.masked" not in trace.tensors):
-            out.append(grid(mask_blocks(trace, kind, batch), width))
+            out.append(grid(mask_blocks(trace, kind, batch, width), width))
             out.append(Text(MASK_NOTE, style="dim"))
         out.append(grid([matrix(trace.tensors[key][batch, i], rows, keys,
                                 f"{name} L{layer}H{h}  [{q_len}, {k_len}]",
-                                probability=name == "pattern",
-                                allowed=allowed) for i, h in enumerate(heads)], width))
+                                probability=name == "pattern", allowed=allowed, width=width)
+                         for i, h in enumerate(heads)], width))
         if name == "pattern":
             out.append(softmax_note(trace.tensors[key][batch], allowed, inp.valid))
     if f"{prefix}.z" in trace.tensors:
         head_cols = [str(i) for i in range(d_head)]
         out.append(grid([matrix(trace.tensors[f"{prefix}.z"][batch, i], rows, head_cols,
-                                f"Z L{layer}H{h} = pattern·V  [{q_len}, {d_head}]")
-                         for i, h in enumerate(heads)], width))
+                                f"Z L{layer}H{h} = pattern·V  [{q_len}, {d_head}]",
+                                width=width) for i, h in enumerate(heads)], width))
     tensor(f"{prefix}.z.merge", f"Z, heads merged (concat)  "
            f"{_shape(('len', wide), (q_len, w))}", cols=by_head, group=d_head)
     weight("O")
@@ -394,11 +402,11 @@ def value_circuit_view(weights: dict[str, np.ndarray], config, layer: int, kind:
     name = f"L{layer}H{head}"
     items = [
         matrix(vc.down, dims, head_dims, f"value down W_V[:, {head}]  "
-               f"{_shape(('d_model', 'd_head'), vc.down.shape)}"),
+               f"{_shape(('d_model', 'd_head'), vc.down.shape)}", width=width),
         matrix(vc.up, head_dims, dims, f"value up W_O[{head}]  "
-               f"{_shape(('d_head', 'd_model'), vc.up.shape)}"),
+               f"{_shape(('d_head', 'd_model'), vc.up.shape)}", width=width),
         matrix(vc.ov, dims, dims, f"W_OV = W_V[:, {head}]·W_O[{head}]  "
-               f"{_shape(('d_model', 'd_model'), vc.ov.shape)}"),
+               f"{_shape(('d_model', 'd_model'), vc.ov.shape)}", width=width),
     ]
     return [Text(f"the value circuit of {name}{' (cross)' if kind == 'cross_attn' else ''}: "
                  "how the head maps what it reads to what it writes, d_model → d_model",

@@ -139,11 +139,13 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
         if peaks is not None:
             length = trace.inputs[0].length + trace.inputs[0].padding
             console.print(cost_summary(costs, length, *peaks))
+        console.print()
     if show_circuits and weights is not None:
         console.print()
         console.print(Text("value circuits: W_OV = value down · value up, per head", style="bold"))
         show(console, circuits_table(weights, trace.config, trace.selection.layers,
                                      trace.selection.heads, kinds))
+        console.print()
     if show_values and weights is not None:
         for layer in trace.selection.layers:
             for b in rows:
