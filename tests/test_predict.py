@@ -173,6 +173,17 @@ def test_cli_view_shows_table(model) -> None:
         assert f"{ref_probs[i]:.4f}" in out
 
 
+def test_cli_d_head_keeps_the_checkpoints(model) -> None:
+    """--d-head may restate a checkpoint's head width (64 / 4 = 16), never change it."""
+    ok = runner.invoke(app, ["trace", "--weights", str(model[1]), "--d-head", "16", "--json",
+                             "--layer", "0", "--head", "0", "Hello"])
+    assert ok.exit_code == 0, ok.stderr
+    assert json.loads(ok.stdout)["config"]["d_head"] == 16
+    bad = runner.invoke(app, ["trace", "--weights", str(model[1]), "--d-head", "8", "Hello"])
+    assert bad.exit_code == 2 and bad.stdout == ""
+    assert "--d-head 8 conflicts with the checkpoint's 16-dimensional heads" in bad.stderr
+
+
 @pytest.mark.parametrize("arch", ["attn", "gpt2"])
 def test_cli_random_weights_say_untrained(arch: str) -> None:
     result = runner.invoke(app, ["trace", "--predict", "--top-k", "3", "--d-model", "16",

@@ -32,3 +32,30 @@ def test_ci_runs_the_readme_test_command():
     assert test_command.split(" && ")[-1] == "pytest"
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert test_command.replace(". .venv/bin/activate && ", "") in ci
+
+
+def test_learning_walkthrough_shows_what_each_command_prints():
+    """Each block of "Learning attention with attn": its command's real output, excerpted; the
+    lines between two `…` markers are consecutive lines of the output, in order."""
+    import shlex
+
+    section = README.split("## Learning attention with attn", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```\n\$ (attn .+?)\n(.*?)```", section, re.S)
+    assert len(blocks) >= 12, "the walkthrough lost a step"
+    commands = [command for command, _ in blocks]
+    for needle in ("--d-head 3", "--pad-to 16", "--stages", "--circuits", "--cost", "--cross",
+                   "-T 0.5", "-T 2"):
+        assert any(needle in c for c in commands), needle
+    runner = CliRunner()
+    for command, shown in blocks:
+        args = shlex.split(command)[1:]
+        result = runner.invoke(app, args, env={"COLUMNS": "100", "NO_COLOR": "1"})
+        assert result.exit_code == 0, (command, result.stderr)
+        actual = [line.rstrip() for line in result.stdout.splitlines()]
+        at = 0
+        for chunk in shown.rstrip("\n").split("\n…\n"):
+            lines = chunk.split("\n")
+            found = next((i for i in range(at, len(actual) - len(lines) + 1)
+                          if actual[i:i + len(lines)] == lines), None)
+            assert found is not None, (command, chunk)
+            at = found + len(lines)

@@ -16,7 +16,8 @@ from attn_tracer.weights import random_weights
 
 SMALL = {"d_model": 64, "heads": 4, "layers": 2}
 SENTENCE = "The cat sat on the mat."
-DIMS = {"batch", "len", "q_len", "k_len", "d_model", "heads", "d_head", "d_mlp", "vocab"}
+DIMS = {"batch", "len", "q_len", "k_len", "d_model", "heads", "d_head", "heads·d_head", "d_mlp",
+        "vocab"}
 SIZES = {"d_model": 64, "heads": 4, "d_head": 16, "d_mlp": 256, "vocab": 50257}
 
 
@@ -44,6 +45,9 @@ CASES = {
     "batch of 2, left": {"texts": [SENTENCE, "Hi"], "padding": "left"},
     "cross": {"texts": [SENTENCE, "Hi"], "cross_texts": ["Le chat est assis sur le tapis"]},
     "cross, 2 texts": {"texts": [SENTENCE, "Hi"], "cross_texts": ["Le chat", "Bonjour à tous"]},
+    # --d-head: heads·d_head (4·24 = 96) is not d_model (64); the word says so in dims.
+    "d_head 24, gpt2": {"d_head": 24, "arch": "gpt2"},
+    "d_head 5, cross": {"d_head": 5, "texts": [SENTENCE, "Hi"], "cross_texts": ["Le chat"]},
 }
 
 
@@ -71,7 +75,9 @@ def test_every_step_has_the_shape_of_its_tensor(case, engine):
         assert step.op, step.name
         # A dimension word means one size: len is the batch length (the cross text's own, in
         # its "cross." stages); keys are the cross text's tokens in cross-attention only.
-        sizes = {"batch": len(texts), **SIZES, "q_len": length, "k_len": length,
+        d_head = options.get("d_head", SIZES["d_head"])
+        sizes = {"batch": len(texts), **SIZES, "d_head": d_head, "heads·d_head": 4 * d_head,
+                 "q_len": length, "k_len": length,
                  "len": cross_len if step.name.startswith("cross.") else length}
         if ".cross_attn." in step.name:
             sizes["k_len"] = cross_len

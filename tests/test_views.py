@@ -169,3 +169,52 @@ def test_saved_svg_needs_no_network(runner, tmp_path):
     text = svg.read_text(encoding="utf-8")
     # url(#…) are the SVG's own clip paths; nothing may point off the machine.
     assert not re.search(r"url\(\s*[\"']?https?:", text) and "cdnjs" not in text
+
+
+# ── a property: no view is wider than its console, and nothing it promises goes missing ─────
+
+VIEW_PIECES = ["The cat", " sat", "今天天气很好", "🙂", "👩‍👩‍👧", "❤️", "e\u0301", "\t", "\n",
+               " twenty", " twenty", "[red]", "x" * 30]
+VIEW_OPTIONS = [[], ["--stages"], ["--predict", "--top-k", "5"], ["--query", "0"],
+                ["--query", "1:"], ["--keys", ":1"], ["--mask", "none"]]
+
+
+def _promised_rows(out: str, n_queries: int) -> bool:
+    """Each heatmap draws every query row, or the view says which it listed."""
+    if "keys do not fit" in out:
+        return "not listed" in out or n_queries <= render_heatmaps.LISTED_ROWS
+    return True
+
+
+@pytest.mark.slow
+def test_views_fit_any_width_and_say_what_they_leave_out(runner):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    texts = st.lists(st.sampled_from(VIEW_PIECES), min_size=1, max_size=8).map("".join)
+
+    @settings(max_examples=40, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(text=texts, second=st.one_of(st.none(), texts),
+           width=st.integers(min_value=40, max_value=200), options=st.sampled_from(VIEW_OPTIONS),
+           color=st.booleans())
+    def check(text, second, width, options, color):
+        batch = [text] if second is None else [text, second]
+        args = [*batch, *SMALL, "--head", "0", *options]
+        env = {"COLUMNS": str(width)}
+        env.update({"FORCE_COLOR": "1", "NO_COLOR": ""} if color else {"NO_COLOR": "1"})
+        result = runner.invoke(app, ["trace", *args], env=env, color=color)
+        if result.exit_code == 2:  # --query beyond a short text, or only whitespace: one line
+            assert result.stdout == "" and len(result.stderr.splitlines()) == 1
+            assert "out of range" in result.stderr or "only whitespace" in result.stderr
+            return
+        assert result.exit_code == 0, result.stderr
+        plain = ANSI.sub("", result.stdout)
+        too_wide = [x for x in plain.splitlines() if cell_len(x) > width]
+        assert not too_wide, too_wide[:2]
+        assert "cut at" not in plain  # a block wider than the console was cropped
+        n = max(len(tokens.tokenize(t)) for t in batch)
+        assert _promised_rows(plain, n)
+        assert "attn layer 0 head 0" in plain
+
+    check()

@@ -289,8 +289,15 @@ def trace(
                                     rich_help_panel="View", show_default=False)] = None,
     numbers: Annotated[bool, Opt("--numbers", help="With --query P: each token's weight beside "
                                  "it (always without color).", rich_help_panel="View")] = False,
-    values: Annotated[bool, Opt("--values", help="Print the numbers (small configurations only).",
+    values: Annotated[bool, Opt("--values", help="Print the numbers (small configurations only):"
+                                " each matrix, the mask, each head's ΔE, a value circuit.",
                                 rich_help_panel="View")] = False,
+    cost: Annotated[bool, Opt("--cost", help="Each step's bytes and multiply-adds, and how they "
+                              "grow with the text's length (len²: the scores).",
+                              rich_help_panel="View")] = False,
+    circuits: Annotated[bool, Opt("--circuits", help="Each head's value circuit W_V[:, h]·W_O[h]:"
+                                  " shapes, parameter counts, rank.",
+                                  rich_help_panel="View")] = False,
     predict: Annotated[bool, Opt("--predict", help="Show the next-token distribution.",
                                  rich_help_panel="View")] = False,
     top_k: Annotated[int, Opt("--top-k", help="Tokens shown by --predict.",
@@ -321,8 +328,9 @@ def trace(
     request = runner.Request(
         **opts, layer=layer or [], head=head or [], batch_index=batch_index, stages=stages,
         query=query, keys=keys, numbers=numbers, width=width,
-        values=values, predict=predict, top_k=top_k, temperature=temperature, json=json_,
-        precision=precision, save=save, svg=svg, html=html, force=force,
+        values=values, cost=cost, circuits=circuits, predict=predict, top_k=top_k,
+        temperature=temperature, json=json_, precision=precision, save=save, svg=svg, html=html,
+        force=force,
     )
     runner.execute(request, notice=_notice, console=_stdout_console)
 

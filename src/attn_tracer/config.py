@@ -35,21 +35,28 @@ class Config:
     ln_eps: float = 1e-5  # GPT-2's LayerNorm epsilon
     weights: str | None = None  # the checkpoint source, None for seeded random weights
     d_mlp: int | None = None  # the MLP's width; None: GPT-2's 4·d_model
+    # One head's width; None: d_model / heads, as in GPT-2. Any other value makes the attention
+    # width heads·d_head differ from d_model, as in the study notes' 8 heads of 3 over d_model 4.
+    d_head: int | None = None
 
     def __post_init__(self) -> None:
         if self.d_mlp is None:
             object.__setattr__(self, "d_mlp", 4 * self.d_model)
-        for name in ("d_model", "heads", "layers", "n_ctx"):
+        names = ("d_model", "heads", "layers", "n_ctx") + (("d_head",) if self.d_head is not None
+                                                           else ())
+        for name in names:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(f"{flag} must be a positive integer, got {value}")
-        if self.d_model % self.heads:
-            raise UsageError(
-                f"--heads {self.heads} does not divide --d-model {self.d_model}: each head gets "
-                f"d_head = d_model / heads dimensions "
-                f"(try --heads {_divisor_near(self.d_model, self.heads)})"
-            )
+        if self.d_head is None:
+            if self.d_model % self.heads:
+                raise UsageError(
+                    f"--heads {self.heads} does not divide --d-model {self.d_model}: by default "
+                    f"each head gets d_head = d_model / heads dimensions (try --heads "
+                    f"{_divisor_near(self.d_model, self.heads)}, or set --d-head)"
+                )
+            object.__setattr__(self, "d_head", self.d_model // self.heads)
         _choice("pos", self.pos, POSITIONS)
         _choice("mask", self.mask, MASKS)
         _choice("arch", self.arch, ARCHS)
@@ -57,11 +64,17 @@ class Config:
             raise UsageError(f"--seed must be between 0 and 2^63-1, got {self.seed}")
 
     @property
-    def d_head(self) -> int:
-        return self.d_model // self.heads
+    def d_attn(self) -> int:
+        """heads·d_head: the width of Q, K, V and of the merged Z (d_model unless --d-head)."""
+        return self.heads * self.d_head  # type: ignore[operator]
+
+    @property
+    def attn_dim(self) -> str:
+        """The dimension name of that width: `d_model` where it is d_model, else `heads·d_head`."""
+        return "d_model" if self.d_attn == self.d_model else "heads·d_head"
 
     def to_dict(self) -> dict:
-        out = {**asdict(self), "d_head": self.d_head}
+        out = asdict(self)
         if self.arch == "attn":  # attention and residual only: no MLP, no LayerNorm to describe
             del out["d_mlp"], out["ln_eps"]
         return out

@@ -50,6 +50,7 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, engine: Engine, la
     batch, q_len, _ = x.shape
     k_len = x_kv.shape[1]
     heads, d_head = config.heads, config.d_head
+    width = config.attn_dim  # heads·d_head: d_model, unless --d-head sets another head width
     # Self-attention says `len`; cross-attention keeps the two lengths apart.
     lq, lk = ("len", "len") if x is x_kv else ("q_len", "k_len")
 
@@ -58,7 +59,7 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, engine: Engine, la
         bias = f" + b_{name}" if b is not None else ""
         src = "X" if source is x else "X_kv"
         y = rec(f"{prefix}.{name.lower()}", f"{name} = {src}·W_{name}{bias}", linear(source, W, b),
-                ("batch", dim, "d_model"))
+                ("batch", dim, width))
         y = rec(f"{prefix}.{name.lower()}.split", "split into heads",
                 xp.reshape(y, (batch, length, heads, d_head)), ("batch", dim, "heads", "d_head"))
         return rec(f"{prefix}.{name.lower()}.heads", "transpose(1, 2)",
@@ -88,7 +89,7 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, engine: Engine, la
     z = rec(f"{prefix}.z.transpose", "transpose(1, 2)",
             xp.permute_dims(z, (0, 2, 1, 3)), ("batch", lq, "heads", "d_head"))
     z = rec(f"{prefix}.z.merge", "merge heads (concat)",
-            xp.reshape(z, (batch, q_len, heads * d_head)), ("batch", lq, "d_model"))
+            xp.reshape(z, (batch, q_len, heads * d_head)), ("batch", lq, width))
     b_O = p.get(f"{prefix}.b_O")
     return rec(f"{prefix}.out", "out = Z·W_O" + (" + b_O" if b_O is not None else ""),
                linear(z, p[f"{prefix}.W_O"], b_O), ("batch", lq, "d_model"))

@@ -6,7 +6,9 @@ ending in the kernel's out-of-memory killer.
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 
 from attn_tracer.config import Config
 from attn_tracer.errors import UsageError
@@ -25,6 +27,74 @@ def default_limit() -> int:
     return machine_memory() // 2
 
 
+def step_bytes(shape: tuple[int, ...], dtype: str, name: str = "") -> int:
+    """The bytes of one step's tensor: its elements times the engine's bytes per number (token
+    ids are int64)."""
+    return math.prod(shape) * (8 if name.endswith("tokens") else BYTES[dtype])
+
+
+def attention_shapes(config: Config, batch: int, q_len: int, k_len: int
+                     ) -> dict[str, tuple[int, ...]]:
+    """The shapes one attention block records (layers.attention), known before the run.
+
+    The estimate sizes its live tensors from these; tests/test_memory.py checks them against
+    the steps of a real trace.
+    """
+    h, d_head, w, d = config.heads, config.d_head, config.d_attn, config.d_model
+    return {"q": (batch, q_len, w), "k": (batch, k_len, w), "v": (batch, k_len, w),
+            "scores": (batch, h, q_len, k_len), "z": (batch, h, q_len, d_head),
+            "z.merge": (batch, q_len, w), "out": (batch, q_len, d)}
+
+
+@dataclass(frozen=True)
+class StepCost:
+    bytes: int  # the step's tensor
+    multiply_adds: int  # of the matrix product that makes it; 0 for elementwise steps
+    bytes_power: int  # the tensor grows as len^bytes_power with the text's length
+    macs_power: int  # the multiply-adds grow as len^macs_power
+
+
+def step_costs(steps, config: Config, dtype: str) -> list[StepCost]:
+    """Each recorded step's size and multiply-adds, and how both grow with the text's length.
+
+    A step's multiply-adds are its elements times the length of the axis its product sums
+    over: X·W sums over d_model, Q·Kᵀ over d_head, pattern·V over k_len, merge(Z)·W_O over
+    heads·d_head, the MLP over d_model and d_mlp, the logits over d_model. Softmax, the scale,
+    the mask, reshapes and lookups count 0: they are not multiply-adds.
+    In a cross-attention block k_len is the cross text's length, which does not grow with the
+    text's; so are the cross text's own steps (`cross.*`).
+    """
+    k_lens = {s.name.rsplit(".", 1)[0]: s.shape[-1] for s in steps
+              if s.name.endswith(".scores")}
+    out = []
+    for s in steps:
+        block, _, stage = s.name.rpartition(".")
+        parts = s.name.split(".")
+        cross_block = len(parts) > 2 and parts[2] == "cross_attn"
+        own = ("len", "q_len") if cross_block else ("len", "q_len", "k_len")
+        power = 0 if s.name.startswith("cross.") else sum(dim in own for dim in s.dims)
+        summed, summed_power = 0, 0
+        inner = s.name.split(".", 3)[3] if len(parts) > 3 and parts[2] in ("attn", "cross_attn") \
+            else ""
+        if inner in ("q", "k", "v"):
+            summed = config.d_model
+        elif inner == "scores":
+            summed = config.d_head
+        elif inner == "z":
+            summed = k_lens[block]
+            summed_power = 0 if cross_block else 1
+        elif inner == "out":
+            summed = config.d_attn
+        elif len(parts) == 4 and parts[2] == "mlp" and stage in ("in", "out"):
+            summed = config.d_model if stage == "in" else config.d_mlp
+        elif s.name == "logits":
+            summed = config.d_model
+        count = math.prod(s.shape)
+        out.append(StepCost(step_bytes(s.shape, dtype, s.name), count * summed, power,
+                            power + summed_power if summed else 0))
+    return out
+
+
 def estimate(config: Config, dtype: str, batch: int, length: int, k_len: int,
              captured_layers: int, captured_heads: int, capture: str, cross: bool,
              predict: bool = False) -> int:
@@ -34,22 +104,25 @@ def estimate(config: Config, dtype: str, batch: int, length: int, k_len: int,
     stays above it, and within a small factor.
     """
     size = BYTES[dtype]
-    d, h = config.d_model, config.heads
-    per_layer = 4 * d * d + (8 * d * d if config.arch == "gpt2" else 0)
+    d, w = config.d_model, config.d_attn
+    per_layer = 4 * d * w + (2 * d * config.d_mlp if config.arch == "gpt2" else 0)
     params = config.layers * per_layer * (2 if cross else 1) * 4  # host float32 copy
     params += config.layers * per_layer * (2 if cross else 1) * size  # on the engine
-    # Live at once in one layer: a few [batch, len, d_model] streams and [batch, heads, len, len]
-    # matrices: scores, scaled, masked, exp and the pattern in the explicit path; the fused path
-    # adds SDPA's own matrix and its float mask for the heads it builds the pattern of.
-    stream = batch * length * max(d, 4 * d if config.arch == "gpt2" else d) * size
-    scores = batch * h * length * max(length, k_len) * size
+    # Live at once in one layer: a few [batch, len, d_model]-like streams and [batch, heads, len,
+    # len] matrices: scores, scaled, masked, exp and the pattern in the explicit path; the fused
+    # path adds SDPA's own matrix and its float mask for the heads it builds the pattern of.
+    shapes = attention_shapes(config, batch, length, max(length, k_len))
+    stream = max(step_bytes(shapes[n], dtype) for n in ("q", "z.merge", "out"))
+    if config.arch == "gpt2":
+        stream = max(stream, step_bytes((batch, length, config.d_mlp), dtype))
+    scores = step_bytes(shapes["scores"], dtype)
     live = 8 * stream + 8 * scores
     per_head = batch * length * max(length, k_len) * 4
     kept_stages = {"patterns": 1, "stages": 4, "all": 4}[capture]
     kept = captured_layers * captured_heads * per_head * kept_stages
     if capture == "all":
-        kept += captured_layers * 20 * batch * length * d * 4
-    if predict:  # the whole W_E [vocab, d_model] for the logits, on the host and the engine
+        kept += captured_layers * 20 * batch * length * max(d, w) * 4
+    if predict:  # the whole unembedding [vocab, d_model] for the logits, on the host and engine
         kept += config.vocab * d * (4 + size) + 3 * batch * config.vocab * 4
     return params + live + kept
 

@@ -58,6 +58,9 @@ def _input(
                                     rich_help_panel="Input")] = Padding.right,
     max_length: Annotated[int | None, Opt("--max-length", help="Cut longer texts to this many "
                                           "tokens.", rich_help_panel="Input")] = None,
+    pad_to: Annotated[int | None, Opt("--pad-to", help="Pad every text to exactly this many "
+                                      "tokens (a text longer than that is refused).",
+                                      rich_help_panel="Input")] = None,
 ) -> None: ...
 
 
@@ -73,9 +76,11 @@ def _model(
     d_model: Annotated[int | None, Opt("--d-model", help="Width of the residual stream "
                                        "(default: 768).", rich_help_panel="Model",
                                        show_default=False)] = None,
-    heads: Annotated[int | None, Opt("--heads", help="Attention heads (d_head = d_model / heads)"
-                                     " (default: 12).", rich_help_panel="Model",
-                                     show_default=False)] = None,
+    heads: Annotated[int | None, Opt("--heads", help="Attention heads (default: 12).",
+                                     rich_help_panel="Model", show_default=False)] = None,
+    d_head: Annotated[int | None, Opt("--d-head", help="Width of one head (default: d_model / "
+                                      "heads); heads·d_head is the width of Q, K, V and Z.",
+                                      rich_help_panel="Model", show_default=False)] = None,
     layers: Annotated[int | None, Opt("--layers", help="Layers (default: 2).",
                                       rich_help_panel="Model", show_default=False)] = None,
     n_ctx: Annotated[int | None, Opt("--n-ctx", help="Longest text the model accepts "

@@ -31,9 +31,10 @@ class Batch:
 
 
 def make_batch(token_lists: list[list[tokens.Token]], texts: list[str], side: str,
-               truncated: list[int] | None = None) -> Batch:
-    """Pad every row to the longest with <|endoftext|>; positions count real tokens only."""
-    length = max(len(t) for t in token_lists)
+               truncated: list[int] | None = None, pad_to: int | None = None) -> Batch:
+    """Pad every row to the longest (or to `pad_to`) with <|endoftext|>; positions count real
+    tokens only."""
+    length = max(max(len(t) for t in token_lists), pad_to or 0)
     truncated = truncated or [0] * len(texts)
     inputs = [Input(text, toks, len(toks), length - len(toks), side, cut)
               for text, toks, cut in zip(texts, token_lists, truncated, strict=True)]
@@ -78,10 +79,24 @@ class Prepared:
 
 def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None = None,
             padding: str = "right", max_length: int | None = None,
-            allow_special: bool = False) -> Prepared:
-    """Tokenize, cut and pad the texts (and the cross texts) into batches."""
+            allow_special: bool = False, pad_to: int | None = None) -> Prepared:
+    """Tokenize, cut and pad the texts (and the cross texts) into batches.
+
+    `pad_to`: every text is padded to exactly this many tokens, as a model with a fixed input
+    length does (the notes' [4, 16, 768]); a longer text is refused. The cross texts are
+    padded only to their longest.
+    """
     token_lists, cut = tokenize_all(texts, allow_special, max_length, config, "text")
-    batch = make_batch(token_lists, texts, padding, cut)
+    if pad_to is not None:
+        if pad_to > config.n_ctx:
+            limit = "the checkpoint's context" if config.weights else "--n-ctx"
+            raise UsageError(f"--pad-to {pad_to} is more than {limit} {config.n_ctx}")
+        for i, toks in enumerate(token_lists):
+            if len(toks) > pad_to:
+                where = f"text {i}" if len(token_lists) > 1 else "the text"
+                raise UsageError(f"{where} has {len(toks)} tokens, more than --pad-to {pad_to}; "
+                                 f"cut it with --max-length {pad_to} or raise --pad-to")
+    batch = make_batch(token_lists, texts, padding, cut, pad_to)
     cross = None
     if cross_texts:
         cross_lists, cross_cut = tokenize_all(cross_texts, allow_special, max_length, config,
@@ -115,6 +130,7 @@ def run(
     progress: Callable[[int, int], None] | None = None,
     prepared: Prepared | None = None,
     hooks: dict[str, Hook] | None = None,
+    pad_to: int | None = None,
 ) -> tuple[Trace, list[int]]:
     """Trace `texts` through the stack. Returns the trace and the rows cut by --max-length.
 
@@ -126,7 +142,7 @@ def run(
     """
     if prepared is None:
         prepared = prepare(texts, config, cross_texts=cross_texts, padding=padding,
-                           max_length=max_length, allow_special=allow_special)
+                           max_length=max_length, allow_special=allow_special, pad_to=pad_to)
     batch, cross = prepared.batch, prepared.cross
     if max_memory is not None:
         length = batch.ids.shape[1]
@@ -206,9 +222,14 @@ def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
     last = batch.valid.shape[1] - 1 - np.argmax(batch.valid[:, ::-1], axis=1)
     index = engine.asarray(last)
     rows = xp.stack([x[b, index[b], :] for b in range(x.shape[0])])
-    W_E = engine.asarray(weights.unembedding())
-    logits = rec("logits", "logits = h·W_Eᵀ (at the last real position)",
-                 rows @ xp.matrix_transpose(W_E), ("batch", "vocab"))
+    W_U = engine.asarray(weights.unembedding())
+    if weights.normalizes_logits:  # random weights: logits N(0, 3²), see Weights.unembedding
+        rms = xp.sqrt(xp.mean(rows * rows, axis=-1, keepdims=True))
+        rows = rows / xp.where(rms > 0, rms, xp.ones_like(rms))
+        op = "logits = (h / rms(h))·W_Uᵀ (at the last real position; random W_U, untied)"
+    else:
+        op = "logits = h·W_Eᵀ (at the last real position; W_U = W_E, tied)"
+    logits = rec("logits", op, rows @ xp.matrix_transpose(W_U), ("batch", "vocab"))
     # Shifted by the row's max first (softmax does not change): a tiny T (even one that is 0 in
     # float32) then sends the other logits to −∞, probability 0, instead of the row to NaN.
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):

@@ -171,3 +171,150 @@ def _layer_range(layers: list[int]) -> str:
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(n) for n in shape) + "]"
+
+
+# ── --cost: what each step costs, and how that grows with the text ────────────────────────────
+
+GROWTH = {0: "1", 1: "len", 2: "len²"}
+
+
+def _growth(power: int) -> Text:
+    return Text(GROWTH.get(power, f"len^{power}"), style="bold yellow" if power >= 2 else "dim")
+
+
+def cost_rows(steps: list[Step], costs: list) -> list[tuple]:
+    """(name, shape, bytes, bytes power, multiply-adds, their power) a row; a layer's title
+    has shape None; the layers that repeat layer 0 fold into one row holding their sums."""
+    layer0 = [_unlayered(s) for s in steps if s.name.startswith("blocks.0.")]
+    # Runs of steps: one step outside the layers, or a whole layer.
+    runs: list[tuple[int | None, list[int]]] = []
+    for i, s in enumerate(steps):
+        layer = int(s.name.split(".")[1]) if s.name.startswith("blocks.") else None
+        if layer is not None and runs and runs[-1][0] == layer:
+            runs[-1][1].append(i)
+        else:
+            runs.append((layer, [i]))
+    out: list[tuple] = []
+    folded: list[tuple[int, list[int]]] = []
+
+    def close() -> None:
+        if folded:
+            idx = [i for _, run in folded for i in run]
+            out.append((Text(_layer_range([layer for layer, _ in folded]), style="cyan"),
+                        "as blocks.0", sum(costs[i].bytes for i in idx),
+                        max(costs[i].bytes_power for i in idx),
+                        sum(costs[i].multiply_adds for i in idx),
+                        max(costs[i].macs_power for i in idx)))
+            folded.clear()
+
+    for layer, run in runs:
+        if layer and [_unlayered(steps[i]) for i in run] == layer0:
+            folded.append((layer, run))
+            continue
+        close()
+        if layer is not None:
+            out.append((Text(f"blocks.{layer}", style="bold cyan"), None, 0, 0, 0, 0))
+        for i in run:
+            s, c = steps[i], costs[i]
+            name = s.name if layer is None else "  " + s.name.split(".", 2)[2]
+            out.append((Text(name, style="cyan"), _shape(s.shape), c.bytes, c.bytes_power,
+                        c.multiply_adds, c.macs_power))
+    close()
+    return out
+
+
+def cost_table(steps: list[Step], costs: list, width: int = 120) -> Table:
+    """Each step's bytes and multiply-adds, with how each grows with the text's length (len²:
+    the score matrices, and the product pattern·V that reads them). The shapes (in the shape
+    trace above) give way first where the terminal is too narrow for them."""
+    rows = cost_rows(steps, costs)
+    cells = [(r[0].plain, r[1] or "", f"{r[2]:,}", f"{r[4]:,}") for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(4)]
+    natural = (max(widths[0], 4) + max(widths[1], 5) + max(widths[2], 5) + 4
+               + max(widths[3], 13) + 4 + 5 * 3)
+    with_shape = natural <= width
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, expand=False)
+    table.add_column("step", style="cyan", no_wrap=True)
+    if with_shape:
+        table.add_column("shape", justify="right", no_wrap=True, style="bold")
+    table.add_column("bytes", justify="right", no_wrap=True)
+    table.add_column("∝", no_wrap=True, min_width=4)
+    table.add_column("multiply-adds", justify="right", no_wrap=True)
+    table.add_column("∝", no_wrap=True, min_width=4)
+    for name, shape, size, bp, macs, mp in rows:
+        lead = [name, *([shape or ""] if with_shape else [])]
+        if shape is None:
+            table.add_row(*lead, "", "", "", "")
+            continue
+        table.add_row(*lead, f"{size:,}", _growth(bp), f"{macs:,}" if macs else "—",
+                      _growth(mp) if macs else Text(""))
+    return table
+
+
+def cost_summary(costs: list, length: int, peak: int, peak_doubled: int) -> Text:
+    """One line: the totals, and what doubling the text does to them (each step's figure times
+    2^power)."""
+    from attn_tracer.memory import human
+
+    size = sum(c.bytes for c in costs)
+    macs = sum(c.multiply_adds for c in costs)
+    size2 = sum(c.bytes * 2**c.bytes_power for c in costs)
+    macs2 = sum(c.multiply_adds * 2**c.macs_power for c in costs)
+    t = Text(f"total: {human(size)} in the steps' tensors, {_count(macs)} multiply-adds; peak "
+             f"memory estimate {human(peak)} (the figure --max-memory checks). Doubling the text "
+             f"({length} → {2 * length} tokens) multiplies each len² figure by 4 (the scores' "
+             "bytes and multiply-adds, pattern·V's multiply-adds) and each len figure by 2: bytes "
+             f"×{size2 / size:.2f}, multiply-adds ×{macs2 / macs if macs else 1:.2f}, peak "
+             f"estimate {human(peak_doubled)}.", style="dim")
+    return t
+
+
+def _count(n: float) -> str:
+    for unit in ("", " thousand", " million", " billion"):
+        if n < 1000:
+            return f"{n:.0f}{unit}" if not unit else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f} trillion"
+
+
+# ── --circuits: each head's value circuit, shapes, counts and rank, at any size ───────────────
+
+def circuits_table(weights: dict, config, layers: tuple[int, ...], heads: tuple[int, ...],
+                   kinds: tuple[str, ...] = ("attn",)) -> RenderableType:
+    """Each shown head's value circuit: the shapes (the same for every head), then a row per
+    head with its rank and the singular values that set it, then the parameter counts."""
+    from rich.console import Group
+
+    from attn_tracer.analysis.circuits import value_circuit
+
+    d, dh = config.d_model, config.d_head
+    shapes = Text(f"value down W_V[:, h] [{d}, {dh}] · value up W_O[h] [{dh}, {d}] = "
+                  f"W_OV [{d}, {d}]")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, expand=False)
+    table.add_column("head", style="cyan", no_wrap=True)
+    table.add_column("rank", justify="right", no_wrap=True, style="bold")
+    table.add_column("≤", justify="right", no_wrap=True, style="dim")
+    table.add_column("σ_max", justify="right", no_wrap=True)
+    table.add_column("σ_min", justify="right", no_wrap=True)
+    table.add_column("tolerance", justify="right", no_wrap=True, style="dim")
+    for kind in kinds:
+        for layer in layers:
+            W_V = weights.get(f"blocks.{layer}.{kind}.W_V")
+            W_O = weights.get(f"blocks.{layer}.{kind}.W_O")
+            if W_V is None or W_O is None:
+                continue
+            for h in heads:
+                vc = value_circuit(W_V, W_O, config.heads, h)
+                name = f"L{layer}H{h}" + (" cross" if kind == "cross_attn" else "")
+                sigma = vc.singular_values
+                table.add_row(name, str(vc.rank), str(min(d, dh)), f"{sigma.max():.3g}",
+                              f"{sigma.min():.3g}", f"{vc.tolerance:.1e}")
+    full, factored = d * d, 2 * d * dh
+    counts = Text(
+        f"parameters of one head's value map: {full:,} as a full d_model² matrix, {factored:,} "
+        f"as its two factors 2·d_model·d_head — the same as the head's share of W_Q and W_K "
+        f"({d * dh:,} + {d * dh:,}). rank: the singular values of W_OV above the tolerance "
+        "σ_max·d_model·ε_float32 (numpy.linalg.matrix_rank's rule, ε_float32 = 2⁻²³); σ_min is "
+        f"the smallest of the top min(d_head, d_model). Stacked, the value-up matrices of all "
+        f"heads are W_O [{config.attn_dim}, d_model].", style="dim")
+    return Group(shapes, table, counts)

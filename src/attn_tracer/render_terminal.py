@@ -16,6 +16,7 @@ from rich.cells import cell_len, set_cell_size
 from rich.console import Console, RenderableType
 from rich.text import Text
 
+from attn_tracer.memory import step_costs
 from attn_tracer.render_heatmaps import (
     PAD_LABEL,
     PIECE,
@@ -29,7 +30,7 @@ from attn_tracer.render_heatmaps import (
 )
 from attn_tracer.render_layout import GAP, flow, plural
 from attn_tracer.render_numbers import predictions, stages, values
-from attn_tracer.render_shapes import shape_table
+from attn_tracer.render_shapes import circuits_table, cost_summary, cost_table, shape_table
 from attn_tracer.tokens import ENDOFTEXT_ID
 from attn_tracer.trace import Input, Trace
 
@@ -44,6 +45,8 @@ def header(trace: Trace, width: int = 120) -> Text:
     sizes = [plural(rows, "text"), tokens,
              f"{plural(c.layers, 'layer')} × {plural(c.heads, 'head')}", f"d_model {c.d_model}",
              f"d_head {c.d_head}"]
+    if c.d_attn != c.d_model:  # --d-head: the heads' concatenation is not d_model wide
+        sizes.append(f"heads·d_head {c.d_attn}")
     # The switches on a line of their own: a name like "attn" alone after a wrap reads as noise.
     items = [f"arch {c.arch}", f"pos {c.pos}", f"mask {c.mask}"]
     if not c.scale:
@@ -113,10 +116,16 @@ def show(console: Console, renderable: RenderableType) -> None:
         console.print(renderable)
 
 
+ORIENTATION = ("Projections multiply row vectors: y = x·W + b, i.e. (Wᵀ)x + b in column form; "
+               "W is [in, out]: W_Q, W_K, W_V are [d_model, {w}], W_O is [{w}, d_model].")
+
+
 def render(trace: Trace, console: Console, *, show_stages: bool = False,
            weights: dict[str, np.ndarray] | None = None, show_values: bool = False,
            batch_rows: list[int] | None = None, queries: range | None = None,
-           keys: range | None = None, numbers: bool = False) -> None:
+           keys: range | None = None, numbers: bool = False, show_cost: bool = False,
+           peaks: tuple[int, int] | None = None, show_circuits: bool = False) -> None:
+    """`peaks`: the memory estimate of this run and of the text twice as long (--cost)."""
     width = console.width
     colored = console.color_system is not None and not console.no_color
     show(console, header(trace, width))
@@ -138,23 +147,54 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
     console.print()
     console.print(Text("shape trace", style="bold"))
     show(console, shape_table(trace.steps, width))
+    console.print(Text(ORIENTATION.format(w=trace.config.attn_dim), style="dim"))
+    kinds = ("attn", "cross_attn") if trace.cross else ("attn",)
+    rows = batch_rows or [0]  # the numbers of one text each: the first, unless asked
+    if show_cost:
+        costs = step_costs(trace.steps, trace.config, trace.engine["dtype"])
+        console.print()
+        console.print(Text("the cost of each step (bytes of its tensor, multiply-adds of the "
+                           "product that makes it; ∝: how it grows with the text's length)",
+                           style="bold"))
+        show(console, cost_table(trace.steps, costs, width))
+        if peaks is not None:
+            length = trace.inputs[0].length + trace.inputs[0].padding
+            console.print(cost_summary(costs, length, *peaks))
+        console.print()
+    if show_circuits and weights is not None:
+        console.print()
+        console.print(Text("value circuits: W_OV = value down · value up, per head", style="bold"))
+        show(console, circuits_table(weights, trace.config, trace.selection.layers,
+                                     trace.selection.heads, kinds))
+        console.print()
     if show_values and weights is not None:
         for layer in trace.selection.layers:
-            console.print(Text(f"values of layer {layer} (text 0)", style="bold"))
-            for item in values(trace, weights, layer, width):
-                show(console, item)
+            for b in rows:
+                for kind in kinds:
+                    block = "cross-attention" if kind == "cross_attn" else "self-attention"
+                    where = f"text {b}" + ("" if batch_rows else
+                                           ", choose with --batch-index" if len(trace.inputs) > 1
+                                           else "")
+                    console.print()
+                    console.print(Text(f"values of layer {layer} {block} ({where})",
+                                       style="bold"))
+                    for item in values(trace, weights, layer, width, kind, b):
+                        show(console, item)
     if show_stages:
         layer, heads = trace.selection.layers[0], trace.selection.heads
         head = heads[0]
-        row = batch_rows[0] if batch_rows else 0  # the first batch row asked for
+        row = rows[0]  # the first batch row asked for
         where = f" (text {row})" if len(trace.inputs) > 1 else ""
-        console.print(Text(f"stages of layer {layer} head {head}{where}: "
-                           "scores → ÷√d_head → mask → softmax", style="bold"))
-        if len(heads) > 1:
-            console.print(Text(f"stages of head {head} (choose another with --head)",
-                               style="dim"))
-        show(console, stages(trace, layer, head, width, row))
-    kinds = ["attn", "cross_attn"] if trace.cross else ["attn"]
+        for kind in kinds:
+            block = "cross_attn " if kind == "cross_attn" else ""
+            source = " (keys from the cross text, no causal mask)" if kind == "cross_attn" else ""
+            console.print()
+            console.print(Text(f"stages of {block}layer {layer} head {head}{where}{source}: "
+                               "scores → ÷√d_head → + mask → softmax", style="bold"))
+            if len(heads) > 1 and kind == "attn":
+                console.print(Text(f"stages of head {head} (choose another with --head)",
+                                   style="dim"))
+            show(console, stages(trace, layer, head, width, row, kind))
     maps = [m for kind in kinds
             for m in attention_maps(trace, width, kind, batch_rows, queries, keys)]
     if maps:

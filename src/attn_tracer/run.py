@@ -23,6 +23,9 @@ from attn_tracer.tokens import VOCAB
 
 VALUES_LIMIT = 16  # --values prints every number: beyond this, nobody reads them
 SAVED_WIDTH = 120  # columns of --svg/--html when neither a terminal nor COLUMNS says
+# The attention width heads·d_head may be wider: the notes' worked example concatenates 8 heads
+# of 3 into 24 columns, and wider matrices wrap into blocks of columns.
+VALUES_WIDTH = 32
 
 
 @dataclass
@@ -35,8 +38,10 @@ class Request:
     allow_special: bool = False
     padding: str = "right"
     max_length: int | None = None
+    pad_to: int | None = None
     d_model: int | None = None
     heads: int | None = None
+    d_head: int | None = None
     layers: int | None = None
     n_ctx: int | None = None
     pos: str | None = None
@@ -55,6 +60,8 @@ class Request:
     numbers: bool = False
     width: int | None = None
     values: bool = False
+    cost: bool = False
+    circuits: bool = False
     predict: bool = False
     top_k: int = 10
     temperature: float = 1.0
@@ -141,15 +148,19 @@ def build_config(r: Request, notice: Callable[[str], None] = lambda message: Non
                    f"{ck.heads} head{'s' if ck.heads > 1 else ''}; say otherwise with --heads")
         if r.heads is not None and r.heads != ck.heads:
             raise UsageError(f"--heads {r.heads} conflicts with the checkpoint's {ck.heads} heads")
+        if r.d_head is not None and r.d_head != ck.d_head:
+            raise UsageError(f"--d-head {r.d_head} conflicts with the checkpoint's "
+                             f"{ck.d_head}-dimensional heads")
         config = Config(d_model=ck.d_model, heads=ck.heads, layers=ck.layers, n_ctx=ck.n_ctx,
                         pos="learned", mask=r.mask, scale=r.scale, bias=True, seed=r.seed,
                         arch="gpt2", vocab=ck.vocab, ln_eps=ck.ln_eps, weights=r.weights,
-                        d_mlp=ck.d_mlp)
+                        d_mlp=ck.d_mlp, d_head=ck.d_head)
         return config, Weights(config, dict(ck.params), trained=True)
     arch = arch or "attn"
     config = Config(
         d_model=768 if r.d_model is None else r.d_model,
         heads=12 if r.heads is None else r.heads,
+        d_head=r.d_head,
         layers=2 if r.layers is None else r.layers,
         n_ctx=1024 if r.n_ctx is None else r.n_ctx,
         pos=r.pos or ("learned" if arch == "gpt2" else "sinusoidal"),
@@ -186,6 +197,8 @@ def validate(r: Request) -> None:
         raise UsageError(f"--padding must be right or left; got {r.padding!r}")
     if r.max_length is not None and r.max_length < 1:
         raise UsageError(f"--max-length must be at least 1; got {r.max_length}")
+    if r.pad_to is not None and r.pad_to < 1:
+        raise UsageError(f"--pad-to must be at least 1; got {r.pad_to}")
     if not 1 <= r.top_k <= VOCAB:
         raise UsageError(
             f"--top-k must be between 1 and the vocabulary size {VOCAB}; got {r.top_k}")
@@ -261,6 +274,13 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
     write_outputs(r, trace, weights, console)
 
 
+def estimate(config: Config, r: Request, batch: int, length: int, k_len: int,
+             selection, cross: bool) -> int:
+    """memory.estimate of this run; --cost asks it again for a text twice as long."""
+    return memory.estimate(config, r.dtype, batch, length, k_len, len(selection.layers),
+                           len(selection.heads), selection.capture, cross, predict=r.predict)
+
+
 def compute(r: Request, notice: Callable[[str], None]):
     """Everything that can fail for a reason of the user's: validation, inputs, the run."""
     validate(r)
@@ -275,6 +295,10 @@ def compute(r: Request, notice: Callable[[str], None]):
     if r.values and config.d_model > VALUES_LIMIT:
         raise UsageError(f"--values prints every number: use it with --d-model ≤ {VALUES_LIMIT} "
                          f"(e.g. --d-model 4 --heads 2); this run has d_model {config.d_model}")
+    if r.values and config.d_attn > VALUES_WIDTH:
+        raise UsageError(f"--values prints every number: use it with heads·d_head ≤ "
+                         f"{VALUES_WIDTH}; this run has {config.heads}·{config.d_head} = "
+                         f"{config.d_attn} (lower --heads or --d-head)")
     layers = parse_selection(r.layer, config.layers, "--layer",
                              list(range(config.layers)) if r.json or r.save else [0])
     heads = parse_selection(r.head, config.heads, "--head", list(range(config.heads)))
@@ -285,7 +309,7 @@ def compute(r: Request, notice: Callable[[str], None]):
     from attn_tracer.pipeline import prepare, run
 
     prepared = prepare(texts, config, cross_texts=cross or None, padding=r.padding,
-                       max_length=r.max_length, allow_special=r.allow_special)
+                       max_length=r.max_length, allow_special=r.allow_special, pad_to=r.pad_to)
     length = prepared.batch.ids.shape[1]
     k_len = prepared.cross.ids.shape[1] if prepared.cross else length
     if r.values and max(length, k_len) > VALUES_LIMIT:
@@ -298,8 +322,7 @@ def compute(r: Request, notice: Callable[[str], None]):
                 raise UsageError(f"--batch-index {b} is out of range: the batch has {len(texts)} "
                                  f"text{'s' if len(texts) > 1 else ''} (0 to {len(texts) - 1})")
     # The whole run, weights included, before a single weight is drawn: absurd sizes end here.
-    needed = memory.estimate(config, r.dtype, len(texts), length, k_len, len(layers),
-                             len(heads), capture, bool(cross), predict=r.predict)
+    needed = estimate(config, r, len(texts), length, k_len, selection, bool(cross))
     memory.check(needed, limit)
     engine = select_engine(r.engine, r.device, r.dtype, length)
     if r.max_memory is None and (gpu := free_memory(engine)) is not None:
@@ -373,6 +396,15 @@ def render_view(r: Request, trace, weights, target):
                      force_terminal=target.is_terminal, no_color=target.no_color,
                      legacy_windows=False, highlight=False,
                      record=r.svg is not None or r.html is not None)
+    peaks = None
+    if r.cost:  # the estimate that --max-memory checks, for this text and one twice as long
+        length = trace.inputs[0].length + trace.inputs[0].padding
+        k_len = trace.cross[0].length + trace.cross[0].padding if trace.cross else length
+        cross = trace.cross is not None
+        peaks = (estimate(trace.config, r, len(trace.inputs), length, k_len, trace.selection,
+                          cross),
+                 estimate(trace.config, r, len(trace.inputs), 2 * length,
+                          k_len if cross else 2 * length, trace.selection, cross))
     if not r.layer and len(trace.selection.layers) > 1:
         # --save and --json keep every layer by default; the view still draws layer 0 alone.
         trace = dataclasses.replace(
@@ -382,5 +414,6 @@ def render_view(r: Request, trace, weights, target):
     queries, keys = view_ranges(r, length, k_len)
     render_terminal.render(trace, buffer, show_stages=r.stages, weights=weights.params,
                            show_values=r.values, batch_rows=r.batch_index, queries=queries,
-                           keys=keys, numbers=r.numbers)
+                           keys=keys, numbers=r.numbers, show_cost=r.cost, peaks=peaks,
+                           show_circuits=r.circuits)
     return buffer

@@ -15,8 +15,11 @@ import numpy as np
 from attn_tracer.config import Config
 
 # Separate random streams, so that adding a layer or a cross-attention block changes nothing else.
-_TOKENS, _POSITIONS, _LAYER, _CROSS = 1, 2, 3, 4
+_TOKENS, _POSITIONS, _LAYER, _CROSS, _UNEMBED = 1, 2, 3, 4, 5
 TOKEN_BLOCK = 64  # token-embedding rows drawn per random stream
+# The spread of a random model's logits (see Weights.unembedding): each is N(0, LOGIT_STD²),
+# so that -T 0.5, 1, 2 visibly sharpen and flatten the next-token distribution.
+LOGIT_STD = 3.0
 
 
 @dataclass
@@ -24,6 +27,7 @@ class Weights:
     config: Config
     params: dict[str, np.ndarray] = field(default_factory=dict)
     trained: bool = False
+    _unembedding: np.ndarray | None = field(default=None, repr=False)
 
     def token_rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows of the token embedding W_E for `ids` (any shape) → [*ids.shape, d_model]."""
@@ -39,12 +43,30 @@ class Weights:
         return out.reshape(*ids.shape, self.config.d_model)
 
     def unembedding(self) -> np.ndarray:
-        """W_E [vocab, d_model] in full, for next-token logits (tied, as in GPT-2)."""
-        if "wte" not in self.params:
-            count = -(-self.config.vocab // TOKEN_BLOCK)
-            table = np.concatenate([self._token_block(b) for b in range(count)])
-            self.params["wte"] = table[: self.config.vocab]
-        return self.params["wte"]
+        """W_U [vocab, d_model] in full, for next-token logits = h·W_Uᵀ.
+
+        A checkpoint's is its W_E (tied, as in GPT-2). Random weights draw their own: tied
+        to unit-variance embeddings, the input token's own logit would be |e|² ≈ d_model,
+        hundreds above every other, and any temperature short of hundreds would give it
+        probability 1. An untied W_U with std LOGIT_STD/√d_model, applied to h divided by its
+        RMS (`normalizes_logits`), makes every logit N(0, LOGIT_STD²) whatever the sizes.
+        """
+        if "wte" in self.params:  # a checkpoint's (random weights never hold a whole W_E)
+            return self.params["wte"]
+        if self._unembedding is None:
+            rng = np.random.default_rng([self.config.seed, _UNEMBED])
+            table = rng.standard_normal((self.config.vocab, self.config.d_model),
+                                        dtype=np.float32)
+            table *= np.float32(LOGIT_STD / np.sqrt(self.config.d_model))
+            self._unembedding = table
+        return self._unembedding
+
+    @property
+    def normalizes_logits(self) -> bool:
+        """Random weights divide h by its RMS before the unembedding: an attention-only
+        residual grows with depth (RMS ~2 at 2 layers, ~75 at 12), and the logits' scale with
+        it. A checkpoint's ln_f already does that job; its logits stay GPT-2's own."""
+        return "wte" not in self.params
 
     def position_rows(self, positions: np.ndarray) -> np.ndarray:
         if "wpe" in self.params:
@@ -97,13 +119,15 @@ def random_weights(config: Config, cross: bool = False) -> Weights:
 
 
 def _attention_params(config: Config, prefix: str, key: list[int]) -> dict[str, np.ndarray]:
-    d = config.d_model
+    d, w = config.d_model, config.d_attn  # w = heads·d_head, d_model unless --d-head
     rng = np.random.default_rng(key)
-    # std 1/√d_model keeps Q and K at unit scale, so scores/√d_head are O(1): the point of
-    # the scale.
-    out = {f"{prefix}.W_{n}": _uniform(rng, (d, d), d**-0.5) for n in "QKVO"}
+    # std 1/√(fan in) keeps Q and K at unit scale, so scores/√d_head are O(1): the point of
+    # the scale; and W_O's output at the scale of its input.
+    out = {f"{prefix}.W_{n}": _uniform(rng, (d, w), d**-0.5) for n in "QKV"}
+    out[f"{prefix}.W_O"] = _uniform(rng, (w, d), w**-0.5)
     # Biases are drawn even with --no-bias so that the W's stay the same either way.
-    biases = {f"{prefix}.b_{n}": _uniform(rng, d, 0.02) for n in "QKVO"}
+    biases = {f"{prefix}.b_{n}": _uniform(rng, w, 0.02) for n in "QKV"}
+    biases[f"{prefix}.b_O"] = _uniform(rng, d, 0.02)
     if config.bias:
         out.update(biases)
     return out
