@@ -12,7 +12,14 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from attn_tracer.render_heatmaps import LABEL_WIDTH, MASKED, allowed_mask, column_labels, labels
+from attn_tracer.render_heatmaps import (
+    LABEL_WIDTH,
+    MASKED,
+    allowed_mask,
+    column_labels,
+    labels,
+    numbered,
+)
 from attn_tracer.render_layout import cell_style, fit, grid, wrap_words
 from attn_tracer.trace import Trace
 from attn_tracer.weights import LOGIT_STD
@@ -25,7 +32,7 @@ def stages(trace: Trace, layer: int, head: int, width: int, batch: int = 0,
     """One head's scores → scaled → (the mask, added) → masked → pattern, side by side."""
     index = trace.selection.heads.index(head)
     inp = trace.inputs[batch]
-    rows = labels(inp)
+    rows = numbered(labels(inp), range(len(inp.valid)))  # positions when tokens repeat
     cols = labels(trace.cross[batch]) if kind == "cross_attn" else rows  # type: ignore[index]
     allowed = allowed_mask(trace, kind, batch)
     items: list[Text] = []
@@ -35,10 +42,11 @@ def stages(trace: Trace, layer: int, head: int, width: int, batch: int = 0,
             continue
         if name == "masked" or (name == "pattern" and f"blocks.{layer}.{kind}.masked"
                                 not in trace.tensors):  # no mask at all: says so there
-            items.extend(mask_blocks(trace, kind, batch))
+            items.extend(mask_blocks(trace, kind, batch, width))
         m = trace.tensors[key][batch, index]
+        # Each stage wraps into blocks of columns at the console's width: never cut.
         items.append(matrix(m, rows, cols, f"{name}  {trace.step(key).op}",
-                            probability=name == "pattern", allowed=allowed))
+                            probability=name == "pattern", allowed=allowed, width=width))
     out: list[RenderableType] = [grid(items, width), Text(MASK_NOTE, style="dim")]
     if (key := f"blocks.{layer}.{kind}.pattern") in trace.tensors:
         out.append(softmax_note(trace.tensors[key][batch, index], allowed, inp.valid))
