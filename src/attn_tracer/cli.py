@@ -201,6 +201,10 @@ def _notice(message: str) -> None:
     _stderr_console().print(Text(f"attn: {message}", style="yellow"), soft_wrap=True)
 
 
+KEEP_NEWLINE_HELP = ("Keep the final line ending of a file or standard input (dropped by "
+                     "default, as $(cat file) drops it).")
+
+
 # ── attn tokens ───────────────────────────────────────────────────────────────────────────────
 
 @app.command(epilog=f"Example: {EXAMPLES['tokens']}")
@@ -214,13 +218,14 @@ def tokens(
     allow_special: Annotated[bool, typer.Option(
         "--allow-special", help="Read <|endoftext|> in the text as the special token 50256.")
     ] = False,
+    keep_newline: Annotated[bool, typer.Option("--keep-newline", help=KEEP_NEWLINE_HELP)] = False,
     debug: Debug = False,
 ) -> None:
     """Show how GPT-2's tokenizer splits a text: position, id, readable label, raw bytes."""
     from attn_tracer import tokens as tok
     from attn_tracer.text import read_text
 
-    source = read_text(text, file)
+    source = read_text(text, file, keep_newline)
     toks = tok.tokenize(source, allow_special=allow_special)
     if json_:
         from attn_tracer.render_json import tokens_document
@@ -282,6 +287,8 @@ def trace(
                                            "file.", rich_help_panel="Input")] = None,
     allow_special: Annotated[bool, Opt("--allow-special", help="Read <|endoftext|> as token "
                                        "50256.", rich_help_panel="Input")] = False,
+    keep_newline: Annotated[bool, Opt("--keep-newline", help=KEEP_NEWLINE_HELP,
+                                      rich_help_panel="Input")] = False,
     padding: Annotated[str, Opt("--padding", help="Pad shorter batch rows on the right or left.",
                                 rich_help_panel="Input")] = "right",
     max_length: Annotated[int | None, Opt("--max-length", help="Cut longer texts to this many "
@@ -369,6 +376,7 @@ def trace(
         top_k=top_k, temperature=temperature, json=json_, precision=precision, save=save,
         svg=svg, html=html, force=force, device=device, engine=engine, dtype=dtype,
         max_memory=max_memory,
+        keep_newline=keep_newline,
     )
     runner.execute(request, notice=_notice, console=_stdout_console)
 
