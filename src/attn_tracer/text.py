@@ -1,9 +1,10 @@
 """Where the text comes from: an argument, a file, or standard input.
 
 A file or standard input ends with a line ending that is not part of the text: `echo hi`
-writes "hi\n", and an editor ends every file with one. One final `\n` or `\r\n` is dropped,
-as a shell's `$(cat file)` drops it (the shell drops them all; a text that ends with a blank
-line keeps it); `keep_newline` keeps it. A command-line argument is always exact.
+writes "hi\n", and editors end every file with one. One final `\n` or `\r\n` is dropped, as a
+shell's `$(cat file)` drops it; only one, where the shell drops them all, so a text that ends
+in a blank line keeps one newline. `keep_newline` keeps the input exactly. A command-line
+argument is always exact.
 """
 
 from __future__ import annotations
