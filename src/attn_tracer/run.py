@@ -188,9 +188,9 @@ def validate(r: Request) -> None:
     if not (math.isfinite(r.temperature) and r.temperature > 0):
         raise UsageError(f"--temperature must be a positive number (it divides the logits); "
                          f"got {r.temperature:g}")
-    from attn_tracer.engine import check_choices
+    from attn_tracer.engine import check_choices, check_torch
 
-    check_choices(r.engine, r.device, r.dtype)
+    check_torch(r.engine, check_choices(r.engine, r.device, r.dtype))
     if r.precision is not None and not 0 <= r.precision <= 12:
         raise UsageError(f"--precision must be between 0 and 12 decimals; got {r.precision}")
     if r.values and r.json:
