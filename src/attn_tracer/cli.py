@@ -153,7 +153,7 @@ app = typer.Typer(
     help="Trace multi-head attention step by step: shapes, formulas, masks and heatmaps.",
     epilog=f"Examples: {EXAMPLES['trace']}    ·    {EXAMPLES['tokens']}",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
