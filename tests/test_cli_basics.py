@@ -82,6 +82,18 @@ def test_no_arguments_show_help(runner):
     assert "Usage: attn" in result.stdout
 
 
+def test_shell_completion(runner):
+    # What `attn --install-completion` wires into the shell: the shell calls attn back with
+    # these variables set, and attn answers with the candidates, one a line.
+    env = {"_ATTN_COMPLETE": "complete_bash", "COMP_WORDS": "attn tr", "COMP_CWORD": "1"}
+    result = runner.invoke(app, [], env=env)
+    assert (result.exit_code, result.stdout.split()) == (0, ["trace"])
+    env |= {"COMP_WORDS": "attn trace --keep", "COMP_CWORD": "2"}
+    assert runner.invoke(app, [], env=env).stdout.split() == ["--keep-newline"]
+    result = runner.invoke(app, ["--show-completion", "bash"])
+    assert result.exit_code == 0 and "_ATTN_COMPLETE=complete_bash" in result.stdout
+
+
 # ── attn tokens ───────────────────────────────────────────────────────────────────────────────
 
 
@@ -107,7 +119,8 @@ def test_tokens_from_file(runner, tmp_path):
     path.write_text(text, encoding="utf-8")
     for flag in ("--file", "-f"):
         doc = _json(runner.invoke(app, ["tokens", flag, str(path), "--json"]))
-        assert b"".join(bytes.fromhex(t["bytes"]) for t in doc) == text.encode()
+        # The file's final newline ends it; the one inside is part of the text.
+        assert b"".join(bytes.fromhex(t["bytes"]) for t in doc) == text[:-1].encode()
 
 
 def test_tokens_from_stdin(runner):

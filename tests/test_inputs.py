@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from attn_tracer.cli import app
@@ -83,3 +84,87 @@ def test_values_limit_covers_the_cross_text():
                                  "--cross", " ".join(["word"] * 20)])
     assert result.exit_code == 2
     assert "at most 16" in result.stderr
+
+
+# ── one final line ending of a file or of standard input is not part of the text ─────────────
+
+def _input_texts(args, stdin=None):
+    result = runner.invoke(app, ["trace", *TINY, *args, "--json"], input=stdin)
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    return [i["text"] for i in doc["inputs"]], [i["text"] for i in doc.get("cross_inputs", [])]
+
+
+def _tokens(args, stdin=None) -> str:
+    """The text `attn tokens` tokenized, from the tokens' bytes."""
+    result = runner.invoke(app, ["tokens", "--json", *args], input=stdin)
+    assert result.exit_code == 0, result.stderr
+    return bytes.fromhex("".join(t["bytes"] for t in json.loads(result.stdout))).decode()
+
+
+# (what the file or standard input holds, the text without --keep-newline)
+ENDINGS = [
+    ("hello world\n", "hello world"),  # echo's newline
+    ("hello world\r\n", "hello world"),  # a Windows file: \r\n is one line ending
+    ("hello world\n\n", "hello world\n"),  # only one is dropped: a blank last line stays
+    ("hello world\r\n\r\n", "hello world\r\n"),
+    ("hello\nworld", "hello\nworld"),  # no final line ending: nothing to drop
+    ("hello world\r", "hello world\r"),  # a lone \r is not a line ending here
+]
+
+
+@pytest.mark.parametrize(("data", "text"), ENDINGS)
+def test_final_line_ending_of_a_file_or_stdin_is_dropped(tmp_path, data, text):
+    path = tmp_path / "input.txt"
+    path.write_bytes(data.encode())
+    assert _input_texts(["--file", str(path)]) == ([text], [])
+    assert _input_texts(["-"], stdin=data.encode()) == ([text], [])
+    assert _input_texts(["--file", "-"], stdin=data.encode()) == ([text], [])
+    assert _input_texts(["A cat", "--cross-file", str(path)]) == (["A cat"], [text])
+    assert _tokens(["--file", str(path)]) == text
+    assert _tokens(["-"], stdin=data.encode()) == text
+
+
+@pytest.mark.parametrize(("data", "_"), ENDINGS)
+def test_keep_newline_keeps_the_file_exactly(tmp_path, data, _):
+    path = tmp_path / "input.txt"
+    path.write_bytes(data.encode())
+    keep = ["--keep-newline"]
+    assert _input_texts(["--file", str(path), *keep]) == ([data], [])
+    assert _input_texts(["-", *keep], stdin=data.encode()) == ([data], [])
+    assert _input_texts(["A cat", "--cross-file", str(path), *keep]) == (["A cat"], [data])
+    assert _tokens(["--file", str(path), *keep]) == data
+    assert _tokens(["-", *keep], stdin=data.encode()) == data
+
+
+def test_echo_into_trace_gives_the_tokens_typed():
+    # The issue's case: `echo "hello world" | attn trace -` traced a third token, the newline.
+    result = subprocess.run([sys.executable, "-m", "attn_tracer", "trace", *TINY, "-", "--json"],
+                            input=b"hello world\n", capture_output=True)
+    assert result.returncode == 0, result.stderr
+    assert [t["text"] for t in json.loads(result.stdout)["inputs"][0]["tokens"]] == [
+        "hello", "␣world"]
+
+
+def test_arguments_stay_exact():
+    assert _input_texts(["hello world\n"]) == (["hello world\n"], [])
+    assert _input_texts(["A cat", "--cross", "le chat\n"]) == (["A cat"], ["le chat\n"])
+    assert _tokens(["--", "hi\n"]) == "hi\n"
+
+
+def test_lines_are_split_as_before(tmp_path):
+    # --lines splits at every newline itself; a final one ends the last line, an empty line
+    # before it is skipped (and said), with or without --keep-newline.
+    path = tmp_path / "batch.txt"
+    path.write_bytes(b"one\ntwo\n\n")
+    for keep in ([], ["--keep-newline"]):
+        result = runner.invoke(app, ["trace", *TINY, "--lines", str(path), *keep, "--json"])
+        assert result.exit_code == 0, result.stderr
+        assert [i["text"] for i in json.loads(result.stdout)["inputs"]] == ["one", "two"]
+        assert "skipped 1 empty line" in result.stderr
+
+
+def test_keep_newline_without_a_file_is_said():
+    result = runner.invoke(app, ["trace", *TINY, "hi", "--keep-newline"])
+    assert result.exit_code == 0, result.stderr
+    assert "--keep-newline keeps the final line ending of --file" in result.stderr

@@ -32,6 +32,10 @@ def test_ci_runs_the_readme_test_command():
     assert test_command.split(" && ")[-1] == "pytest"
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert test_command.replace(". .venv/bin/activate && ", "") in ci
+    # A failure inside an && list does not stop `set -e` when other commands follow it.
+    line = next(line for line in ci.splitlines() if line.endswith(("&& pytest", "|| exit 1"))
+                and "pytest" in line)
+    assert line.endswith("|| exit 1") or line == ci.strip().splitlines()[-1], line
 
 
 def test_learning_walkthrough_shows_what_each_command_prints():
@@ -59,3 +63,12 @@ def test_learning_walkthrough_shows_what_each_command_prints():
                           if actual[i:i + len(lines)] == lines), None)
             assert found is not None, (command, chunk)
             at = found + len(lines)
+
+
+def test_ci_runs_the_readme_command_on_the_installed_wheel():
+    commands = re.findall(r"```sh\n(python3 -m venv .+?)\n```", README)
+    run_command = commands[0].split(" && ")[-1]  # after the installation
+    assert run_command.startswith("attn trace ")
+    wheel = (ROOT / ".ci" / "wheel").read_text(encoding="utf-8")
+    assert f"\n{run_command} " in wheel
+    assert "bash .ci/wheel" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")

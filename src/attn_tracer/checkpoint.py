@@ -360,8 +360,11 @@ def _read_torch(path: Path) -> dict[str, Any]:
     try:
         import torch
     except ImportError as e:
+        from attn_tracer.engine import INSTALL_TORCH
+
         raise CheckpointError(
-            f"reading {path} needs PyTorch, which is not installed; use a .safetensors file"
+            f"reading {path} needs PyTorch, which is not installed: {INSTALL_TORCH}, or use "
+            "a .safetensors file"
         ) from e
     try:
         with warnings.catch_warnings():

@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - older Typer uses click itself
 
 from attn_tracer import __version__
 from attn_tracer.errors import AttnError, UsageError
-from attn_tracer.options import CROSS, ENGINE, INPUT, MODEL, shared
+from attn_tracer.options import CROSS, ENGINE, INPUT, KEEP_NEWLINE_HELP, MODEL, shared
 
 EXAMPLES = {
     "tokens": 'attn tokens "hello world"    ·    attn tokens --file notes.txt --json',
@@ -154,7 +154,7 @@ app = typer.Typer(
     help="Trace multi-head attention step by step: shapes, formulas, masks and heatmaps.",
     epilog=f"Examples: {EXAMPLES['trace']}    ·    {EXAMPLES['tokens']}",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
@@ -202,6 +202,7 @@ def _notice(message: str) -> None:
     _stderr_console().print(Text(f"attn: {message}", style="yellow"), soft_wrap=True)
 
 
+
 # ── attn tokens ───────────────────────────────────────────────────────────────────────────────
 
 @app.command(epilog=f"Example: {EXAMPLES['tokens']}")
@@ -215,13 +216,14 @@ def tokens(
     allow_special: Annotated[bool, typer.Option(
         "--allow-special", help="Read <|endoftext|> in the text as the special token 50256.")
     ] = False,
+    keep_newline: Annotated[bool, typer.Option("--keep-newline", help=KEEP_NEWLINE_HELP)] = False,
     debug: Debug = False,
 ) -> None:
     """Show how GPT-2's tokenizer splits a text: position, id, readable label, raw bytes."""
     from attn_tracer import tokens as tok
     from attn_tracer.text import read_text
 
-    source = read_text(text, file)
+    source = read_text(text, file, keep_newline)
     toks = tok.tokenize(source, allow_special=allow_special)
     if json_:
         from attn_tracer.render_json import tokens_document

@@ -81,7 +81,31 @@ def check_choices(engine: str, device: str, dtype: str) -> str:
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
     if engine == "numpy" and device not in ("auto", "cpu"):
         raise UsageError("--engine numpy runs on the CPU only; use --engine torch for a GPU")
+    if dtype in HALF and (device == "cpu" or engine == "numpy"):
+        raise _half_on_the_cpu(dtype)  # never works, whatever is installed: said first
     return device
+
+
+def _half_on_the_cpu(dtype: str) -> UsageError:
+    return UsageError(
+        f"--dtype {dtype} is for GPUs: CPU kernels in half precision are slow and lossy; "
+        "use float32 on the CPU"
+    )
+
+
+# What to install for the torch engine, GPUs and .bin checkpoints (the `torch` extra).
+INSTALL_TORCH = 'pip install "attn-tracer[torch]"'
+
+
+def check_torch(engine: str, device: str) -> None:
+    """Refuse, before any work, a run that needs PyTorch where it is not installed."""
+    if torch_installed():
+        return
+    if engine == "torch":
+        raise AttnError(f"--engine torch needs PyTorch, which is not installed: {INSTALL_TORCH}")
+    if device.startswith("cuda"):
+        raise AttnError(f"--device {device} needs PyTorch with CUDA, which is not installed: "
+                        f"{INSTALL_TORCH}")
 
 
 def select_engine(engine: str, device: str, dtype: str, length: int) -> Engine:
@@ -96,12 +120,8 @@ def select_engine(engine: str, device: str, dtype: str, length: int) -> Engine:
     elif engine == "auto":
         engine = "torch" if length >= TORCH_FROM_LEN and torch_installed() else "numpy"
     if dtype in HALF and not device.startswith("cuda"):
-        raise UsageError(
-            f"--dtype {dtype} is for GPUs: CPU kernels in half precision are slow and lossy; "
-            "use float32 on the CPU"
-        )
-    if engine == "torch" and not torch_installed():
-        raise AttnError("--engine torch needs PyTorch: pip install torch")
+        raise _half_on_the_cpu(dtype)
+    check_torch(engine, device)
     return Engine(engine, device, dtype)
 
 
@@ -137,8 +157,7 @@ def free_memory(engine: Engine) -> int | None:
 
 
 def check_cuda(device: str) -> str:
-    if not torch_installed():
-        raise AttnError(f"--device {device} needs PyTorch with CUDA: pip install torch")
+    check_torch("auto", device)
     import torch
 
     if not torch.cuda.is_available():

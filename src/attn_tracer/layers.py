@@ -7,9 +7,10 @@ One attention layer, top to bottom, is the formula
 with every intermediate handed to `rec` (the trace recorder) under its step name.
 
 NumPy runs every formula here as written; it is the reference the torch engine is tested
-against (≤ 1e-5 in float32). On torch, four elementwise steps (x·W + b, softmax, LayerNorm,
-GELU) call the same formula as one fused kernel from `torch_ops`, attention nobody looks at runs
-as one `scaled_dot_product_attention`, and score stages nobody keeps are updated in place.
+against, to rounding (tests/tolerance.py). On torch, four elementwise steps (x·W + b, softmax,
+LayerNorm, GELU) call the same formula as one fused kernel from `torch_ops`, attention nobody
+looks at runs as one `scaled_dot_product_attention`, and score stages nobody keeps are updated
+in place.
 """
 
 from __future__ import annotations

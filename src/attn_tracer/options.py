@@ -43,6 +43,10 @@ def _devices(incomplete: str) -> list[str]:
     return [d for d in ("auto", "cpu", "cuda", "cuda:0", "cuda:1") if d.startswith(incomplete)]
 
 
+KEEP_NEWLINE_HELP = ("Keep the final line ending of a file or standard input (dropped by "
+                     "default, as $(cat file) does).")
+
+
 def _input(
     texts: Annotated[list[str] | None, typer.Argument(
         help="The text (several make a batch), or - for standard input.", show_default=False,
@@ -53,6 +57,8 @@ def _input(
                                       "(- for standard input).", rich_help_panel="Input")] = None,
     allow_special: Annotated[bool, Opt("--allow-special", help="Read <|endoftext|> as token "
                                        "50256.", rich_help_panel="Input")] = False,
+    keep_newline: Annotated[bool, Opt("--keep-newline", help=KEEP_NEWLINE_HELP,
+                                      rich_help_panel="Input")] = False,
     padding: Annotated[Padding, Opt("--padding",
                                 help="Pad shorter batch rows on the right or left.",
                                     rich_help_panel="Input")] = Padding.right,

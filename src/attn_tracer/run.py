@@ -36,6 +36,7 @@ class Request:
     cross: list[str] = field(default_factory=list)
     cross_file: Path | None = None
     allow_special: bool = False
+    keep_newline: bool = False  # keep the final line ending of a file or standard input
     padding: str = "right"
     max_length: int | None = None
     pad_to: int | None = None
@@ -84,7 +85,8 @@ def read_inputs(r: Request, notice: Callable[[str], None]) -> tuple[list[str], l
     if sources > 1:
         raise UsageError("give the text one way: TEXT arguments, --file, or --lines")
     if r.lines is not None:
-        raw = read_file(r.lines, "--lines file")
+        # Kept: the split below treats a final line ending as the end of the last line.
+        raw = read_file(r.lines, "--lines file", keep_newline=True)
         # One text per "\n" (a trailing \r of Windows files dropped): str.splitlines would
         # also split inside a text at U+2028, form feeds and other separators.
         rows = [line.removesuffix("\r") for line in raw.split("\n")]
@@ -98,11 +100,11 @@ def read_inputs(r: Request, notice: Callable[[str], None]) -> tuple[list[str], l
             notice(f"skipped {len(skipped)} empty line{'s' if len(skipped) > 1 else ''} of "
                    f"{r.lines} (line {', '.join(skipped[:10])}{'…' if len(skipped) > 10 else ''})")
     elif r.file is not None:
-        texts = [read_text(None, r.file)]
+        texts = [read_text(None, r.file, r.keep_newline)]
     elif r.texts:
         if r.texts.count("-") > 1:
             raise UsageError("- (standard input) can be given only once")
-        texts = [read_text(t, None) for t in r.texts]
+        texts = [read_text(t, None, r.keep_newline) for t in r.texts]
     else:
         texts = [read_text(None, None)]
     for i, t in enumerate(texts):
@@ -115,7 +117,7 @@ def read_inputs(r: Request, notice: Callable[[str], None]) -> tuple[list[str], l
 
     cross = [check_argument(t, "the --cross text") for t in r.cross]
     if r.cross_file is not None:
-        cross = [read_file(r.cross_file, "--cross-file")]
+        cross = [read_file(r.cross_file, "--cross-file", r.keep_newline)]
     for t in cross:
         if not t.strip():
             raise UsageError("--cross text is empty: cross-attention needs keys to attend to")
@@ -205,9 +207,9 @@ def validate(r: Request) -> None:
     if not (math.isfinite(r.temperature) and r.temperature > 0):
         raise UsageError(f"--temperature must be a positive number (it divides the logits); "
                          f"got {r.temperature:g}")
-    from attn_tracer.engine import check_choices
+    from attn_tracer.engine import check_choices, check_torch
 
-    check_choices(r.engine, r.device, r.dtype)
+    check_torch(r.engine, check_choices(r.engine, r.device, r.dtype))
     if r.width is not None and not 40 <= r.width <= 1000:
         raise UsageError(f"--width must be between 40 and 1000 columns; got {r.width}")
     if r.precision is not None and not 0 <= r.precision <= 12:
@@ -262,6 +264,10 @@ def ignored_options(r: Request) -> list[str]:
         out.append("--numbers writes the weights beside the text shaded by one --query P")
     if r.weights is not None and r.seed != 0:
         out.append("--seed draws random weights; with --weights it changes nothing")
+    reads_a_file = r.file is not None or r.cross_file is not None or "-" in r.texts
+    if r.keep_newline and not reads_a_file:
+        out.append("--keep-newline keeps the final line ending of --file, --cross-file or "
+                   "standard input; TEXT arguments are always exact, --lines splits at it")
     return out
 
 

@@ -1,4 +1,11 @@
-"""Where the text comes from: an argument, a file, or standard input."""
+"""Where the text comes from: an argument, a file, or standard input.
+
+A file or standard input ends with a line ending that is not part of the text: `echo hi`
+writes "hi\n", and editors end every file with one. One final `\n` or `\r\n` is dropped, as a
+shell's `$(cat file)` drops it; only one, where the shell drops them all, so a text that ends
+in a blank line keeps one newline. `keep_newline` keeps the input exactly. A command-line
+argument is always exact.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +15,14 @@ from pathlib import Path
 from attn_tracer.errors import UsageError
 
 
-def read_text(argument: str | None, file: Path | None) -> str:
+def read_text(argument: str | None, file: Path | None, keep_newline: bool = False) -> str:
     """The one text to work on: `argument`, `file`, or standard input when `argument` is `-`."""
     if argument is not None and file is not None:
         raise UsageError("give the text either as an argument or with --file, not both")
     if file is not None:
-        return read_file(file)
+        return read_file(file, keep_newline=keep_newline)
     if argument == "-":
-        return read_stdin()
+        return read_stdin(keep_newline)
     if argument is None:
         raise UsageError("no input: give a TEXT, --file PATH, or - to read standard input")
     return check_argument(argument, "the TEXT argument")
@@ -38,9 +45,17 @@ def check_argument(text: str, what: str) -> str:
     return decode(data, what)
 
 
-def read_file(path: Path, what: str = "file") -> str:
+def strip_final_newline(text: str) -> str:
+    """`text` without one final line ending (`\n` or `\r\n`); only one."""
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text.removesuffix("\n")
+
+
+def read_file(path: Path, what: str = "file", keep_newline: bool = False) -> str:
+    """The text of `path` (`-`: standard input), without its final line ending unless kept."""
     if str(path) == "-":
-        return read_stdin()
+        return read_stdin(keep_newline)
     if not path.exists():
         raise UsageError(f"{what} not found: {path}")
     if path.is_dir():
@@ -49,17 +64,17 @@ def read_file(path: Path, what: str = "file") -> str:
         data = path.read_bytes()
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror}") from e
-    return decode(data, str(path))
+    text = decode(data, str(path))
+    return text if keep_newline else strip_final_newline(text)
 
 
-def read_stdin() -> str:
+def read_stdin(keep_newline: bool = False) -> str:
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("- reads standard input, but nothing is piped in: pipe a text in "
                          "(echo hi | attn trace -) or give it as an argument")
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
-    if isinstance(data, str):
-        return data
-    return decode(data, "standard input")
+    text = data if isinstance(data, str) else decode(data, "standard input")
+    return text if keep_newline else strip_final_newline(text)
 
 
 def decode(data: bytes, source: str) -> str:
