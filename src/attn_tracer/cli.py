@@ -331,13 +331,13 @@ HeadsSort = Enum("HeadsSort", {s: s for s in SORTS}, type=str)
     "Every head of the model at a glance: a thumbnail of each head's pattern (layers as rows, "
     "heads as columns), then the scores that say what each head does, as grids and as a table."
     "\n\nThe scores (A: a head's pattern of one text; pad queries and keys never count):\n\n"
-    + _heads_help()))
+    + _heads_help(markup=True)))
 @shared(INPUT, MODEL, ENGINE)
 def heads(
     opts: dict,
-    sort: Annotated[HeadsSort, Opt("--sort", help="Order the table by this score, highest "
-                                   "first (layer: L0H0, L0H1, …).", rich_help_panel="View")
-                    ] = HeadsSort.layer,
+    sort: Annotated[HeadsSort, Opt("--sort", metavar="NAME", help="Order the table by a score "
+                                   "above, highest first, or by layer (L0H0, L0H1, …).",
+                                   rich_help_panel="View")] = HeadsSort.layer,
     top: Annotated[int | None, Opt("--top", help="Show only the first K heads of the table "
                                    "(default: every head).", rich_help_panel="View",
                                    show_default=False)] = None,

@@ -71,6 +71,24 @@ def validate(r: Request, h: HeadsOptions) -> None:
         check_target(h.svg, h.force, "--svg", (".svg",))
 
 
+def check_repeat(n: int, bos: bool, config) -> None:
+    """The probe must fit the context, and its N tokens must be distinct words."""
+    from attn_tracer.analysis.heads import word_ids
+
+    most = (config.n_ctx - bos) // 2
+    if n > most:
+        where = "the checkpoint's context" if config.weights else "--n-ctx"
+        first = " after <|endoftext|>" if bos else ""
+        other = f" (with --no-bos: {config.n_ctx // 2})" if bos else ""
+        raise UsageError(f"--repeat {n} needs {2 * n + bos} tokens ({n}, then the same {n}"
+                         f"{first}); {where} holds {config.n_ctx}: at most --repeat {most}"
+                         f"{other}")
+    words = len(word_ids())
+    if n > words:
+        raise UsageError(f"--repeat {n}: the probe draws distinct word tokens, and GPT-2 has "
+                         f"{words:,}; at most --repeat {words}")
+
+
 def ignored(r: Request, h: HeadsOptions) -> list[str]:
     out = []
     if h.repeat is None and r.weights is not None and r.seed != 0:
@@ -149,13 +167,7 @@ def compute(r: Request, h: HeadsOptions, notice: Callable[[str], None], width: i
         config, weights = run.build_config(r, notice)
     bos = h.with_bos
     if h.repeat is not None:
-        most = (config.n_ctx - bos) // 2
-        if h.repeat > most:
-            where = "the checkpoint's" if config.weights else "--n-ctx"
-            raise UsageError(
-                f"--repeat {h.repeat} needs {2 * h.repeat + bos} tokens, more than {where} "
-                f"context of {config.n_ctx}: at most --repeat {most}"
-                + (" with the --bos token" if bos else ""))
+        check_repeat(h.repeat, bos, config)
         toks = [token(i) for i in repeat_probe(h.repeat, r.seed, bos)]
         text = b"".join(t.bytes for t in toks).decode("utf-8", "replace")
         prepared = Prepared(make_batch([toks], [text], "right"), None)

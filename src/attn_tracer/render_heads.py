@@ -110,6 +110,8 @@ def overview(result, width: int, color: bool) -> Text:
         out.append(" ".join(f"H{h}".ljust(cell) for h in band).rstrip(), style="cyan")
         out.append("\n")
         for layer in range(c.layers):
+            if layer:
+                out.append("\n")  # a blank line: two layers' thumbnails never touch
             pictures = [render_thumbnails.lines(values[layer, 0, h, :rows, :cols],
                                                 drawn[0, :rows, :cols], color) for h in band]
             for i in range(len(pictures[0])):
@@ -123,11 +125,11 @@ def overview(result, width: int, color: bool) -> Text:
     return out
 
 
-def overview_title(result) -> Text:
-    texts = len(result.trace.inputs)
-    which = " of text 0" if texts > 1 else ""
-    return Text(f"every head's pattern{which}: a row per layer, a column per head (in each: "
-                "queries down, keys across)", style="bold")
+def overview_title(result, width: int) -> Text:
+    which = " (text 0)" if len(result.trace.inputs) > 1 else ""
+    parts = [Text("a row per layer, a column per head;", style="dim"),
+             Text("in each, queries down and keys across", style="dim")]
+    return flow(parts, width, sep=" ", first=Text(f"every head's pattern{which}: ", style="bold"))
 
 
 def thumbnail_legend(result, width: int, color: bool) -> Text:
@@ -244,7 +246,7 @@ def render(result, console: Console) -> None:
     for line in input_lines(result, width):
         show(console, line)
     console.print()
-    console.print(overview_title(result))
+    show(console, overview_title(result, width))
     show(console, overview(result, width, color))
     show(console, thumbnail_legend(result, width, color))
     console.print()

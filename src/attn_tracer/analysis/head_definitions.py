@@ -45,14 +45,19 @@ SORTS = ("layer", *SCORES)  # --sort: in layer order, or by a score, highest fir
 
 NOTES = (
     "Σ A sums the whole pattern of the text (every real query row sums to 1, so it is the "
-    "number of real tokens, the first query included), as TransformerLens's detect_head does "
-    "(error_measure='mul', exclude_bos=False). Each score is computed for each text of a "
+    "number of real tokens, the first query included, and a perfect previous-token head scores "
+    "(len − 1)/len), as TransformerLens's detect_head does (error_measure='mul', "
+    "exclude_bos=False). Each score is computed for each text of a "
     "batch alone and then averaged over the texts. Under a causal mask the first query can "
     "only attend to itself: it adds 1/len to first_token and self, and 0 to entropy."
 )
 
 
-def help_text() -> str:
-    """The definitions as the paragraphs of `attn heads --help`."""
+def help_text(markup: bool = False) -> str:
+    """The definitions as the paragraphs of `attn heads --help`.
+
+    `markup`: for a help that Rich reads as markup, where `[q, k]` would vanish as a tag.
+    """
     lines = [f"{name} = {formula}: {words}." for name, (formula, words) in DEFINITIONS.items()]
-    return "\n\n".join([*lines, NOTES])
+    text = "\n\n".join([*lines, NOTES])
+    return text.replace("[", "\\[") if markup else text
