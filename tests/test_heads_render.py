@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from rich.cells import cell_len
 from rich.console import Console
+from rich.style import Style
 
 import heads_model
 from attn_tracer import heads_command, render_heads, render_thumbnails
@@ -32,6 +33,11 @@ SIX = "The cat sat on the mat"
 def view(request: Request, width: int, color: bool, **options) -> str:
     result = heads_command.compute(request, heads_command.HeadsOptions(**options), lambda m: None,
                                    width, color)
+    # Rich caches a style's escape codes on the style, for the first color system it met, and
+    # shares equal styles between consoles (Style._add's cache): a test that drew the same colors
+    # on a 16-color console earlier in this process would change ours. One process draws for one
+    # console in real use.
+    Style._add.cache_clear()
     console = Console(file=io.StringIO(), width=width, force_terminal=color,
                       color_system="truecolor" if color else None, highlight=False)
     render_heads.render(result, console)
