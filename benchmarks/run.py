@@ -26,10 +26,14 @@ Figures (issue 7):
      `attn trace` wall time, --engine numpy vs --engine torch, at 16 … 2,048 tokens (2,048 with
      --n-ctx 2048). Sets engine.TORCH_FROM_LEN (the `--engine auto` rule).
   g  on CUDA (skipped without a GPU): 1,024 and 4,096 tokens, one head captured ÷ untraced SDPA.
+  h  `attn heads` (issue 13), whole process: benchmarks/bench_heads.py's measure() — GPT-2-small
+     shape at 1,024 tokens ÷ HF GPT2Model output_attentions + the same scores in NumPy (time and
+     peak memory), and `--repeat 50` wall time.
 
 Repetitions (medians of): a 7 rounds; b and c 3 each after one warm-up call; d one forward per
 subprocess; e bench_json's own 5; f 2 rounds up to 256 tokens, 1 above; g 10. --quick: a 3, b/c 1,
-f 1 round at 16, 256 and 1,024 tokens. --only picks figures (e.g. --only ab).
+f 1 round at 16, 256 and 1,024 tokens; h 3 rounds (--quick: 1). --only picks figures
+(e.g. --only ab).
 """
 
 from __future__ import annotations
@@ -478,6 +482,18 @@ def bench_crossover(lengths: tuple[int, ...], reps: int) -> list[dict]:
     return rows
 
 
+# ── h: attn heads ─────────────────────────────────────────────────────────────────────────────
+
+def bench_heads_figure(reps: int) -> list[dict]:
+    path = Path(__file__).with_name("bench_heads.py")
+    spec = importlib.util.spec_from_file_location("bench_heads", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.measure(reps)
+    return [row(r["figure"], r["value"], r["target"], unit=r["unit"], note=r["note"])
+            for r in module.rows(result)]
+
+
 # ── main ──────────────────────────────────────────────────────────────────────────────────────
 
 def show(rows: list[dict], header: bool = True) -> None:
@@ -505,7 +521,7 @@ def show(rows: list[dict], header: bool = True) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and lengths")
-    parser.add_argument("--only", default="abcdefg", help="which figures, e.g. --only ab")
+    parser.add_argument("--only", default="abcdefgh", help="which figures, e.g. --only ab")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--memory-child", choices=("traced", "untraced"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -513,7 +529,8 @@ def main() -> None:
         memory_child(args.memory_child)
         return
     reps = {"startup": 3 if args.quick else 7, "forward": 1 if args.quick else 3,
-            "crossover": 1 if args.quick else 2, "cuda": 3 if args.quick else 10}
+            "crossover": 1 if args.quick else 2, "cuda": 3 if args.quick else 10,
+            "heads": 1 if args.quick else 3}
     lengths = (16, 256, 1024) if args.quick else LENGTHS
     have_hf = importlib.util.find_spec("transformers") is not None
     started = time.perf_counter()
@@ -523,7 +540,8 @@ def main() -> None:
              "d": bench_memory,
              "e": bench_json_figure,
              "f": lambda: bench_crossover(lengths, reps["crossover"]),
-             "g": lambda: bench_cuda(reps["cuda"])}
+             "g": lambda: bench_cuda(reps["cuda"]),
+             "h": lambda: bench_heads_figure(reps["heads"])}
     for key, step in steps.items():
         if key in args.only or (key == "b" and "c" in args.only):
             start = time.perf_counter()

@@ -204,6 +204,32 @@ ROWS: list[tuple] = [
      "--max-length 3"),
     ("pad-to-past-n-ctx", ["trace", "hi", *TINY, "--n-ctx", "8", "--pad-to", "9"], 2,
      "--pad-to 9 is more than --n-ctx 8"),
+    # ── attn heads ──────────────────────────────────────────────────────────────────────────
+    ("heads-sort-unknown", ["heads", "hi", *TINY, "--sort", "nosuch"], 2, "--sort"),
+    ("heads-top-0", ["heads", "hi", *TINY, "--top", "0"], 2, "--top must be at least 1"),
+    ("heads-top-negative", ["heads", "hi", *TINY, "--top", "-3"], 2, "--top must be at least 1"),
+    ("heads-repeat-0", ["heads", *TINY, "--repeat", "0"], 2, "--repeat must be at least 1"),
+    ("heads-repeat-junk", ["heads", *TINY, "--repeat", "x"], 2, "--repeat"),
+    ("heads-repeat-beyond-n-ctx", ["heads", *TINY, "--repeat", "513"], 2,
+     "at most --repeat 511 (with --no-bos: 512)"),
+    ("heads-repeat-beyond-n-ctx-no-bos", ["heads", *TINY, "--repeat", "513", "--no-bos"], 2,
+     "--n-ctx holds 1024: at most --repeat 512"),
+    ("heads-repeat-small-n-ctx", ["heads", *TINY, "--n-ctx", "16", "--repeat", "8"], 2,
+     "at most --repeat 7"),
+    ("heads-repeat-more-than-words", ["heads", *TINY, "--n-ctx", "40000", "--repeat", "19384",
+                                      "--no-bos"], 2, "at most --repeat 19383"),
+    ("heads-repeat-and-text", ["heads", "hi", *TINY, "--repeat", "5"], 2,
+     "--repeat builds its own input"),
+    ("heads-repeat-and-file", ["heads", "--file", "{tmp}/plain.txt", *TINY, "--repeat", "5"], 2,
+     "without a TEXT, --file or --lines"),
+    ("heads-no-input", ["heads", *TINY], 2, "no input"),
+    ("heads-bos-past-n-ctx", ["heads", "one two three four", *TINY, "--n-ctx", "4", "--bos"], 2,
+     "--max-length 3"),
+    ("heads-svg-wrong-suffix", ["heads", "hi", *TINY, "--svg", "{tmp}/x.png"], 2, ".svg"),
+    ("heads-svg-existing", ["heads", "hi", *TINY, "--svg", "{tmp}/exists.npz"], 2, ".svg"),
+    ("heads-weights-and-d-model", ["heads", "hi", "--weights", "{tmp}/whole.safetensors",
+                                   "--d-model", "8"], 2, "--d-model conflicts with --weights"),
+    ("heads-latin1-file", ["heads", "--file", "{tmp}/latin1.txt", *TINY], 2, "not valid UTF-8"),
     # ── Typer's own usage errors ────────────────────────────────────────────────────────────
     ("unknown-option", ["trace", "hi", "--bogus"], 2, "No such option: --bogus"),
     ("unknown-root-option", ["--bogus", "trace", "hi"], 2, "No such option"),
@@ -302,7 +328,7 @@ def test_a_torch_saved_pickle_with_code_is_refused(bad_files: Path, runner: CliR
 # meets them, with no test runner in between.
 SUBPROCESS_ROWS = ["unknown-option", "int-junk", "unknown-command", "missing-file",
                    "latin1-stdin", "layers-absurd", "weights-pickle-exec", "temperature-nan",
-                   "no-input"]
+                   "no-input", "heads-sort-unknown", "heads-repeat-and-text"]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS_ROWS)

@@ -72,3 +72,23 @@ def test_ci_runs_the_readme_command_on_the_installed_wheel():
     wheel = (ROOT / ".ci" / "wheel").read_text(encoding="utf-8")
     assert f"\n{run_command} " in wheel
     assert "bash .ci/wheel" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_heads_sample_output_is_what_the_tool_prints():
+    block = re.search(r"```\n\$ attn heads (.+?)\n(.*?)```", README, re.S)
+    assert block, "the README's attn heads sample block is missing"
+    command, shown = block.group(1), block.group(2)
+    args = ["The cat sat on the mat. The cat sat on the mat.", "--sort", "induction", "--top", "5"]
+    assert command == '"The cat sat on the mat. The cat sat on the mat." --sort induction --top 5'
+    result = CliRunner().invoke(app, ["heads", *args], env={"COLUMNS": "100", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.stderr
+    actual = "\n".join(line.rstrip() for line in result.stdout.rstrip("\n").splitlines())
+    assert actual == shown.rstrip("\n")
+
+
+def test_heads_definitions_are_the_ones_the_tool_uses():
+    from attn_tracer.analysis.head_definitions import DEFINITIONS, NOTES
+
+    for name, (formula, words) in DEFINITIONS.items():
+        assert f"| `{name}` | {formula} | {words} |" in README, name
+    assert NOTES in README
