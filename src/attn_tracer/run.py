@@ -236,11 +236,8 @@ def compute(r: Request, notice: Callable[[str], None]):
     for ignored in ignored_options(r):
         notice(ignored)
     texts, cross = read_inputs(r, notice)
-    limit = memory.parse_size(r.max_memory) if r.max_memory is not None else memory.default_limit()
-    with progress_display("loading weights", show=r.weights is not None):
-        config, weights = build_config(r, notice)
-    from attn_tracer.engine import free_memory, select_engine
-
+    limit = memory_limit(r)
+    config, weights = load_model(r, notice)
     if r.values and config.d_model > VALUES_LIMIT:
         raise UsageError(f"--values prints every number: use it with --d-model ≤ {VALUES_LIMIT} "
                          f"(e.g. --d-model 4 --heads 2); this run has d_model {config.d_model}")
@@ -268,20 +265,54 @@ def compute(r: Request, notice: Callable[[str], None]):
     # The whole run, weights included, before a single weight is drawn: absurd sizes end here.
     needed = memory.estimate(config, r.dtype, len(texts), length, k_len, len(layers),
                              len(heads), capture, bool(cross), predict=r.predict)
-    memory.check(needed, limit)
-    engine = select_engine(r.engine, r.device, r.dtype, length)
-    if r.max_memory is None and (gpu := free_memory(engine)) is not None:
-        memory.check(needed, gpu)  # on a GPU the tensors live in its memory
+    engine = choose_engine(r, needed, limit, length)
     with progress_display(f"{length} tokens through {config.layers} layers") as advance:
-        if weights is None:
-            from attn_tracer.weights import random_weights
-
-            weights = random_weights(config, cross=bool(cross))
+        weights = ensure_weights(config, weights, cross=bool(cross))
         trace, _ = run(texts, config, engine, weights, selection, cross_texts=cross or None,
                          padding=r.padding, max_length=r.max_length,
                          allow_special=r.allow_special, predict_top_k=r.top_k if r.predict
                          else None, temperature=r.temperature,
                          progress=advance, prepared=prepared)
+    cut_notices(r, prepared, cross, notice)
+    return trace, weights
+
+
+# The pieces of `compute` that every command running the model shares (attn attribute too).
+
+def memory_limit(r: Request) -> int:
+    """The --max-memory limit in bytes (default: half the machine's RAM), checked first."""
+    return memory.parse_size(r.max_memory) if r.max_memory is not None else memory.default_limit()
+
+
+def load_model(r: Request, notice: Callable[[str], None]):
+    """build_config with a progress display while a checkpoint loads."""
+    with progress_display("loading weights", show=r.weights is not None):
+        return build_config(r, notice)
+
+
+def choose_engine(r: Request, needed: int, limit: int, length: int):
+    """Refuse a run estimated at `needed` bytes over the limit, then pick the engine; on a GPU
+    the run is also checked against the GPU's free memory (unless --max-memory says otherwise)."""
+    from attn_tracer.engine import free_memory, select_engine
+
+    memory.check(needed, limit)
+    engine = select_engine(r.engine, r.device, r.dtype, length)
+    if r.max_memory is None and (gpu := free_memory(engine)) is not None:
+        memory.check(needed, gpu)  # on a GPU the tensors live in its memory
+    return engine
+
+
+def ensure_weights(config: Config, weights, cross: bool = False):
+    """The checkpoint's weights, or random ones drawn now (after every check has passed)."""
+    if weights is not None:
+        return weights
+    from attn_tracer.weights import random_weights
+
+    return random_weights(config, cross=cross)
+
+
+def cut_notices(r: Request, prepared, cross: list[str], notice: Callable[[str], None]) -> None:
+    """Say which texts --max-length cut."""
     if cut := prepared.cut:
         notice(f"--max-length {r.max_length} cut text{'s' if len(cut) > 1 else ''} "
                f"{', '.join(map(str, cut))}")
@@ -290,7 +321,6 @@ def compute(r: Request, notice: Callable[[str], None]):
         which = "the --cross text" if len(cross) == 1 else (
             f"--cross text{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}")
         notice(f"--max-length {r.max_length} cut {which}")
-    return trace, weights
 
 
 @contextlib.contextmanager
@@ -329,14 +359,9 @@ def write_outputs(r: Request, trace, weights, console: Callable) -> None:
 
 def render_view(r: Request, trace, weights, target):
     """Render into memory with the target console's settings; printed only once it is whole."""
-    from rich.console import Console
-
     from attn_tracer import render_terminal
 
-    buffer = Console(file=io.StringIO(), width=target.width, color_system=target.color_system,
-                     force_terminal=target.is_terminal, no_color=target.no_color,
-                     legacy_windows=False, highlight=False,
-                     record=r.svg is not None or r.html is not None)
+    buffer = buffer_like(target, record=r.svg is not None or r.html is not None)
     if not r.layer and len(trace.selection.layers) > 1:
         # --save and --json keep every layer by default; the view still draws layer 0 alone.
         trace = dataclasses.replace(
@@ -344,3 +369,13 @@ def render_view(r: Request, trace, weights, target):
     render_terminal.render(trace, buffer, show_stages=r.stages, weights=weights.params,
                            show_values=r.values, batch_rows=r.batch_index)
     return buffer
+
+
+def buffer_like(target, record: bool = False):
+    """A Console writing to memory with `target`'s width and colors: a view is rendered whole
+    there, and printed only once nothing can fail any more."""
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=target.width, color_system=target.color_system,
+                   force_terminal=target.is_terminal, no_color=target.no_color,
+                   legacy_windows=False, highlight=False, record=record)

@@ -1,0 +1,81 @@
+"""The logit lens: what the model would predict if it stopped after each layer.
+
+The residual stream after layer L goes through the final LayerNorm (its own σ, computed from
+that residual, as the model would) and the unembedding: softmax(LayerNorm_f(x_L)·W_U). After
+the last layer this is the model's own prediction. (nostalgebraist 2020; TransformerLens's
+`accumulated_resid(apply_ln=True)`; Ecco's per-layer predictions.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CHUNK = 256  # positions unembedded at once: [CHUNK, vocab] floats, not [len, vocab]
+
+
+@dataclass(frozen=True)
+class Lens:
+    positions: list[int]
+    top_ids: np.ndarray  # [layers, positions] the most likely next token after each layer
+    top_probs: np.ndarray  # [layers, positions]
+    # At one position (the explained one), each layer's logit, probability and rank (1 = top)
+    # of the target token; None if no target was asked for.
+    target_logits: np.ndarray | None = None  # [layers]
+    target_probs: np.ndarray | None = None  # [layers]
+    target_ranks: np.ndarray | None = None  # [layers]
+
+
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w + b
+
+
+def logits_of(resid: np.ndarray, W_U: np.ndarray, norm: tuple | None) -> np.ndarray:
+    """resid [..., d_model] → logits [..., vocab]; `norm` = (w, b, eps) or None (no ln_f)."""
+    h = resid if norm is None else layer_norm(resid, *norm)
+    return h.astype(W_U.dtype, copy=False) @ W_U.T
+
+
+def softmax_stats(logits: np.ndarray, target: int | None = None):
+    """Top id, its probability, and (if `target`) the target's logit, probability and rank,
+    for each row of `logits` [..., vocab], without keeping a probability table."""
+    top = np.argmax(logits, axis=-1)
+    peak = np.take_along_axis(logits, top[..., None], axis=-1)
+    # Σ exp(l − max) in float64: 50k terms, each ≤ 1, summed without float32's drift.
+    total = np.exp(logits - peak).sum(axis=-1, dtype=np.float64)
+    out = [top, 1.0 / total]
+    if target is not None:
+        lt = logits[..., target].astype(np.float64)
+        out += [lt, np.exp(lt - peak[..., 0]) / total,
+                (logits > logits[..., target:target + 1]).sum(axis=-1) + 1]
+    return out
+
+
+def logit_lens(resid: np.ndarray, positions: list[int], W_U: np.ndarray, norm: tuple | None,
+               explained: int | None = None, target: int | None = None) -> Lens:
+    """`resid` [layers, positions, d_model]: the residual after each layer at `positions`.
+
+    `W_U` as rows [vocab, d_model]; `norm` the final LayerNorm (w, b, eps), None without one.
+    `explained` (one of `positions`) and `target`: also report the target token's logit,
+    probability and rank at that position after each layer.
+    """
+    layers, n, _ = resid.shape
+    top_ids = np.zeros((layers, n), np.int64)
+    top_probs = np.zeros((layers, n))
+    tl = tp = tr = None
+    if target is not None:
+        tl, tp, tr = np.zeros(layers), np.zeros(layers), np.zeros(layers, np.int64)
+    for layer in range(layers):
+        for start in range(0, n, CHUNK):
+            rows = slice(start, min(start + CHUNK, n))
+            stats = softmax_stats(logits_of(resid[layer, rows], W_U, norm), target)
+            top_ids[layer, rows], top_probs[layer, rows] = stats[0], stats[1]
+            if target is not None:
+                for j, p in enumerate(positions[rows]):
+                    if p == explained:
+                        tl[layer], tp[layer], tr[layer] = (stats[2][j], stats[3][j],
+                                                           stats[4][j])
+    return Lens(positions, top_ids, top_probs, tl, tp, tr)
