@@ -26,10 +26,13 @@ Figures (issue 7):
      `attn trace` wall time, --engine numpy vs --engine torch, at 16 … 2,048 tokens (2,048 with
      --n-ctx 2048). Sets engine.TORCH_FROM_LEN (the `--engine auto` rule).
   g  on CUDA (skipped without a GPU): 1,024 and 4,096 tokens, one head captured ÷ untraced SDPA.
+  h  `attn attribute` (issue 14), GPT-2-small shape from a saved checkpoint, 1,024 tokens: the
+     whole process ÷ one HF GPT2LMHeadModel forward with output_hidden_states=True; and what
+     --ablate of one head adds ÷ one forward (benchmarks/bench_attribute.py's measure()).
 
 Repetitions (medians of): a 7 rounds; b and c 3 each after one warm-up call; d one forward per
-subprocess; e bench_json's own 5; f 2 rounds up to 256 tokens, 1 above; g 10. --quick: a 3, b/c 1,
-f 1 round at 16, 256 and 1,024 tokens. --only picks figures (e.g. --only ab).
+subprocess; e bench_json's own 5; f 2 rounds up to 256 tokens, 1 above; g 10; h 3. --quick: a 3,
+b/c/h 1, f 1 round at 16, 256 and 1,024 tokens. --only picks figures (e.g. --only ab).
 """
 
 from __future__ import annotations
@@ -447,6 +450,22 @@ def bench_json_figure() -> list[dict]:
     return [row(name, seconds, 1.0, unit="s", note=note, details=result)]
 
 
+# ── h: attn attribute ─────────────────────────────────────────────────────────────────────────
+
+def bench_attribute_figure(reps: int) -> list[dict]:
+    path = Path(__file__).with_name("bench_attribute.py")
+    spec = importlib.util.spec_from_file_location("bench_attribute", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = []
+    for r in module.measure(reps):
+        details = {k: v for k, v in r.items() if k not in ("figure", "value", "target")}
+        out.append(row(r["figure"], r["value"], r["target"],
+                       note=f"median {r['seconds']:.2f} s vs {r['reference_seconds']:.2f} s; "
+                            f"{reps} reps", **details))
+    return out
+
+
 # ── f: NumPy / torch crossover ────────────────────────────────────────────────────────────────
 
 def bench_crossover(lengths: tuple[int, ...], reps: int) -> list[dict]:
@@ -505,7 +524,7 @@ def show(rows: list[dict], header: bool = True) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and lengths")
-    parser.add_argument("--only", default="abcdefg", help="which figures, e.g. --only ab")
+    parser.add_argument("--only", default="abcdefgh", help="which figures, e.g. --only ab")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--memory-child", choices=("traced", "untraced"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -523,7 +542,8 @@ def main() -> None:
              "d": bench_memory,
              "e": bench_json_figure,
              "f": lambda: bench_crossover(lengths, reps["crossover"]),
-             "g": lambda: bench_cuda(reps["cuda"])}
+             "g": lambda: bench_cuda(reps["cuda"]),
+             "h": lambda: bench_attribute_figure(reps["forward"])}
     for key, step in steps.items():
         if key in args.only or (key == "b" and "c" in args.only):
             start = time.perf_counter()

@@ -60,15 +60,19 @@ def signed(v: float, digits: int) -> str:
     """+0.12, −0.05 (a real minus sign); exactly 0 without a sign."""
     if v == 0:
         return f"{0:.{digits}f}"
-    return f"{v:+.{digits}f}".replace("-", "−")
+    return f"{v:+.{digits}f}".replace("-", "−", 1)
 
 
 def _prob(p: float) -> str:
     return f"{p:.4f}" if p >= 1e-4 or p == 0 else f"{p:.1e}"
 
 
-def _short_prob(p: float) -> str:
-    return "1.0" if p >= 0.995 else f"{p:.2f}"[1:]
+def _signed_prob(d: float) -> str:
+    """A change of probability: +0.1234, −3.1e-06 (small changes keep their digits)."""
+    if d == 0:
+        return "0"
+    text = f"{d:+.4f}" if abs(d) >= 1e-4 else f"{d:+.1e}"
+    return text.replace("-", "−", 1) if text[0] == "-" else text  # the sign, not the exponent's
 
 
 def label(token_id: int) -> str:
@@ -401,7 +405,7 @@ def ablation_view(result, width: int) -> Text:
                      signed(ab.after.target_logit, 3),
                      signed(ab.after.target_logit - ab.before.target_logit, 3)))
     rows.append((f"p({target})", _prob(ab.before.target_prob), _prob(ab.after.target_prob),
-                 signed(ab.after.target_prob - ab.before.target_prob, 4)))
+                 _signed_prob(ab.after.target_prob - ab.before.target_prob)))
     rows.append((f"rank of {target}", str(ab.before.rank), str(ab.after.rank),
                  signed(ab.after.rank - ab.before.rank, 0)))
     name_w = max(cell_len(r[0]) for r in rows)
