@@ -174,7 +174,9 @@ def test_ranked_table_is_by_magnitude_with_signed_values(full):
     start = next(i for i, line in enumerate(lines) if line.startswith("strongest components"))
     a = full.attribution
     order = sorted(range(len(a.logits)), key=lambda i: -abs(a.logits[i]))[:6]
-    for line, i in zip(lines[start + 2:start + 8], order, strict=True):
+    rows = lines[start + 2:start + 8]
+    assert len({line.index("│") for line in rows}) == 1  # one axis for every bar
+    for line, i in zip(rows, order, strict=True):
         m = re.match(r"\s*(\d+)  (.+?)\s+([+−][\d.]+)\s", line)
         assert m, line
         assert m.group(2) == a.components[i].name
@@ -288,3 +290,20 @@ def test_a_small_attribution_does_not_import_torch():
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "False"
     assert "direct logit attribution" in done.stdout
+
+
+def test_a_padded_vocabulary_has_targets_without_text(tmp_path):
+    """nanoGPT-style checkpoints pad wte to 50304 rows: ids past the tokenizer can be targets
+    (#ID), labelled <unused ID>, with empty bytes in the JSON."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_head=2, n_layer=1, n_positions=16, vocab_size=50304))
+    hf.save_pretrained(tmp_path / "m")
+    doc = json_of(["--weights", str(tmp_path / "m"), "--target", "#50300", "--versus", "#7"],
+                  sizes=[])
+    assert doc["target"] == {"id": 50300, "text": "<unused 50300>", "bytes": ""}
+    result = runner.invoke(app, ["attribute", TEXT, "--weights", str(tmp_path / "m"),
+                                 "--target", "#50304"])
+    assert result.exit_code == 2 and "token ids run from 0 to 50303" in result.stderr
