@@ -263,19 +263,6 @@ def test_nothing_is_nan_even_for_extreme_weights():
     walk(doc)
 
 
-def test_engine_auto_weighs_the_models_work():
-    from attn_tracer.config import Config
-    from attn_tracer.engine import TORCH_FROM_LEN
-
-    default = Config()  # the stack TORCH_FROM_LEN was measured on keeps attn trace's rule
-    assert [attr.engine_length(default, n) for n in (6, 2047, 2048)] == [6, 2047, 2048]
-    small = Config(d_model=32, heads=4, layers=2)
-    assert attr.engine_length(small, 3000) == 3000  # never below the length itself
-    gpt2_small = Config(layers=12, arch="gpt2", pos="learned")
-    assert attr.engine_length(gpt2_small, 1024) >= TORCH_FROM_LEN
-    assert attr.engine_length(gpt2_small, 64) < TORCH_FROM_LEN
-
-
 def test_a_small_attribution_does_not_import_torch():
     import subprocess
     import sys

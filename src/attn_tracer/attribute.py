@@ -10,7 +10,6 @@ computed before the first byte reaches stdout, and the checks of run.py are reus
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,10 +22,8 @@ from attn_tracer.analysis import ablation, attribution, logit_lens, rollout
 from attn_tracer.analysis.decompose import head_outputs
 from attn_tracer.errors import UsageError
 from attn_tracer.tokens import VOCAB
-from attn_tracer.trace import Selection
+from attn_tracer.trace import Selection, Trace
 
-# The view's --all-positions table shows this many positions (the JSON has them all).
-LENS_COLUMNS = 64
 _VISIBLE = {"␣": " ", "↵": "\n", "⇥": "\t"}  # the labels' marks, read back as what they mark
 # The forward keeps no tensor through the selection: the hooks keep what is needed.
 _SELECT_NOTHING = Selection((), (), "patterns")
@@ -57,7 +54,7 @@ class Ablated:
 
 @dataclass
 class Result:
-    trace: object  # the forward's Trace: config, engine, inputs, steps (no tensors)
+    trace: Trace  # the forward's: config, engine, inputs, steps (no tensors)
     trained: bool
     position: int
     target: int
@@ -171,7 +168,7 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
                              1 if a.rollout else 0, "patterns", False, predict=True)
     lens_rows = length if a.all_positions else 1
     needed += layers * lens_rows * config.d_model * 8 + 3 * logit_lens.CHUNK * config.vocab * 4
-    engine = runner.choose_engine(r, needed, limit, engine_length(config, length))
+    engine = runner.choose_engine(r, needed, limit, length)
     from attn_tracer.pipeline import run
 
     with runner.progress_display(f"{length} tokens through {layers} layers") as advance:
@@ -219,27 +216,6 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
         after = ablation.outcome(final_only.final_logits(W_U), target, versus, a.top_k)
         result.ablated = Ablated(a.ablate_mode, heads, before, after)
     return result
-
-
-def engine_length(config, length: int) -> int:
-    """The length at which the default stack (2 attn layers, d_model 768, on which --engine
-    auto's TORCH_FROM_LEN was measured) does as much work as this model does at `length`.
-
-    --engine auto weighs torch's import (seconds) against the forward's work; attn trace's
-    default stack is small, but GPT-2 small has 12 layers with MLPs, and its 1,024 tokens are
-    about 5 times the work of the default stack at 2,048 tokens, where torch already wins.
-    Work: multiply-adds of the projections (4·d_model² per token, 12·d_model² with the MLP)
-    and of Q·Kᵀ and pattern·V (2·len·d_model per token), per layer. Never below `length`: a
-    model smaller than the default keeps the default's rule.
-    """
-    def work(layers: int, d: int, per_token: int, n: float) -> float:
-        return layers * (per_token * d * d * n + 2 * n * n * d)
-
-    mine = work(config.layers, config.d_model, 12 if config.arch == "gpt2" else 4, length)
-    # The default stack's work a·n² + b·n, solved for n.
-    a, b = 2 * 2 * 768, 2 * 4 * 768 * 768
-    n = (-b + math.sqrt(b * b + 4 * a * mine)) / (2 * a)
-    return max(length, math.ceil(n))
 
 
 def _final_norm_params(weights, config):

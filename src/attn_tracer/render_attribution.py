@@ -32,6 +32,7 @@ TOWARD = (33, 102, 172)
 AWAY = (178, 24, 43)
 ZERO = (118, 118, 118)
 BAR_HALF = 20  # cells of the strongest component's bar in the ranked table
+LENS_COLUMNS = 64  # positions of the --all-positions table in the view (the JSON has them all)
 
 
 # ── numbers and colors ────────────────────────────────────────────────────────────────────────
@@ -353,10 +354,9 @@ def lens_table(result, width: int) -> list[RenderableType]:
     lens = result.lens
     inp = result.trace.inputs[0]
     n = len(lens.positions)
-    start = 0
-    if n > 64:
-        start = min(max(0, result.position - 63), n - 64)
-    shown = list(range(start, min(start + 64, n)))
+    # A window that ends at the explained position where it can.
+    start = min(max(0, result.position - LENS_COLUMNS + 1), max(0, n - LENS_COLUMNS))
+    shown = list(range(start, min(start + LENS_COLUMNS, n)))
     cell = 7
     layer_w = len(f"L{result.layers - 1}")
     per_block = max(1, (width - layer_w) // (cell + 1))

@@ -62,20 +62,25 @@ def logit_lens(resid: np.ndarray, positions: list[int], W_U: np.ndarray, norm: t
     `explained` (one of `positions`) and `target`: also report the target token's logit,
     probability and rank at that position after each layer.
     """
-    layers, n, _ = resid.shape
-    top_ids = np.zeros((layers, n), np.int64)
-    top_probs = np.zeros((layers, n))
-    tl = tp = tr = None
-    if target is not None:
-        tl, tp, tr = np.zeros(layers), np.zeros(layers), np.zeros(layers, np.int64)
-    for layer in range(layers):
-        for start in range(0, n, CHUNK):
-            rows = slice(start, min(start + CHUNK, n))
-            stats = softmax_stats(logits_of(resid[layer, rows], W_U, norm), target)
-            top_ids[layer, rows], top_probs[layer, rows] = stats[0], stats[1]
-            if target is not None:
-                for j, p in enumerate(positions[rows]):
-                    if p == explained:
-                        tl[layer], tp[layer], tr[layer] = (stats[2][j], stats[3][j],
-                                                           stats[4][j])
-    return Lens(positions, top_ids, top_probs, tl, tp, tr)
+    layers, n, d = resid.shape
+    flat = resid.reshape(layers * n, d)  # row layer·n + j: after `layer`, at positions[j]
+    top_ids = np.zeros(layers * n, np.int64)
+    top_probs = np.zeros(layers * n)
+    rows_of_target = ([layer * n + positions.index(explained) for layer in range(layers)]
+                      if target is not None else [])
+    found: dict[int, tuple] = {}
+    # Every layer's rows in one product, CHUNK rows at a time: W_U (vocab × d_model, the
+    # largest array here) is read once per chunk, not once per layer.
+    for start in range(0, layers * n, CHUNK):
+        rows = slice(start, min(start + CHUNK, layers * n))
+        stats = softmax_stats(logits_of(flat[rows], W_U, norm), target)
+        top_ids[rows], top_probs[rows] = stats[0], stats[1]
+        for row in rows_of_target:
+            if start <= row < rows.stop:
+                found[row] = (stats[2][row - start], stats[3][row - start],
+                              stats[4][row - start])
+    lens = Lens(positions, top_ids.reshape(layers, n), top_probs.reshape(layers, n))
+    if target is None:
+        return lens
+    tl, tp, tr = (np.array([found[row][i] for row in rows_of_target]) for i in range(3))
+    return Lens(positions, lens.top_ids, lens.top_probs, tl, tp, tr.astype(np.int64))
