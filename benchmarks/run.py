@@ -29,6 +29,9 @@ Figures (issue 7):
   h  `attn heads` (issue 13), whole process: benchmarks/bench_heads.py's measure() — GPT-2-small
      shape at 1,024 tokens ÷ HF GPT2Model output_attentions + the same scores in NumPy (time and
      peak memory), and `--repeat 50` wall time.
+  i  `attn attribute` (issue 14), GPT-2-small shape from a saved checkpoint, 1,024 tokens: the
+     whole process ÷ one HF GPT2LMHeadModel forward with output_hidden_states=True; and what
+     --ablate of one head adds ÷ one forward (benchmarks/bench_attribute.py's measure()).
 
 Repetitions (medians of): a 7 rounds; b and c 3 each after one warm-up call; d one forward per
 subprocess; e bench_json's own 5; f 2 rounds up to 256 tokens, 1 above; g 10. --quick: a 3, b/c 1,
@@ -451,6 +454,22 @@ def bench_json_figure() -> list[dict]:
     return [row(name, seconds, 1.0, unit="s", note=note, details=result)]
 
 
+# ── h: attn attribute ─────────────────────────────────────────────────────────────────────────
+
+def bench_attribute_figure(reps: int) -> list[dict]:
+    path = Path(__file__).with_name("bench_attribute.py")
+    spec = importlib.util.spec_from_file_location("bench_attribute", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = []
+    for r in module.measure(reps):
+        details = {k: v for k, v in r.items() if k not in ("figure", "value", "target")}
+        out.append(row(r["figure"], r["value"], r["target"],
+                       note=f"median {r['seconds']:.2f} s vs {r['reference_seconds']:.2f} s; "
+                            f"{reps} reps", **details))
+    return out
+
+
 # ── f: NumPy / torch crossover ────────────────────────────────────────────────────────────────
 
 def bench_crossover(lengths: tuple[int, ...], reps: int) -> list[dict]:
@@ -541,7 +560,8 @@ def main() -> None:
              "e": bench_json_figure,
              "f": lambda: bench_crossover(lengths, reps["crossover"]),
              "g": lambda: bench_cuda(reps["cuda"]),
-             "h": lambda: bench_heads_figure(reps["heads"])}
+             "h": lambda: bench_heads_figure(reps["heads"]),
+             "i": lambda: bench_attribute_figure(reps["forward"])}
     for key, step in steps.items():
         if key in args.only or (key == "b" and "c" in args.only):
             start = time.perf_counter()

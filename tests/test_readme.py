@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -23,6 +24,18 @@ def test_sample_output_is_what_the_tool_prints():
     assert result.exit_code == 0, result.stderr
     actual = "\n".join(line.rstrip() for line in result.stdout.rstrip("\n").splitlines())
     assert actual == shown.rstrip("\n")
+
+
+def test_attribute_sample_is_what_the_tool_prints():
+    block = re.search(r"```\n\$ attn attribute (.+?)\n(.*?)```", README, re.S)
+    assert block, "the README's attn attribute sample is missing"
+    command, shown = block.group(1), block.group(2)
+    result = CliRunner().invoke(app, ["attribute", *shlex.split(command)],
+                                env={"COLUMNS": "100", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.stderr
+    actual = "\n".join(line.rstrip() for line in result.stdout.rstrip("\n").splitlines())
+    assert actual == shown.rstrip("\n")
+    assert "--ablate" in command and "--versus" in command  # the sample shows both
 
 
 def test_ci_runs_the_readme_test_command():

@@ -42,6 +42,8 @@ EXAMPLES = {
              'attn heads --weights gpt2 --repeat 50 --sort induction --top 5    ·    '
              'attn heads --weights gpt2 --file notes.txt --json | jq ".heads[:3]"',
     "schema": "attn schema | jq .properties",
+    "attribute": 'attn attribute --weights gpt2 "The Eiffel Tower is in the city of"    ·    '
+                 'attn attribute "a b c a b" --target "␣c" --ablate L1H3 --rollout',
 }
 
 
@@ -255,18 +257,21 @@ def tokens(
 
 # ── attn schema ───────────────────────────────────────────────────────────────────────────────
 
+SCHEMAS = ("trace", "heads", "attribute", "tokens")  # data/NAME.schema.json
+
 @app.command(epilog=f"Example: {EXAMPLES['schema']}")
 def schema(
     which: Annotated[str, typer.Argument(help="trace (attn trace --json), heads (attn heads "
-                                              "--json) or tokens (attn tokens --json).")
-                     ] = "trace",
+                                              "--json), attribute (attn attribute --json) or "
+                                              "tokens (attn tokens --json).")] = "trace",
     debug: Debug = False,
 ) -> None:
     """Print the JSON Schema (draft 2020-12) of the --json output."""
     from importlib.resources import files
 
-    if which not in ("trace", "heads", "tokens"):
-        raise UsageError(f"no schema named {which!r}: choose trace, heads or tokens")
+    if which not in SCHEMAS:
+        raise UsageError(f"no schema named {which!r}: choose {', '.join(SCHEMAS[:-1])} or "
+                         f"{SCHEMAS[-1]}")
     sys.stdout.write(files("attn_tracer.data").joinpath(f"{which}.schema.json").read_text("utf-8"))
     sys.stdout.flush()
 
@@ -389,6 +394,61 @@ def heads(
         sort=sort.value, top=top, repeat=repeat, bos=bos, json=json_, thumbnails=thumbnails,
         svg=svg, force=force)
     heads_command.execute(Request(**opts), options, notice=_notice, console=_stdout_console)
+
+
+# ── attn attribute ────────────────────────────────────────────────────────────────────────────
+
+AblateMode = Enum("AblateMode", {"zero": "zero", "mean": "mean"}, type=str)
+
+
+@app.command(epilog=f"Examples: {EXAMPLES['attribute']}")
+@shared(INPUT, MODEL, ENGINE)
+def attribute(
+    opts: dict,
+    target: Annotated[str | None, Opt("--target", help="The token to explain: its text (a "
+                                      "leading space as ' ' or ␣) or #ID (default: the top "
+                                      "prediction).", rich_help_panel="Attribution",
+                                      show_default=False)] = None,
+    versus: Annotated[str | None, Opt("--versus", help="Explain the logit difference target − "
+                                      "this token.", rich_help_panel="Attribution")] = None,
+    position: Annotated[int | None, Opt("--position", help="Explain the prediction made at "
+                                        "this position (default: the last token).",
+                                        rich_help_panel="Attribution", show_default=False)
+                        ] = None,
+    ablate: Annotated[list[str] | None, Opt("--ablate", help="Heads to knock out in one more "
+                                            "forward: L5H1,L6H9 (repeatable).",
+                                            rich_help_panel="Attribution",
+                                            show_default=False)] = None,
+    ablate_mode: Annotated[AblateMode, Opt("--ablate-mode", help="zero: Z = 0; mean: Z = its "
+                                           "mean over the text's positions.",
+                                           rich_help_panel="Attribution")] = AblateMode.zero,
+    all_positions: Annotated[bool, Opt("--all-positions", help="Logit lens at every position "
+                                       "(a layers × positions table).",
+                                       rich_help_panel="Attribution")] = False,
+    rollout: Annotated[bool, Opt("--rollout", help="Attention rollout (Abnar & Zuidema 2020).",
+                                 rich_help_panel="Attribution")] = False,
+    top_k: Annotated[int, Opt("--top-k", help="Tokens listed in the prediction and the "
+                              "ablation.", rich_help_panel="View")] = 5,
+    components: Annotated[int, Opt("--components", help="Rows of the strongest-components "
+                                   "table.", rich_help_panel="View")] = 10,
+    json_: Annotated[bool, Opt("--json", help="Write one JSON document (schema: attn schema "
+                               "attribute).", rich_help_panel="Output")] = False,
+    debug: Debug = False,
+) -> None:
+    """Which heads made the prediction: direct logit attribution, logit lens, ablation, rollout.
+
+    Explains the next-token prediction at the last token (or --position): each component of the
+    final residual stream (embeddings, every head's Z_h·W_O[h], each layer's b_O, each MLP) is
+    projected on the target's unembedding through the final LayerNorm with its scale frozen.
+    """
+    from attn_tracer import attribute as attr
+    from attn_tracer import run as runner
+
+    request = attr.AttributeRequest(
+        base=runner.Request(**opts), target=target, versus=versus, position=position,
+        ablate=ablate or [], ablate_mode=ablate_mode.value, all_positions=all_positions,
+        rollout=rollout, top_k=top_k, components=components, json=json_)
+    attr.execute(request, notice=_notice, console=_stdout_console)
 
 
 def _interrupted(signum, frame) -> None:

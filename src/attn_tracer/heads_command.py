@@ -119,9 +119,10 @@ def execute(r: Request, h: HeadsOptions, notice: Callable[[str], None],
     if not h.json or h.svg is not None:
         view = render_view(result, target, record=h.svg is not None)
     if h.svg is not None:
+        from attn_tracer.render_terminal import export_svg
         from attn_tracer.save import write_atomic
 
-        write_atomic(h.svg, view.export_svg(title="attn heads", clear=False).encode())
+        write_atomic(h.svg, export_svg(view, "attn heads").encode())
     for message in said:
         notice(message)
     if h.json:
@@ -163,8 +164,7 @@ def compute(r: Request, h: HeadsOptions, notice: Callable[[str], None], width: i
         notice(message)
     texts = run.read_inputs(r, notice)[0] if h.repeat is None else []
     limit = run.memory_limit(r)
-    with run.progress_display("loading weights", show=r.weights is not None):
-        config, weights = run.build_config(r, notice)
+    config, weights = run.load_model(r, notice)
     bos = h.with_bos
     if h.repeat is not None:
         check_repeat(h.repeat, bos, config)

@@ -33,13 +33,11 @@ def tokens_document(tokens: list[Token]) -> bytes:
     return orjson.dumps([token_json(t) for t in tokens]) + b"\n"
 
 
-def _input_json(inp: Input) -> dict:
+def input_json(inp: Input) -> dict:
+    """One input as every document (trace, heads, attribute) writes it."""
     return {"text": inp.text, "tokens": [token_json(t) for t in inp.tokens],
             "length": inp.length, "padding": inp.padding, "padding_side": inp.side,
             "truncated": inp.truncated}
-
-
-input_json = _input_json  # the same input objects in every document (attn heads shares them)
 
 
 def config_json(trace: Trace) -> dict:
@@ -83,10 +81,10 @@ def chunks(trace: Trace, precision: int | None = None, stages: bool = False) -> 
         "schema": SCHEMA,
         "version": __version__,
         "config": config_json(trace),
-        "inputs": [_input_json(i) for i in trace.inputs],
+        "inputs": [input_json(i) for i in trace.inputs],
     }
     if trace.cross is not None:
-        head["cross_inputs"] = [_input_json(i) for i in trace.cross]
+        head["cross_inputs"] = [input_json(i) for i in trace.cross]
     yield orjson.dumps(head)[:-1]
     yield b',"steps":' + orjson.dumps([
         {"name": s.name, "op": s.op, "shape": list(s.shape), "dims": list(s.dims)}

@@ -37,7 +37,7 @@ from attn_tracer.trace import Input, Trace
 STRIP_HEAD, STRIP_TAIL = 48, 16  # tokens listed before and after the … of a long text
 
 
-def header(trace: Trace, width: int = 120) -> Text:
+def header(trace: Trace, width: int = 120, title: str = "attn trace") -> Text:
     c = trace.config
     rows = len(trace.inputs)
     lengths = ", ".join(str(i.length) for i in trace.inputs)
@@ -56,7 +56,7 @@ def header(trace: Trace, width: int = 120) -> Text:
         k = (plural(cross[0].length, "token") if len({i.text for i in cross}) == 1
              else f"{', '.join(str(i.length) for i in cross)} tokens")
         items.append(f"cross-attention over {k}")
-    first = Text("attn trace", style="bold")
+    first = Text(title, style="bold")
     first.append("  ")
     t = flow([Text(i, style="dim") for i in sizes], width, first=first)
     t.append("\n")

@@ -294,8 +294,7 @@ def compute(r: Request, notice: Callable[[str], None]):
         notice(ignored)
     texts, cross = read_inputs(r, notice)
     limit = memory_limit(r)
-    with progress_display("loading weights", show=r.weights is not None):
-        config, weights = build_config(r, notice)
+    config, weights = load_model(r, notice)
 
     if r.values and config.d_model > VALUES_LIMIT:
         raise UsageError(f"--values prints every number: use it with --d-model ≤ {VALUES_LIMIT} "
@@ -334,10 +333,16 @@ def compute(r: Request, notice: Callable[[str], None]):
     return trace, weights
 
 
-# The steps of a run that every command running the model shares (attn trace, attn heads).
+# The steps of a run that every command running the model shares (trace, heads, attribute).
 
 def memory_limit(r: Request) -> int:
     return memory.parse_size(r.max_memory) if r.max_memory is not None else memory.default_limit()
+
+
+def load_model(r: Request, notice: Callable[[str], None]):
+    """build_config with a progress display while a checkpoint loads."""
+    with progress_display("loading weights", show=r.weights is not None):
+        return build_config(r, notice)
 
 
 def checked_engine(r: Request, needed: int, limit: int, length: int):
@@ -359,16 +364,22 @@ def forward(r: Request, config, weights, engine, prepared, selection, hooks=None
     cross = [inp.text for inp in prepared.cross.inputs] if prepared.cross else None
     length = prepared.batch.ids.shape[1]
     with progress_display(f"{length} tokens through {config.layers} layers") as advance:
-        if weights is None:
-            from attn_tracer.weights import random_weights
-
-            weights = random_weights(config, cross=bool(cross))
+        weights = ensure_weights(config, weights, cross=bool(cross))
         trace, _ = run(texts, config, engine, weights, selection, cross_texts=cross,
                        padding=r.padding, max_length=r.max_length,
                        allow_special=r.allow_special, predict_top_k=r.top_k if r.predict
                        else None, temperature=r.temperature,
                        progress=advance, prepared=prepared, hooks=hooks)
     return trace, weights
+
+
+def ensure_weights(config: Config, weights, cross: bool = False):
+    """The checkpoint's weights, or random ones drawn now (after every check has passed)."""
+    if weights is not None:
+        return weights
+    from attn_tracer.weights import random_weights
+
+    return random_weights(config, cross=cross)
 
 
 def notice_cuts(r: Request, prepared, notice: Callable[[str], None], cross_given: int = 0
@@ -422,16 +433,11 @@ def write_outputs(r: Request, trace, weights, console: Callable) -> None:
 
 def render_view(r: Request, trace, weights, target):
     """Render into memory with the target console's settings; printed only once it is whole."""
-    from rich.console import Console
-
     from attn_tracer import render_terminal
 
     width = r.width or (target.width if target.is_terminal or "COLUMNS" in os.environ
                         or not (r.svg or r.html) else SAVED_WIDTH)
-    buffer = Console(file=io.StringIO(), width=width, color_system=target.color_system,
-                     force_terminal=target.is_terminal, no_color=target.no_color,
-                     legacy_windows=False, highlight=False,
-                     record=r.svg is not None or r.html is not None)
+    buffer = buffer_like(target, record=r.svg is not None or r.html is not None, width=width)
     peaks = None
     if r.cost:  # the estimate that --max-memory checks, for this text and one twice as long
         length = trace.inputs[0].length + trace.inputs[0].padding
@@ -453,3 +459,14 @@ def render_view(r: Request, trace, weights, target):
                            keys=keys, numbers=r.numbers, show_cost=r.cost, peaks=peaks,
                            show_circuits=r.circuits)
     return buffer
+
+
+def buffer_like(target, record: bool = False, width: int | None = None):
+    """A Console writing to memory with `target`'s width (or `width`) and colors: a view is
+    rendered whole there, and printed only once nothing can fail any more."""
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=width or target.width,
+                   color_system=target.color_system, force_terminal=target.is_terminal,
+                   no_color=target.no_color,
+                   legacy_windows=False, highlight=False, record=record)

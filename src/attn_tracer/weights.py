@@ -65,8 +65,8 @@ class Weights:
     def normalizes_logits(self) -> bool:
         """Random weights divide h by its RMS before the unembedding: an attention-only
         residual grows with depth (RMS ~2 at 2 layers, ~75 at 12), and the logits' scale with
-        it. A checkpoint's ln_f already does that job; its logits stay GPT-2's own."""
-        return "wte" not in self.params
+        it. A final LayerNorm (gpt2: ln_f, random or a checkpoint's) already does that job."""
+        return "wte" not in self.params and self.config.arch == "attn"
 
     def position_rows(self, positions: np.ndarray) -> np.ndarray:
         if "wpe" in self.params:
