@@ -22,10 +22,12 @@ of the exact result, where
 - K = 64 covers the growth of rounding along sums: the dot products here have up to 768 terms,
   whose errors have random signs and grow as √n·u (28u at 768; Higham & Mary, SIAM J. Sci.
   Comput. 41(5), 2019), not as the worst case n·u; and the residual stream adds each layer's
-  error. Measured against float64 over every configuration of the suite and the variations in
-  the README (OpenBLAS 1 and 2 threads and its Haswell, Sandybridge and Prescott kernels; torch
-  with 1 and 2 threads, AVX2 and non-vector kernels), no error came above 10·u·scale: 64 leaves
-  a factor of 6 for kernels that could not be tried (ARM's NEON sums 4 lanes, in longer chains).
+  error. Measured against float64 for the suite's configurations (d_model 64 and 768, 2 and 4
+  layers, attn and gpt2, --no-scale, padding, cross-attention) under the variations in the
+  README (OpenBLAS 1 and 2 threads and its Haswell, Sandybridge and Prescott kernels; torch with
+  1 and 2 threads, AVX2 and non-vector kernels), no float32 error came above 10.3·u·scale (V
+  at d_model 768, Sandybridge): 64 leaves a factor of 6 for kernels that could not be tried
+  (ARM's NEON sums 4 lanes, in longer chains).
 
 Two results each within that of the exact one are within twice it of each other: comparisons of
 two computations use `pair=True`. A real bug — a wrong scale, a missing mask, a transposed
