@@ -437,9 +437,7 @@ def attribute(
 ) -> None:
     """Which heads made the prediction: direct logit attribution, logit lens, ablation, rollout.
 
-    Explains the next-token prediction at the last token (or --position): each component of the
-    final residual stream (embeddings, every head's Z_h·W_O[h], each layer's b_O, each MLP) is
-    projected on the target's unembedding through the final LayerNorm with its scale frozen.
+    Of the prediction at the last token (or --position), for one text: each part's logit share.
     """
     from attn_tracer import attribute as attr
     from attn_tracer import run as runner
