@@ -109,8 +109,10 @@ def read_inputs(r: Request, notice: Callable[[str], None]) -> tuple[list[str], l
     return texts, cross
 
 
-def build_config(r: Request, notice: Callable[[str], None] = lambda message: None):
-    """The Config, and the checkpoint's parameters when --weights is given."""
+def build_config(r: Request, notice: Callable[[str], None] = lambda message: None,
+                 max_bytes: int | None = None):
+    """The Config, and the checkpoint's parameters when --weights is given (refused from its
+    header, before a tensor is read, if they would need more than `max_bytes`)."""
     from attn_tracer.weights import Weights
 
     arch = r.arch
@@ -129,7 +131,10 @@ def build_config(r: Request, notice: Callable[[str], None] = lambda message: Non
             raise UsageError("--no-bias conflicts with --weights: GPT-2 has biases")
         from attn_tracer.checkpoint import load_checkpoint
 
-        ck = load_checkpoint(r.weights, r.heads)
+        ck = load_checkpoint(r.weights, r.heads, max_bytes)
+        if ck.head_untied_against_config:
+            notice(f"{r.weights}: config.json ties the output head to wte, but lm_head.weight "
+                   "differs from it; the logits use lm_head.weight, as transformers does")
         if ck.heads_guessed:
             notice(f"{r.weights} has no config.json: assuming GPT-2's 64-dimensional heads, "
                    f"{ck.heads} head{'s' if ck.heads > 1 else ''}; say otherwise with --heads")
@@ -238,7 +243,7 @@ def compute(r: Request, notice: Callable[[str], None]):
     texts, cross = read_inputs(r, notice)
     limit = memory.parse_size(r.max_memory) if r.max_memory is not None else memory.default_limit()
     with progress_display("loading weights", show=r.weights is not None):
-        config, weights = build_config(r, notice)
+        config, weights = build_config(r, notice, limit)
     from attn_tracer.engine import free_memory, select_engine
 
     if r.values and config.d_model > VALUES_LIMIT:

@@ -38,8 +38,17 @@ class Weights:
         out = np.stack(rows) if rows else np.zeros((0, self.config.d_model), np.float32)
         return out.reshape(*ids.shape, self.config.d_model)
 
+    @property
+    def tied(self) -> bool:
+        """Whether the logits come from W_E itself (GPT-2) rather than a head of their own."""
+        return "lm_head" not in self.params
+
     def unembedding(self) -> np.ndarray:
-        """W_E [vocab, d_model] in full, for next-token logits (tied, as in GPT-2)."""
+        """[vocab, d_model], the rows the next-token logits are dot products with: W_E (tied, as
+        in GPT-2), or a checkpoint's own lm_head.weight where it has one (tie_word_embeddings
+        false)."""
+        if "lm_head" in self.params:
+            return self.params["lm_head"]
         if "wte" not in self.params:
             count = -(-self.config.vocab // TOKEN_BLOCK)
             table = np.concatenate([self._token_block(b) for b in range(count)])
