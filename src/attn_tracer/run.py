@@ -232,7 +232,10 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
     trace, weights = compute(r, said.append)
     for message in said:
         notice(message)
-    write_outputs(r, trace, weights, console)
+    from attn_tracer.save import staged
+
+    with staged():  # --save, --svg and --html are kept only if stdout is written too
+        write_outputs(r, trace, weights, console)
 
 
 def compute(r: Request, notice: Callable[[str], None]):
