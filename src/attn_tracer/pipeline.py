@@ -7,6 +7,7 @@ Renderers (terminal, JSON, files) take the Trace from here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,8 +15,8 @@ import numpy as np
 
 from attn_tracer import embeddings, layers, memory, tokens
 from attn_tracer.config import Config
-from attn_tracer.engine import Engine
-from attn_tracer.errors import UsageError
+from attn_tracer.engine import Engine, namespace
+from attn_tracer.errors import AttnError, UsageError
 from attn_tracer.trace import Input, Prediction, Recorder, Selection, Trace
 from attn_tracer.weights import Weights
 
@@ -31,7 +32,7 @@ class Batch:
 
 
 def make_batch(token_lists: list[list[tokens.Token]], texts: list[str], side: str,
-               truncated: list[int] | None = None) -> Batch:
+               truncated: list[int | Callable[[], int]] | None = None) -> Batch:
     """Pad every row to the longest with <|endoftext|>; positions count real tokens only."""
     length = max(len(t) for t in token_lists)
     truncated = truncated or [0] * len(texts)
@@ -69,11 +70,11 @@ class Prepared:
     @property
     def cut(self) -> list[int]:
         """Rows that --max-length cut."""
-        return [b for b, inp in enumerate(self.batch.inputs) if inp.truncated]
+        return [b for b, inp in enumerate(self.batch.inputs) if inp.cut_off]
 
     @property
     def cross_cut(self) -> list[int]:
-        return [b for b, inp in enumerate(self.cross.inputs) if inp.truncated] if self.cross else []
+        return [b for b, inp in enumerate(self.cross.inputs) if inp.cut_off] if self.cross else []
 
 
 def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None = None,
@@ -121,7 +122,20 @@ def run(
     `max_memory`: refuse, before any work, a run estimated above this many bytes (the command
     line checks its limit itself, earlier, before drawing weights).
     `progress(done, total)` is called after each layer (for a progress display).
+
+    The activations must stay finite (JSON has no NaN, and a NaN pattern is no distribution):
+    the first step where one does not ends the run with an AttnError that names it. NumPy's
+    overflow warnings are silenced for the same reason: the check says it once, in one line.
     """
+    with np.errstate(all="ignore"):
+        return _run(texts, config, engine, weights, selection, cross_texts=cross_texts,
+                    padding=padding, max_length=max_length, allow_special=allow_special,
+                    predict_top_k=predict_top_k, temperature=temperature,
+                    max_memory=max_memory, progress=progress, prepared=prepared)
+
+
+def _run(texts, config, engine, weights, selection, *, cross_texts, padding, max_length,
+         allow_special, predict_top_k, temperature, max_memory, progress, prepared):
     if prepared is None:
         prepared = prepare(texts, config, cross_texts=cross_texts, padding=padding,
                            max_length=max_length, allow_special=allow_special)
@@ -136,29 +150,42 @@ def run(
 
     # Embedding tables stay on the host: only the rows of this text are looked up and sent.
     p = {name: engine.asarray(w) for name, w in weights.params.items()
-         if name not in ("wte", "wpe")}
+         if name not in ("wte", "wpe", "lm_head")}
     rec = Recorder(selection, engine)
-    x = embeddings.embed(batch.ids, batch.positions, config, weights, engine, rec,
-                         padded=not batch.valid.all())
-    x_cross = (embeddings.embed(cross.ids, cross.positions, config, weights, engine, rec,
-                                "cross.", padded=not cross.valid.all()) if cross else None)
+    guard = _Finite(rec, config, engine)
+
+    def embed(rec, ids, positions, valid, prefix=""):
+        return embeddings.embed(ids, positions, config, weights, engine, rec, prefix,
+                                padded=not valid.all())
+
+    x = guard(embed(rec, batch.ids, batch.positions, batch.valid),
+              lambda watch: embed(watch, batch.ids, batch.positions, batch.valid))
+    x_cross = (guard(embed(rec, cross.ids, cross.positions, cross.valid, "cross."),
+                     lambda watch: embed(watch, cross.ids, cross.positions, cross.valid,
+                                         "cross."))
+               if cross else None)
     allowed = _on(engine, self_mask(config, batch.valid))
     # One text, causal, no padding: the mask is the plain triangle a fused kernel can skip.
     causal = config.mask == "causal" and bool(batch.valid.all())
     cross_allowed = _on(engine, cross_mask(batch.valid, cross.valid)) if cross else None
+    def block(rec, x, layer):
+        return layers.block(x, p, config, allowed, rec, layer, engine, x_cross, cross_allowed,
+                            causal)
+
     for layer in range(config.layers):
-        x = layers.block(x, p, config, allowed, rec, layer, engine, x_cross, cross_allowed,
-                         causal)
+        x_in = x
+        x = block(rec, x_in, layer)
         rec.flush()
+        x = guard(x, lambda watch, x_in=x_in, layer=layer: block(watch, x_in, layer))
         if progress is not None:
             progress(layer + 1, config.layers)
     if config.arch == "gpt2":
-        x = rec("ln_f", "LayerNorm(X)",
-                layers.layer_norm(x, p["ln_f.w"], p["ln_f.b"], config.ln_eps),
-                ("batch", "len", "d_model"))
+        x = guard(rec("ln_f", "LayerNorm(X)",
+                      layers.layer_norm(x, p["ln_f.w"], p["ln_f.b"], config.ln_eps),
+                      ("batch", "len", "d_model")), name="ln_f")
     predictions = None
     if predict_top_k:
-        predictions = predict(x, batch, weights, engine, rec, predict_top_k, temperature)
+        predictions = predict(x, batch, weights, engine, rec, predict_top_k, temperature, guard)
     rec.flush()
     trace = Trace(
         config=config,
@@ -175,38 +202,56 @@ def run(
 
 
 def tokenize_all(texts, allow_special, max_length, config: Config, what):
-    """Token lists of `texts`, and for each how many tokens --max-length cut."""
+    """Token lists of `texts`, and for each how many tokens --max-length cut (a count, or how
+    to count them: see Input.cut_off).
+
+    Only as much of a text is tokenized as can be used: --max-length tokens, or one more than
+    the context when there is no --max-length (a longer text is refused either way). A text of
+    megabytes costs what its first tokens cost.
+    """
     n_ctx = config.n_ctx
     # A checkpoint's context is fixed by its position table; only random weights can grow it.
     limit = f"the checkpoint's context of {n_ctx}" if config.weights else f"--n-ctx {n_ctx}"
     grow = "" if config.weights else " or raise --n-ctx"
+    keep = max_length if max_length is not None else n_ctx + 1
     token_lists, cut = [], []
     for i, text in enumerate(texts):
-        toks = tokens.tokenize(text, allow_special=allow_special)
-        if not toks:
+        ids, total = tokens.encode_head(text, keep, allow_special=allow_special)
+        if not ids:
             raise UsageError(f"{what} {i} is empty: there is nothing to attend to")
-        cut.append(max(0, len(toks) - max_length) if max_length is not None else 0)
-        if cut[-1]:
-            toks = toks[:max_length]
-        if len(toks) > n_ctx:
+        if max_length is None or (total is not None and total <= max_length):
+            cut.append(0)
+        elif total is not None:
+            cut.append(total - max_length)
+        else:
+            cut.append(lambda text=text: tokens.count(text, allow_special=allow_special)
+                       - max_length)
+        if len(ids) > n_ctx:
+            # The whole text's count when it was all tokenized; the cut one with --max-length.
+            many = len(ids) if max_length is not None else total
             raise UsageError(
-                f"{what} {i} has {len(toks)} tokens, more than {limit}; "
-                f"cut it with --max-length {n_ctx}{grow}"
+                (f"{what} {i} has {many} tokens, more than {limit}" if many is not None
+                 else f"{what} {i} has more tokens than {limit}")
+                + f"; cut it with --max-length {n_ctx}{grow}"
             )
-        token_lists.append(toks)
+        token_lists.append([tokens.token(t) for t in ids])
     return token_lists, cut
 
 
 def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
-            temperature: float) -> list[Prediction]:
-    """logits = h·W_Eᵀ at the last real position of each row; softmax(logits / T)."""
+            temperature: float, guard: _Finite | None = None) -> list[Prediction]:
+    """logits = h·W_Eᵀ (or h·W_U, an untied head) at the last real position of each row;
+    softmax(logits / T)."""
     xp = engine.xp
     last = batch.valid.shape[1] - 1 - np.argmax(batch.valid[:, ::-1], axis=1)
     index = engine.asarray(last)
     rows = xp.stack([x[b, index[b], :] for b in range(x.shape[0])])
-    W_E = engine.asarray(weights.unembedding())
-    logits = rec("logits", "logits = h·W_Eᵀ (at the last real position)",
-                 rows @ xp.matrix_transpose(W_E), ("batch", "vocab"))
+    W = engine.asarray(weights.unembedding())  # [vocab, d_model]: W_E, or lm_head = W_Uᵀ
+    op = "logits = h·W_Eᵀ" if weights.tied else "logits = h·W_U (lm_head, untied)"
+    logits = rec("logits", f"{op} (at the last real position)", rows @ xp.matrix_transpose(W),
+                 ("batch", "vocab"))
+    if guard is not None:
+        guard(logits, name="logits")
     # Shifted by the row's max first (softmax does not change): a tiny T (even one that is 0 in
     # float32) then sends the other logits to −∞, probability 0, instead of the row to NaN.
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
@@ -224,6 +269,79 @@ def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
             {"id": int(t), "text": _label(int(t)), "prob": float(probs[b, t]),
              "logit": float(logits[b, t])} for t in top]))
     return out
+
+
+class _NotFinite(Exception):
+    def __init__(self, step: str) -> None:
+        self.step = step
+
+
+class _Watch:
+    """A recorder for running one stage again: it keeps nothing and stops at the first step
+    whose tensor is not finite, so the error can name where the values broke."""
+
+    def __init__(self, rec: Recorder) -> None:
+        self.selection = rec.selection  # the same path through the layer code as the real run
+
+    def __call__(self, name: str, op: str, x, dims, *, all_heads=None):
+        if not finite(x, masked=name.endswith(".masked")):
+            raise _NotFinite(name)
+        return x
+
+    def keeps(self, name: str) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass
+
+
+class _Finite:
+    """Checks each stage's output (and every tensor kept since the last check) for inf and NaN.
+
+    The check is one pass over the residual stream per layer; only when it fails is the stage
+    run again on the same input, step by step, to find the first step that overflowed. Steps
+    the trace does not keep are not checked one by one: a non-finite value that vanishes inside
+    a layer (a masked score, or a −∞ score whose weight is 0 either way) changes nothing shown.
+    """
+
+    def __init__(self, rec: Recorder, config: Config, engine: Engine) -> None:
+        self.rec, self.config, self.engine = rec, config, engine
+
+    def __call__(self, x, rerun: Callable | None = None, name: str = ""):
+        kept = self.rec.take_fresh()
+        bad = [n for n in kept if not finite(self.rec.tensors[n], masked=n.endswith(".masked"))]
+        if finite(x) and not bad:
+            return x
+        if rerun is not None:
+            try:
+                rerun(_Watch(self.rec))
+            except _NotFinite as e:
+                raise self.error(e.step) from None
+        raise self.error(bad[0] if bad else name or (kept[-1] if kept else "the output"))
+
+    def error(self, step: str) -> AttnError:
+        dtype = self.engine.dtype
+        top = float(np.finfo(np.float32 if dtype == "bfloat16" else dtype).max)
+        if self.config.weights:
+            fix = "the checkpoint's weights are too large for this text"
+        else:
+            fix = (f"a stack of {self.config.layers} random layers grows past that: use fewer "
+                   "--layers")
+        if dtype != "float64":
+            fix += " or --dtype float64"
+        return AttnError(f"the activations stop being finite at step {step}: a value overflowed "
+                         f"{dtype}'s range (±{top:.3g}) into inf or NaN, which no output can "
+                         f"show; {fix}")
+
+
+def finite(x, masked: bool = False) -> bool:
+    """Whether a step's tensor holds only finite numbers (a masked score may be −∞)."""
+    xp = namespace(x)
+    if not xp.isdtype(x.dtype, "real floating"):
+        return True
+    if masked:
+        return not bool(xp.any(xp.isnan(x) | (x == math.inf)))
+    return bool(xp.all(xp.isfinite(x)))
 
 
 def _label(token_id: int) -> str:

@@ -7,6 +7,12 @@ from pathlib import Path
 
 from attn_tracer.errors import UsageError
 
+# The most attn reads of one input (a file, standard input, a --lines batch): far more than a
+# context can hold (16 MiB of English is about 4 million tokens; --max-length keeps only the
+# first tokens, and tokenizes little more), and little enough that reading and decoding it stays
+# fast. /dev/zero or a runaway pipe is refused after LIMIT + 1 bytes instead of read forever.
+MAX_INPUT_BYTES = 16 * 2**20
+
 
 def read_text(argument: str | None, file: Path | None) -> str:
     """The one text to work on: `argument`, `file`, or standard input when `argument` is `-`."""
@@ -41,25 +47,39 @@ def check_argument(text: str, what: str) -> str:
 def read_file(path: Path, what: str = "file") -> str:
     if str(path) == "-":
         return read_stdin()
-    if not path.exists():
-        raise UsageError(f"{what} not found: {path}")
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory; give a text file")
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}") from e
-    return decode(data, str(path))
+        if not path.exists():
+            raise UsageError(f"{what} not found: {path}")
+        if path.is_dir():
+            raise UsageError(f"{path} is a directory; give a text file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_INPUT_BYTES + 1)
+    except OSError as e:  # no permission, a name too long, a directory we may not search
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    return decode(_bounded(data, str(path)), str(path))
 
 
 def read_stdin() -> str:
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("- reads standard input, but nothing is piped in: pipe a text in "
                          "(echo hi | attn trace -) or give it as an argument")
-    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    try:
+        stream = getattr(sys.stdin, "buffer", sys.stdin)
+        data = stream.read(MAX_INPUT_BYTES + 1)
+    except OSError as e:  # stdin open for writing only, a directory, …
+        raise UsageError(f"cannot read standard input: {e.strerror or e}") from None
     if isinstance(data, str):
-        return data
-    return decode(data, "standard input")
+        return _bounded(data.encode("utf-8", "surrogateescape"), "standard input").decode(
+            "utf-8", "surrogateescape")
+    return decode(_bounded(data, "standard input"), "standard input")
+
+
+def _bounded(data: bytes, source: str) -> bytes:
+    if len(data) > MAX_INPUT_BYTES:
+        raise UsageError(f"{source} is larger than the {MAX_INPUT_BYTES // 2**20} MiB attn reads "
+                         "of one input; cut it first (e.g. head -c 1M FILE | attn trace - "
+                         "--max-length 1024)")
+    return data
 
 
 def decode(data: bytes, source: str) -> str:
