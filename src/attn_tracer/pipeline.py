@@ -152,39 +152,49 @@ def _run(texts, config, engine, weights, selection, *, cross_texts, padding, max
     p = {name: engine.asarray(w) for name, w in weights.params.items()
          if name not in ("wte", "wpe", "lm_head")}
     rec = Recorder(selection, engine)
-    guard = _Finite(rec, config, engine)
-
-    def embed(rec, ids, positions, valid, prefix=""):
-        return embeddings.embed(ids, positions, config, weights, engine, rec, prefix,
-                                padded=not valid.all())
-
-    x = guard(embed(rec, batch.ids, batch.positions, batch.valid),
-              lambda watch: embed(watch, batch.ids, batch.positions, batch.valid))
-    x_cross = (guard(embed(rec, cross.ids, cross.positions, cross.valid, "cross."),
-                     lambda watch: embed(watch, cross.ids, cross.positions, cross.valid,
-                                         "cross."))
-               if cross else None)
     allowed = _on(engine, self_mask(config, batch.valid))
     # One text, causal, no padding: the mask is the plain triangle a fused kernel can skip.
     causal = config.mask == "causal" and bool(batch.valid.all())
     cross_allowed = _on(engine, cross_mask(batch.valid, cross.valid)) if cross else None
-    def block(rec, x, layer):
-        return layers.block(x, p, config, allowed, rec, layer, engine, x_cross, cross_allowed,
-                            causal)
+    done = {"layers": 0, "ln_f": False, "logits": False}  # what `replay` must run again
 
+    def embed(rec, b: Batch, prefix=""):
+        return embeddings.embed(b.ids, b.positions, config, weights, engine, rec, prefix,
+                                padded=not b.valid.all())
+
+    def ln_f(rec, x):
+        return rec("ln_f", "LayerNorm(X)",
+                   layers.layer_norm(x, p["ln_f.w"], p["ln_f.b"], config.ln_eps),
+                   ("batch", "len", "d_model"))
+
+    def replay(watch):
+        """Everything run so far, again, through `watch`, which stops at the first bad step."""
+        x, x_cross = embed(watch, batch), embed(watch, cross, "cross.") if cross else None
+        for layer in range(done["layers"]):
+            x = layers.block(x, p, config, allowed, watch, layer, engine, x_cross,
+                             cross_allowed, causal)
+        if done["ln_f"]:
+            x = ln_f(watch, x)
+        if done["logits"]:
+            watch("logits", "", _logits(x, batch, weights, engine)[0], ("batch", "vocab"))
+
+    guard = _Finite(rec, config, engine, replay)
+    x = guard(embed(rec, batch))
+    x_cross = guard(embed(rec, cross, "cross.")) if cross else None
     for layer in range(config.layers):
-        x_in = x
-        x = block(rec, x_in, layer)
+        x = layers.block(x, p, config, allowed, rec, layer, engine, x_cross, cross_allowed,
+                         causal)
         rec.flush()
-        x = guard(x, lambda watch, x_in=x_in, layer=layer: block(watch, x_in, layer))
+        done["layers"] = layer + 1
+        x = guard(x)
         if progress is not None:
             progress(layer + 1, config.layers)
     if config.arch == "gpt2":
-        x = guard(rec("ln_f", "LayerNorm(X)",
-                      layers.layer_norm(x, p["ln_f.w"], p["ln_f.b"], config.ln_eps),
-                      ("batch", "len", "d_model")), name="ln_f")
+        done["ln_f"] = True
+        x = guard(ln_f(rec, x))
     predictions = None
     if predict_top_k:
+        done["logits"] = True
         predictions = predict(x, batch, weights, engine, rec, predict_top_k, temperature, guard)
     rec.flush()
     trace = Trace(
@@ -243,15 +253,11 @@ def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
     """logits = h·W_Eᵀ (or h·W_U, an untied head) at the last real position of each row;
     softmax(logits / T)."""
     xp = engine.xp
-    last = batch.valid.shape[1] - 1 - np.argmax(batch.valid[:, ::-1], axis=1)
-    index = engine.asarray(last)
-    rows = xp.stack([x[b, index[b], :] for b in range(x.shape[0])])
-    W = engine.asarray(weights.unembedding())  # [vocab, d_model]: W_E, or lm_head = W_Uᵀ
+    values, last = _logits(x, batch, weights, engine)
     op = "logits = h·W_Eᵀ" if weights.tied else "logits = h·W_U (lm_head, untied)"
-    logits = rec("logits", f"{op} (at the last real position)", rows @ xp.matrix_transpose(W),
-                 ("batch", "vocab"))
+    logits = rec("logits", f"{op} (at the last real position)", values, ("batch", "vocab"))
     if guard is not None:
-        guard(logits, name="logits")
+        guard(logits)
     # Shifted by the row's max first (softmax does not change): a tiny T (even one that is 0 in
     # float32) then sends the other logits to −∞, probability 0, instead of the row to NaN.
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
@@ -271,17 +277,27 @@ def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
     return out
 
 
+def _logits(x, batch: Batch, weights: Weights, engine: Engine):
+    """(h·W_Eᵀ or h·W_U at the last real position of each row [batch, vocab], those positions)."""
+    xp = engine.xp
+    last = batch.valid.shape[1] - 1 - np.argmax(batch.valid[:, ::-1], axis=1)
+    index = engine.asarray(last)
+    rows = xp.stack([x[b, index[b], :] for b in range(x.shape[0])])
+    W = engine.asarray(weights.unembedding())  # [vocab, d_model]: W_E, or lm_head = W_Uᵀ
+    return rows @ xp.matrix_transpose(W), last
+
+
 class _NotFinite(Exception):
     def __init__(self, step: str) -> None:
         self.step = step
 
 
 class _Watch:
-    """A recorder for running one stage again: it keeps nothing and stops at the first step
+    """A recorder for running the stack again: it keeps nothing and stops at the first step
     whose tensor is not finite, so the error can name where the values broke."""
 
-    def __init__(self, rec: Recorder) -> None:
-        self.selection = rec.selection  # the same path through the layer code as the real run
+    def __init__(self, selection: Selection) -> None:
+        self.selection = selection
 
     def __call__(self, name: str, op: str, x, dims, *, all_heads=None):
         if not finite(x, masked=name.endswith(".masked")):
@@ -298,26 +314,39 @@ class _Watch:
 class _Finite:
     """Checks each stage's output (and every tensor kept since the last check) for inf and NaN.
 
-    The check is one pass over the residual stream per layer; only when it fails is the stage
-    run again on the same input, step by step, to find the first step that overflowed. Steps
-    the trace does not keep are not checked one by one: a non-finite value that vanishes inside
-    a layer (a masked score, or a −∞ score whose weight is 0 either way) changes nothing shown.
+    The check costs one pass over the residual stream per layer. Only when it fails is the
+    whole stack run again from its input, step by step, to name the first step anywhere whose
+    values were not finite: an overflow can first happen where it is not seen (Q·Kᵀ of a key
+    the mask then hides) and break the run only layers later. A non-finite value that vanishes
+    entirely, never reaching a kept tensor or the residual stream, changes nothing shown.
     """
 
-    def __init__(self, rec: Recorder, config: Config, engine: Engine) -> None:
-        self.rec, self.config, self.engine = rec, config, engine
+    def __init__(self, rec: Recorder, config: Config, engine: Engine,
+                 replay: Callable[[_Watch], None]) -> None:
+        self.rec, self.config, self.engine, self.replay = rec, config, engine, replay
 
-    def __call__(self, x, rerun: Callable | None = None, name: str = ""):
+    def __call__(self, x):
         kept = self.rec.take_fresh()
         bad = [n for n in kept if not finite(self.rec.tensors[n], masked=n.endswith(".masked"))]
         if finite(x) and not bad:
             return x
-        if rerun is not None:
+        # Every step as the formula writes it (torch's fused kernel for unseen heads never
+        # forms Q·Kᵀ, where an overflow usually starts), or, if that much does not fit, the
+        # steps the run itself took.
+        shown = self.rec.selection
+        explicit = Selection(tuple(range(self.config.layers)), tuple(range(self.config.heads)),
+                             "all")
+        for selection in (explicit, shown):
             try:
-                rerun(_Watch(self.rec))
+                self.replay(_Watch(selection))
             except _NotFinite as e:
                 raise self.error(e.step) from None
-        raise self.error(bad[0] if bad else name or (kept[-1] if kept else "the output"))
+            except MemoryError:
+                continue
+            except Exception as e:
+                if type(e).__name__ != "OutOfMemoryError":  # torch's, on a GPU
+                    raise
+        raise self.error(bad[0] if bad else kept[-1] if kept else "the output")
 
     def error(self, step: str) -> AttnError:
         dtype = self.engine.dtype
