@@ -462,7 +462,8 @@ def _check_size(path: Path, raw: Mapping[str, Any], dims: _Dims, max_bytes: int 
     needed = 4 * (tables + dims.layers * (per_layer + 3 * d * d + 3 * d) + 2 * d)
     if needed > max_bytes:
         raise CheckpointUsageError(
-            f"{path}: its {dims.layers} blocks need about {human(needed)} of memory in float32, "
+            f"{path}: its weights ({dims.layers} block{'s' if dims.layers != 1 else ''}, "
+            f"d_model {d}) need about {human(needed)} of memory in float32, "
             f"over the {human(max_bytes)} allowed; raise --max-memory if the machine has it")
 
 

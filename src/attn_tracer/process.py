@@ -180,9 +180,11 @@ def text_output_problem(args: list[str]) -> str | None:
     if "--json" in words or "--version" in words or (command == "schema"
                                                       and not {"-h", "--help"} & set(words)):
         return None
-    return (f"standard output's encoding is {encoding}, which cannot show attn's view and "
-            "labels (·, ␣, ─, ▁); set PYTHONIOENCODING=utf-8 or a UTF-8 locale (LANG=C.UTF-8), "
-            "or use --json, which is always UTF-8")
+    # In ASCII: this very line goes to a stderr of the same encoding.
+    return (f"standard output's encoding is {encoding}, which cannot show the characters "
+            "attn draws (U+2423 for a space, U+00B7, box lines, blocks); set "
+            "PYTHONIOENCODING=utf-8 or a UTF-8 locale (LANG=C.UTF-8), or use --json, which is "
+            "always UTF-8")
 
 
 class StdoutError(OSError):
