@@ -66,7 +66,96 @@ def bad_files(tmp_path: Path) -> Path:
     (tmp_path / "evil.pt").write_bytes(b"PK\x03\x04" + os.urandom(64))
     (tmp_path / "notes.txt.bin").write_bytes(b"hello, not a checkpoint")
     (tmp_path / "cache").mkdir()
+    # Hugging Face caches whose refs/main is binary, absurdly long, or a path out of the cache.
+    for repo, ref in (("openai-community--gpt2-medium", b"\x00\xff\xfe" * 10),
+                      ("openai-community--gpt2-large", b"a" * 1_000_000),
+                      ("distilbert--distilgpt2", b"../../../../etc")):
+        folder = tmp_path / "cache" / f"models--{repo}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "snapshots").mkdir()
+        (folder / "refs" / "main").write_bytes(ref)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Checkpoints that are hostile or merely unusual (issue 12), made once: `{hostile}`."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    _hostile_files(tmp)
+    return tmp
+
+
+LONG = "a" * 300  # a file name longer than the 255 bytes every common file system allows
+
+
+def tiny_gpt2(vocab: int = 4, layers: int = 1, d: int = 8) -> dict[str, np.ndarray]:
+    """A complete GPT-2 state dict of tiny sizes (a bare file's dims come from its shapes)."""
+    rng = np.random.default_rng(0)
+    state = {"wte.weight": rng.standard_normal((vocab, d), np.float32),
+             "wpe.weight": rng.standard_normal((4, d), np.float32),
+             "ln_f.weight": np.ones(d, np.float32), "ln_f.bias": np.zeros(d, np.float32)}
+    for i in range(layers):
+        for name, shape in {"ln_1.weight": (d,), "ln_1.bias": (d,), "ln_2.weight": (d,),
+                            "ln_2.bias": (d,), "attn.c_attn.weight": (d, 3 * d),
+                            "attn.c_attn.bias": (3 * d,), "attn.c_proj.weight": (d, d),
+                            "attn.c_proj.bias": (d,), "mlp.c_fc.weight": (d, 4 * d),
+                            "mlp.c_fc.bias": (4 * d,), "mlp.c_proj.weight": (4 * d, d),
+                            "mlp.c_proj.bias": (d,)}.items():
+            state[f"h.{i}.{name}"] = rng.standard_normal(shape, np.float32) * 0.02
+    return state
+
+
+def raw_safetensors(path: Path, header: str, data: bytes = b"") -> None:
+    """A safetensors file whose header is exactly `header` (no library would write a bad one)."""
+    encoded = header.encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+
+
+def _hostile_files(tmp: Path) -> None:
+    """Checkpoints and caches that are hostile or merely unusual (issue 12)."""
+    from safetensors.numpy import save_file
+
+    config = {"n_embd": 8, "n_head": 2, "n_layer": 1, "n_positions": 4, "vocab_size": 4}
+
+    def model_dir(name: str, config_text: str, state: dict | None = None) -> None:
+        (tmp / name).mkdir()
+        (tmp / name / "config.json").write_text(config_text)
+        if state is not None:
+            save_file(state, str(tmp / name / "model.safetensors"))
+
+    model_dir("nested_config", '{"n_embd": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    model_dir("bigint_config", '{"n_embd": 1' + "0" * 5000 + "}")
+    model_dir("hugeint_config", json.dumps({**config, "n_layer": 10**4000}))
+    model_dir("list_config", json.dumps({**config, "model_type": ["gpt2"]}))
+    model_dir("list_switch_config", json.dumps({**config, "activation_function": ["gelu"]}))
+    model_dir("tie_string_config", json.dumps({**config, "tie_word_embeddings": "no"}))
+    model_dir("huge_config", json.dumps(config) + " " * 2_000_000)
+    (tmp / "latin1_config").mkdir()
+    (tmp / "latin1_config" / "config.json").write_bytes(b'{"model_type": "gpt\xff"}')
+    model_dir("ten_million_layers", json.dumps({**config, "n_layer": 10_000_000}), tiny_gpt2())
+    model_dir("untied_without_head", json.dumps({**config, "tie_word_embeddings": False}),
+              tiny_gpt2())
+    for name, value in (("nan", np.nan), ("inf", np.inf)):
+        state = tiny_gpt2()
+        state["h.0.attn.c_attn.weight"][2, 7] = value
+        save_file(state, str(tmp / f"{name}.safetensors"))
+    sparse_layers = {k: v for k, v in tiny_gpt2().items()
+                     if k.startswith(("wte", "wpe", "h.0.mlp"))}
+    sparse_layers["transformer.h.99999999.ln_1.weight"] = np.ones(8, np.float32)
+    save_file(sparse_layers, str(tmp / "h99999999.safetensors"))
+    raw_safetensors(tmp / "list_dtype.safetensors",
+                    json.dumps({"wte.weight": {"dtype": ["F32"], "shape": [1],
+                                               "data_offsets": [0, 4]}}), bytes(4))
+    # 15,000 "layers" naming the same 16 bytes, as in the issue.
+    raw_safetensors(tmp / "aliased.safetensors", json.dumps(
+        {f"h.{i}.ln_1.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+         for i in range(15_000)}), bytes(16))
+    raw_safetensors(tmp / "deep_header.safetensors",
+                    '{"__metadata__": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    raw_safetensors(tmp / "bigint_header.safetensors",
+                    '{"x": {"dtype": "F32", "shape": [1' + "0" * 5000
+                    + '], "data_offsets": [0, 4]}}',
+                    bytes(4))
 
 
 # (id, args, exit code, fragment of the message[, stdin bytes])
@@ -289,11 +378,72 @@ ROWS: list[tuple] = [
     ("weights-not-in-cache", ["trace", "hi", "--weights", "gpt2"], 1, "huggingface-cli download"),
     ("weights-org-not-in-cache", ["trace", "hi", "--weights", "openai-community/gpt2-xl"], 1,
      "not found in the Hugging Face cache"),
+    # ── issue 12: what the user's world hands over ──────────────────────────────────────────
+    ("weights-empty", ["trace", "hi", "--weights", ""], 2, "--weights is empty"),
+    ("weights-blank", ["trace", "hi", "--weights", "  "], 2, "--weights is empty"),
+    ("weights-no-such-user", ["trace", "hi", "--weights", "~no_such_user_x/m"], 2,
+     "cannot expand"),
+    ("file-name-too-long", ["trace", "--file", f"{{tmp}}/{LONG}"], 2, "File name too long"),
+    ("lines-name-too-long", ["trace", "--lines", f"{{tmp}}/{LONG}"], 2, "File name too long"),
+    ("cross-file-name-too-long", ["trace", "hi", "--cross-file", f"{{tmp}}/{LONG}"], 2,
+     "File name too long"),
+    ("save-name-too-long", ["trace", "hi", *TINY, "--save", f"{{tmp}}/{LONG}.npz"], 2,
+     "File name too long"),
+    ("svg-name-too-long", ["trace", "hi", *TINY, "--svg", f"{{tmp}}/{LONG}.svg"], 2,
+     "File name too long"),
+    ("weights-name-too-long", ["trace", "hi", "--weights", f"{{tmp}}/{LONG}.safetensors"], 2,
+     "File name too long"),
+    ("tokens-name-too-long", ["tokens", "--file", f"{{tmp}}/{LONG}"], 2, "File name too long"),
+    ("file-dev-zero", ["trace", "--file", "/dev/zero"], 2, "larger than the 16 MiB"),
+    ("lines-dev-zero", ["trace", "--lines", "/dev/zero"], 2, "larger than the 16 MiB"),
+    ("cross-file-dev-zero", ["trace", "hi", "--cross-file", "/dev/zero"], 2,
+     "larger than the 16 MiB"),
+    ("stdin-beyond-the-limit", ["trace", "-"], 2, "standard input is larger than the 16 MiB",
+     b"\x00" * (16 * 2**20 + 1)),
+    ("beyond-n-ctx-unread", ["trace", "word " * 50_000, *TINY, "--n-ctx", "16"], 2,
+     "has more tokens than --n-ctx 16"),
+    ("config-nested", ["trace", "hi", "--weights", "{hostile}/nested_config"], 1,
+     "nested too deeply"),
+    ("config-5000-digits", ["trace", "hi", "--weights", "{hostile}/bigint_config"], 1,
+     "integer thousands of digits"),
+    ("config-4000-digits", ["trace", "hi", "--weights", "{hostile}/hugeint_config"], 1,
+     "'n_layer' must be a positive integer up to"),
+    ("config-list-model-type", ["trace", "hi", "--weights", "{hostile}/list_config"], 1,
+     "'model_type' must be a string, got a JSON array"),
+    ("config-list-switch", ["trace", "hi", "--weights", "{hostile}/list_switch_config"], 1,
+     "sets activation_function to a JSON array"),
+    ("config-tie-string", ["trace", "hi", "--weights", "{hostile}/tie_string_config"], 1,
+     "'tie_word_embeddings' must be true or false"),
+    ("config-2-mb", ["trace", "hi", "--weights", "{hostile}/huge_config"], 1, "not a model config"),
+    ("config-not-utf8", ["trace", "hi", "--weights", "{hostile}/latin1_config"], 1, "not UTF-8"),
+    ("config-ten-million-layers", ["trace", "hi", "--weights", "{hostile}/ten_million_layers"], 1,
+     "says n_layer=10000000 but model.safetensors holds 1 block"),
+    ("config-untied-without-head", ["trace", "hi", "--weights", "{hostile}/untied_without_head"], 1,
+     "tie_word_embeddings is false"),
+    ("weights-nan", ["trace", "hi", "--weights", "{hostile}/nan.safetensors", "--heads", "2"], 1,
+     "'h.0.attn.c_attn.weight' is nan at index [2, 7]"),
+    ("weights-inf", ["trace", "hi", "--weights", "{hostile}/inf.safetensors", "--heads", "2"], 1,
+     "'h.0.attn.c_attn.weight' is inf at index [2, 7]"),
+    ("weights-key-h99999999", ["trace", "hi", "--weights", "{hostile}/h99999999.safetensors"], 1,
+     "up to h.99999999 but has no h.1"),
+    ("safetensors-list-dtype", ["trace", "hi", "--weights", "{hostile}/list_dtype.safetensors"], 1,
+     "unsupported dtype ['F32']"),
+    ("safetensors-aliased-layers", ["trace", "hi", "--weights", "{hostile}/aliased.safetensors"], 1,
+     "share bytes"),
+    ("safetensors-nested-header", ["trace", "hi", "--weights", "{hostile}/deep_header.safetensors"],
+     1, "nested too deeply"),
+    ("safetensors-5000-digits", ["trace", "hi", "--weights", "{hostile}/bigint_header.safetensors"],
+     1, "integer thousands of digits"),
+    ("cache-binary-ref", ["trace", "hi", "--weights", "gpt2-medium"], 1,
+     "does not hold a commit hash"),
+    ("cache-huge-ref", ["trace", "hi", "--weights", "gpt2-large"], 1, "over 256 bytes long"),
+    ("cache-ref-out-of-the-cache", ["trace", "hi", "--weights", "distilgpt2"], 1,
+     "does not hold a commit hash"),
 ]
 
 
-def _fill(args: list[str], tmp: Path) -> list[str]:
-    return [a.replace("{tmp}", str(tmp)) for a in args]
+def _fill(args: list[str], tmp: Path, hostile: Path | None = None) -> list[str]:
+    return [a.replace("{tmp}", str(tmp)).replace("{hostile}", str(hostile)) for a in args]
 
 
 def _cuda_available() -> bool:
@@ -319,11 +469,11 @@ def test_the_table_is_big_enough():
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row[0] for row in ROWS])
-def test_bad_invocation(row, bad_files: Path, monkeypatch: pytest.MonkeyPatch):
+def test_bad_invocation(row, bad_files: Path, hostile: Path, monkeypatch: pytest.MonkeyPatch):
     _, args, code, fragment, *stdin = row
     monkeypatch.setenv("HF_HUB_CACHE", str(bad_files / "cache"))
     monkeypatch.delenv("ATTN_DEBUG", raising=False)
-    result = CliRunner().invoke(app, _fill(args, bad_files),
+    result = CliRunner().invoke(app, _fill(args, bad_files, hostile),
                                 input=stdin[0] if stdin else None)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert_clean_failure(result.exit_code, result.stdout, result.stderr, code, fragment)
@@ -358,16 +508,18 @@ def test_a_torch_saved_pickle_with_code_is_refused(bad_files: Path, runner: CliR
 # meets them, with no test runner in between.
 SUBPROCESS_ROWS = ["unknown-option", "int-junk", "unknown-command", "missing-file",
                    "latin1-stdin", "layers-absurd", "weights-pickle-exec", "temperature-nan",
-                   "no-input", "heads-sort-unknown", "heads-repeat-and-text"]
+                   "no-input", "heads-sort-unknown", "heads-repeat-and-text", "file-dev-zero",
+                   "stdin-beyond-the-limit", "weights-empty", "config-nested",
+                   "safetensors-aliased-layers", "save-name-too-long"]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS_ROWS)
-def test_bad_invocation_in_a_real_process(name: str, bad_files: Path):
+def test_bad_invocation_in_a_real_process(name: str, bad_files: Path, hostile: Path):
     row = next(r for r in ROWS if r[0] == name)
     _, args, code, fragment, *stdin = row
     env = {**os.environ, "HF_HUB_CACHE": str(bad_files / "cache"), "NO_COLOR": "1"}
     env.pop("ATTN_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "attn_tracer", *_fill(args, bad_files)],
+    proc = subprocess.run([sys.executable, "-m", "attn_tracer", *_fill(args, bad_files, hostile)],
                           input=stdin[0] if stdin else b"", capture_output=True, env=env,
                           timeout=60)
     assert_clean_failure(proc.returncode, proc.stdout.decode(), proc.stderr.decode(), code,
@@ -462,3 +614,147 @@ def test_debug_after_the_text_is_still_text_after_double_dash(runner: CliRunner)
     result = runner.invoke(app, ["tokens", "--json", "--", "--debug"])
     assert result.exit_code == 0, result.stderr
     assert "".join(t["text"] for t in json.loads(result.stdout)) == "--debug"
+
+
+# ── checkpoints only torch can make: what a .bin may hold that is not a plain array ──────────
+
+@pytest.fixture(scope="module")
+def torch_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch = pytest.importorskip("torch")
+    import struct
+    import warnings
+    import zipfile
+
+    tmp = tmp_path_factory.mktemp("torch-bins")
+    state = {k: torch.from_numpy(v) for k, v in tiny_gpt2().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates quantized tensors loudly
+        kinds = {"meta": state["wte.weight"].to("meta"),
+                 "quantized": torch.quantize_per_tensor(state["wte.weight"], 0.1, 0, torch.qint8),
+                 "sparse": state["wte.weight"].to_sparse()}
+    for kind, tensor in kinds.items():
+        torch.save({**state, "wte.weight": tensor}, tmp / f"{kind}.bin")
+    # A storage declared 2,140,000,000 floats (8.6 GB) long, in a file of a few kilobytes: the
+    # pickle's numel is the only thing changed, as the issue's file did.
+    torch.save({"wte.weight": torch.zeros(10)}, tmp / "small.bin")
+    with zipfile.ZipFile(tmp / "small.bin") as src, zipfile.ZipFile(tmp / "forged.bin", "w") as out:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data = data.replace(b"cpuq\x06K\nt", b"cpuq\x06J" + struct.pack("<i", 2_140_000_000)
+                                    + b"t")
+            out.writestr(info, data)
+    # A zip bomb: 64 MB of zeros stored compressed, which torch.save never does.
+    torch.save({"wte.weight": torch.zeros(16_000_000)}, tmp / "plain.bin")
+    with zipfile.ZipFile(tmp / "plain.bin") as src, zipfile.ZipFile(
+            tmp / "compressed.bin", "w", zipfile.ZIP_DEFLATED) as out:
+        for info in src.infolist():
+            out.writestr(info.filename, src.read(info.filename))
+    (tmp / "plain.bin").unlink()
+    return tmp
+
+
+@pytest.mark.parametrize(("name", "fragment"), [
+    ("meta.bin", "'wte.weight' is a meta tensor"),
+    ("quantized.bin", "'wte.weight' is a quantized tensor"),
+    ("sparse.bin", "'wte.weight' is a sparse_coo tensor"),
+    ("forged.bin", "declares 8.6 GB of tensor data but the file is"),
+    ("compressed.bin", "declares 64.0 MB of tensor data but the file is"),
+])
+def test_a_bin_that_is_no_plain_state_dict(torch_files: Path, name: str, fragment: str,
+                                           runner: CliRunner):
+    result = runner.invoke(app, ["trace", "hi", "--weights", str(torch_files / name),
+                                 "--heads", "2"])
+    assert_clean_failure(result.exit_code, result.stdout, result.stderr, 1, fragment)
+
+
+def test_a_bin_over_max_memory_is_refused_before_torch_reads_it(torch_files: Path,
+                                                                 runner: CliRunner,
+                                                                 monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load ran")
+
+    path = torch_files / "meta.bin"  # its declared storages: a few kilobytes
+    monkeypatch.setattr(torch, "load", never)
+    result = runner.invoke(app, ["trace", "hi", "--weights", str(path), "--heads", "2",
+                                 "--max-memory", "100"])
+    assert_clean_failure(result.exit_code, result.stdout, result.stderr, 2, "raise --max-memory")
+
+
+def test_weights_over_max_memory_are_refused_from_the_header(tmp_path: Path, runner: CliRunner):
+    """A 4.3 GB wte is refused from the config and the header: the file is sparse (a hole, no
+    disk and no memory), so a read of its tensors would show in the time and the peak."""
+    d, vocab = 21_400, 50257
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(
+        {"n_embd": d, "n_head": 1, "n_layer": 1, "n_positions": 4, "vocab_size": vocab}))
+    state = {"h.0.ln_1.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    state["wte.weight"] = {"dtype": "F32", "shape": [vocab, d],
+                           "data_offsets": [4, 4 + 4 * vocab * d]}
+    header = json.dumps(state)
+    raw_safetensors(tmp_path / "m" / "model.safetensors", header)
+    with open(tmp_path / "m" / "model.safetensors", "r+b") as f:
+        f.truncate(8 + len(header) + 4 + 4 * vocab * d)
+    result = runner.invoke(app, ["trace", "hi", "--weights", str(tmp_path / "m"),
+                                 "--max-memory", "1G"])
+    assert_clean_failure(result.exit_code, result.stdout, result.stderr, 2,
+                         "(1 block, d_model 21400) need about")
+
+
+# ── the environment: variables that cannot be used ──────────────────────────────────────────
+
+@pytest.mark.parametrize(("env", "fragment"), [
+    ({"HF_HUB_CACHE": None, "HF_HOME": "~no_such_user_x/hf"}, "cannot use HF_HOME"),
+    ({"HF_HUB_CACHE": "~no_such_user_x/hub"}, "cannot use HF_HUB_CACHE"),
+    ({"HF_HUB_CACHE": None, "HF_HOME": None, "XDG_CACHE_HOME": "~no_such_user_x"},
+     "cannot use XDG_CACHE_HOME"),
+])
+def test_a_cache_variable_that_cannot_be_expanded(env: dict, fragment: str, runner: CliRunner):
+    result = runner.invoke(app, ["trace", "hi", "--weights", "gpt2"], env=env)
+    assert_clean_failure(result.exit_code, result.stdout, result.stderr, 1, fragment)
+
+
+@pytest.mark.parametrize("value", ["0", "false", "no", "off", "", "False", "NO"])
+def test_attn_debug_off_values_show_no_traceback(value: str, runner: CliRunner):
+    result = runner.invoke(app, ["trace", "hi", "--d-model", "10", "--heads", "4"],
+                           env={"ATTN_DEBUG": value})
+    assert_clean_failure(result.exit_code, result.stdout, result.stderr, 2, "does not divide")
+
+
+@pytest.mark.parametrize("value", ["1", "true", "yes", "on", "TRUE"])
+def test_attn_debug_on_values_show_the_traceback(value: str, runner: CliRunner):
+    result = runner.invoke(app, ["trace", "hi", "--d-model", "10", "--heads", "4"],
+                           env={"ATTN_DEBUG": value})
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "Traceback (most recent call last)" in result.stderr
+
+
+# ── permissions: only a user who is not root can be refused ────────────────────────────────
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes whatever the bits say")
+@pytest.mark.parametrize(("args", "code", "fragment"), [
+    (["trace", "--file", "{locked}/x.txt"], 2, "Permission denied"),
+    (["trace", "--file", "{tmp}/unreadable.txt"], 2, "unreadable.txt"),  # Typer: not readable
+    (["trace", "hi", *TINY, "--save", "{locked}/x.npz"], 2, "Permission denied"),
+    (["trace", "hi", *TINY, "--save", "{tmp}/readonly/x.npz"], 2, "Permission denied"),
+    (["trace", "hi", "--weights", "{locked}/m.safetensors"], 2, "Permission denied"),
+    (["trace", "hi", "--weights", "{tmp}/unreadable.safetensors"], 1, "Permission denied"),
+], ids=["file-in-locked-dir", "unreadable-file", "save-in-locked-dir", "save-in-readonly-dir",
+        "weights-in-locked-dir", "unreadable-weights"])
+def test_permission_denied(args, code, fragment, tmp_path: Path, runner: CliRunner):
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "x.txt").write_text("hi")
+    (tmp_path / "locked").chmod(0)
+    (tmp_path / "readonly").mkdir(mode=0o555)
+    for name in ("unreadable.txt", "unreadable.safetensors"):
+        (tmp_path / name).write_text("hi")
+        (tmp_path / name).chmod(0)
+    try:
+        filled = [a.replace("{locked}", str(tmp_path / "locked")).replace("{tmp}", str(tmp_path))
+                  for a in args]
+        result = runner.invoke(app, filled)
+        assert_clean_failure(result.exit_code, result.stdout, result.stderr, code, fragment)
+    finally:
+        (tmp_path / "locked").chmod(0o755)

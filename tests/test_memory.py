@@ -146,3 +146,46 @@ def test_long_text_traces_and_stays_readable(runner, tmp_path):
     assert f"queries 0–{n - 25} not listed: list them with --query 0:{n - 25}" in flat
     assert f"{n} tokens" in result.stdout
     assert len(lines) < 1000  # a view, not a dump of 984 × 984 numbers
+
+
+DEEP_PROBE = """
+import json, sys
+from attn_tracer import memory, pipeline
+from attn_tracer.config import Config
+from attn_tracer.engine import select_engine
+from attn_tracer.trace import Selection
+from attn_tracer.weights import random_weights
+
+
+def status(field):  # kB → bytes
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+
+layers, capture = int(sys.argv[1]), sys.argv[2]
+engine = select_engine("numpy", "cpu", "float32", 8)
+warm = Config(d_model=1, heads=1, layers=2)
+pipeline.run(["warm up"], warm, engine, random_weights(warm), Selection((0,), (0,), capture))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
+config = Config(d_model=1, heads=1, layers=layers)
+shown = tuple(range(layers)) if capture == "all" else (0,)
+trace, _ = pipeline.run(["The cat sat on the mat"], config, engine, random_weights(config),
+                        Selection(shown, (0,), capture))
+estimate = memory.estimate(config, "float32", 1, 6, 6, len(shown), 1, capture, False)
+print(json.dumps({"growth": status("VmHWM") - before, "estimate": estimate}))
+"""
+
+
+# A deep stack of one-number layers: the arrays are nothing, Python's bookkeeping per step is
+# all (the issue's 20,000 layers were estimated at 640 KB and peaked at 401 MB).
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("capture", ["patterns", "all"])
+def test_the_estimate_counts_the_cost_of_each_layer(capture: str):
+    out = subprocess.run([sys.executable, "-c", DEEP_PROBE, "4000", capture],
+                         capture_output=True, text=True, timeout=120, check=True)
+    m = json.loads(out.stdout)
+    assert m["growth"] > 10e6, m  # 4,000 layers of bookkeeping really cost something
+    assert m["growth"] <= m["estimate"] <= 3 * m["growth"], m

@@ -359,3 +359,46 @@ def test_markup_never_reaches_rich_as_markup(text: str):
     tokens_line = next(line for line in view.stdout.splitlines() if line.startswith("0:"))
     labels = "".join(part.split(":", 1)[1] for part in tokens_line.split())
     assert labels.replace("␣", "") == text.replace(" ", "")
+
+
+# ── any terminal width, any ATTN_DEBUG ──────────────────────────────────────────────────────
+
+WIDTHS = st.one_of(st.integers(-10**6, 10**6).map(str), st.text(max_size=6),
+                   st.sampled_from(["0", "", "1", "19", "20", "99999999", "9" * 5000, " 80",
+                                    "80.5", "+40", "٤٠"]))
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(columns=WIDTHS, lines=WIDTHS,
+       command=st.sampled_from(["trace", "stages", "tokens", "help"]))
+def test_any_columns_draws_or_fails_cleanly(columns: str, lines: str, command: str):
+    args = {"trace": ["trace", "The cat sat", *TINY, "--predict"],
+            "stages": ["trace", "The cat sat", *TINY, "--stages", "--values"],
+            "tokens": ["tokens", "The cat 今天"], "help": ["trace", "--help"]}[command]
+    if "\x00" in columns + lines:
+        return  # an environment variable cannot hold NUL
+    result = invoke(args, env={"COLUMNS": columns, "LINES": lines})
+    assert result.exit_code == 0, (columns, result.stderr)
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    # Drawn within the width that was asked, brought inside 20 … 1000 columns (80 when unusable).
+    try:
+        asked = int(columns)
+    except ValueError:
+        asked = 0
+    width = min(max(asked, 20), 1000) if asked > 0 else 80
+    from rich.cells import cell_len
+
+    assert max(cell_len(line) for line in result.stdout.splitlines()) <= width
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(value=st.text(max_size=8))
+def test_attn_debug_is_on_only_when_it_says_so(value: str):
+    if "\x00" in value:
+        return
+    result = invoke(["trace", "hi", "--d-model", "10", "--heads", "4"],
+                    env={"ATTN_DEBUG": value})
+    assert result.exit_code == 2 and result.stdout == ""
+    on = value.strip().lower() in ("1", "true", "yes", "on")
+    assert ("Traceback" in result.stderr) == on, (value, result.stderr)
+    assert result.stderr.splitlines()[-1].startswith("attn: error: --heads 4 does not divide")

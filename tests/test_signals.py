@@ -8,6 +8,7 @@ color its output unless told not to: a pipe alone would prove nothing about NO_C
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -201,3 +202,186 @@ def test_dash_with_a_terminal_on_stdin_refuses_instead_of_waiting():
     lines = proc.stderr.decode().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("attn: error: - reads standard input, but nothing is piped in")
+
+
+# ── issue 12: streams the parent closed or that refuse the bytes ─────────────────────────────
+
+def _one_line(proc: subprocess.CompletedProcess, code: int, fragment: str) -> None:
+    err = proc.stderr.decode("utf-8", "backslashreplace")
+    assert proc.returncode == code, (proc.returncode, err)
+    assert proc.stdout in (b"", None), proc.stdout[:200]
+    assert err.splitlines() == [err.strip()] and err.startswith("attn: error: "), err
+    assert fragment in err and "Traceback" not in err and "report it" not in err, err
+
+
+def _attn(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    kwargs.setdefault("capture_output", "stdout" not in kwargs and "stderr" not in kwargs)
+    return subprocess.run([*ATTN, *args], env=kwargs.pop("env", _env()), timeout=60, **kwargs)
+
+
+def test_a_closed_stdout_is_one_line():
+    proc = _attn(["trace", "hi", *TINY], stdout=None, stderr=subprocess.PIPE,
+                 preexec_fn=lambda: os.close(1))
+    _one_line(proc, 1, "standard output is closed")
+
+
+@pytest.mark.parametrize("debug", ["0", "1"])
+def test_a_closed_stdout_with_a_usage_error_and_debug(debug: str):
+    proc = _attn(["trace", "hi", "--heads", "5"], stdout=None, stderr=subprocess.PIPE,
+                 preexec_fn=lambda: os.close(1), env=_env(ATTN_DEBUG=debug))
+    _one_line(proc, 1, "standard output is closed")
+
+
+def test_a_closed_stderr_does_not_break_a_run_or_reach_stdout():
+    ok = _attn(["trace", "hi", *TINY], stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2))
+    assert ok.returncode == 0 and ok.stdout.startswith(b"attn trace")
+    bad = _attn(["trace", "hi", "--heads", "5"], stdout=subprocess.PIPE,
+                preexec_fn=lambda: os.close(2))
+    assert bad.returncode == 2 and bad.stdout == b""
+
+
+@pytest.mark.parametrize("args", [["trace", "hi", *TINY], ["trace", "hi", *TINY, "--json"],
+                                  ["tokens", "hi"], ["--help"], ["schema"]],
+                         ids=["view", "json", "tokens", "help", "schema"])
+def test_a_full_disk_on_stdout_is_one_line(args: list[str]):
+    with open("/dev/full", "wb") as full:
+        proc = _attn(args, stdout=full, stderr=subprocess.PIPE)
+    _one_line(proc, 1, "cannot write the output to standard output: No space left on device")
+
+
+def test_stdout_open_for_reading_only_is_one_line():
+    with open(os.devnull, "rb") as readonly:
+        proc = _attn(["trace", "hi", *TINY], stdout=readonly, stderr=subprocess.PIPE)
+    _one_line(proc, 1, "Bad file descriptor")
+
+
+def _file_limit(size: int):
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+def test_a_file_size_limit_on_stdout_is_one_line(tmp_path):
+    with open(tmp_path / "out", "wb") as out:
+        proc = _attn(["trace", " ".join(["word"] * 300), *TINY, "--layer", "all"], stdout=out,
+                     stderr=subprocess.PIPE, preexec_fn=_file_limit(4096))
+    _one_line(proc, 1, "File too large")
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_a_file_size_limit_on_save_leaves_nothing(tmp_path, suffix: str):
+    proc = _attn(["trace", " ".join(["word"] * 300), *TINY, "--save", str(tmp_path / f"t{suffix}")],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_file_limit(65536),
+                 cwd=tmp_path)
+    _one_line(proc, 1, "File too large")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_pipe_at_once_is_exit_0_for_help_and_version():
+    # `attn --help | true` under pipefail: the reader is gone before the first write.
+    for args in (["--help"], ["--version"], ["trace", "--help"], [], ["tokens", "hi"],
+                 ["schema"]):
+        read, write = os.pipe()
+        os.close(read)
+        proc = subprocess.run([*ATTN, *args], stdout=write, stderr=subprocess.PIPE, env=_env(),
+                              timeout=60, stdin=subprocess.DEVNULL)
+        os.close(write)
+        assert proc.returncode == 0, (args, proc.stderr.decode())
+        assert proc.stderr == b"", (args, proc.stderr.decode())
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+@pytest.mark.parametrize("args", [["--help"], ["trace", "--help"], [], ["trace", SENTENCE, *TINY],
+                                  ["tokens", "hi"]],
+                         ids=["help", "trace-help", "no-args", "trace", "tokens"])
+def test_an_encoding_without_the_labels_is_refused_before_printing(encoding, args):
+    proc = _attn(args, env=_env(PYTHONIOENCODING=encoding))
+    _one_line(proc, 1, "standard output's encoding is ")  # Python names latin-1 iso8859-1
+    assert proc.stderr.isascii()
+
+
+@pytest.mark.parametrize("args", [["trace", SENTENCE, *TINY, "--json"], ["schema"],
+                                  ["--version"], ["tokens", SENTENCE, "--json"]],
+                         ids=["json", "schema", "version", "tokens-json"])
+def test_json_is_utf8_whatever_the_encoding(args):
+    proc = _attn(args, env=_env(PYTHONIOENCODING="ascii"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    text = proc.stdout.decode("utf-8")
+    if args[0] != "--version":
+        json.loads(text)
+    if "--json" in args:
+        assert "今" in text or "\\u" not in text
+
+
+@pytest.mark.parametrize("columns", ["0", "5", "100000"])  # more in test_properties.py
+def test_degenerate_columns(columns: str):
+    for args in (["trace", SENTENCE, *TINY, "--stages", "--predict"], ["tokens", SENTENCE],
+                 ["--help"]):
+        proc = _attn(args, env=_env(COLUMNS=columns, LINES="0"))
+        assert proc.returncode == 0, (columns, args, proc.stderr.decode())
+        assert proc.stderr == b"" or b"untrained" not in proc.stderr
+        widest = max(cell_len(line) for line in proc.stdout.decode().splitlines())
+        assert widest <= 1000, (columns, args, widest)
+
+
+# ── issue 12: signals while a file is written, and from the first moment ─────────────────────
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+@pytest.mark.parametrize(("signum", "code", "word"), [
+    (signal.SIGTERM, 143, "terminated (SIGTERM)"), (signal.SIGHUP, 129, "hung up (SIGHUP)"),
+    (signal.SIGINT, 130, "interrupted")], ids=["TERM", "HUP", "INT"])
+def test_a_signal_while_save_is_written_leaves_nothing(tmp_path, suffix, signum, code, word):
+    target = tmp_path / f"big{suffix}"
+    # npz compresses in memory first and writes in one go: a smaller run, so the wait for the
+    # write is short, still long enough a write to be caught.
+    size = ["--d-model", "64", "--layers", "4"] if suffix == ".npz" else [
+        "--d-model", "256", "--layers", "24"]
+    proc = subprocess.Popen(
+        [*ATTN, "trace", " ".join(["word"] * 400), *size, "--heads", "4", "--engine", "numpy",
+         "--save", str(target)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), stdin=subprocess.DEVNULL)
+    deadline, writing = time.monotonic() + 120, False
+    while time.monotonic() < deadline and proc.poll() is None and not writing:
+        # The temporary file with bytes in it (the target's probe before the run is empty).
+        writing = any(p.name.startswith(f".{target.name}.") and p.stat().st_size > 0
+                      for p in tmp_path.iterdir() if p.exists())
+        time.sleep(0.002)
+    assert writing, "the save was never caught being written; make the run bigger"
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert out == b"" and err.decode().splitlines() == [f"attn: error: {word}"]
+    assert list(tmp_path.iterdir()) == [], "a temporary file was left behind"
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                              (signal.SIGHUP, 129)])
+def test_a_signal_during_the_imports_is_one_line(signum, code):
+    # The signal is sent at once but held (blocked) until attn installs its handlers, which it
+    # does before importing Typer: delivered then, it lands in the middle of the imports.
+    proc = subprocess.Popen([*ATTN, "trace", "hi"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env(), stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signum}))
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert out == b"" and len(err.decode().splitlines()) == 1 and b"Traceback" not in err
+
+
+def test_an_ignored_signal_stays_ignored():
+    # `nohup attn …`: SIGHUP was set to be ignored, and attn leaves it so.
+    proc = subprocess.Popen([*ATTN, "trace", " ".join(["word"] * 900), "--d-model", "768",
+                             "--layers", "6", "--engine", "numpy", "--json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(),
+                            stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    alive = proc.poll() is None
+    proc.terminate()
+    proc.communicate(timeout=60)
+    assert alive, "SIGHUP ended a run that was started with SIGHUP ignored"

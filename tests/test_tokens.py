@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import re
 import socket
@@ -366,3 +367,80 @@ def test_cli_reports_a_corrupted_vocabulary(runner, monkeypatch, tmp_path, fresh
     assert len(lines) == 1
     assert lines[0].startswith("attn: error: ")
     assert "corrupted" in lines[0]
+
+
+# ── bounded tokenizing: a prefix's tokens are exactly the whole text's first tokens ───────────
+
+# Characters at the edges of GPT-2's pieces: contractions, runs of spaces and newlines, Unicode
+# spaces (NBSP, U+3000, the U+001C separators that str.isspace calls space), digits, marks,
+# CJK (letters), emoji and NUL (neither), and the special token split anywhere.
+EDGES = [*"ab 'sltvdmre\n\t0123456789.,!?-_()\u00a0\u3000\x1c\x00今天🙂é\u0301<|>",
+         "<|endoftext|>", "'ll", "'ve", "'re", " 's", "  ", "\n\n", "I'", "x1", "1x", "<|endo",
+         "ftext|>", "٣", "Ⅻ"]
+EDGE_TEXT = st.lists(st.sampled_from(EDGES), min_size=1, max_size=40).map("".join)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(text=EDGE_TEXT, repeat=st.integers(1, 30), limit=st.integers(1, 40),
+       special=st.booleans())
+def test_a_bounded_prefix_tokenizes_as_the_whole_text(r50k, text, repeat, limit, special):
+    text = text * repeat  # long enough, often, that only a prefix is tokenized
+    allowed = {"allowed_special": {tokens.ENDOFTEXT}} if special else {}
+    whole = r50k.encode(text, disallowed_special=(), **allowed)
+    ids, total = tokens.encode_head(text, limit, allow_special=special)
+    assert ids == whole[:limit]
+    assert total == len(whole) if total is not None else len(whole) > limit
+    assert tokens.count(text, allow_special=special, chunk=7) == len(whole)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(text=EDGE_TEXT, special=st.booleans(), data=st.data())
+def test_every_boundary_found_splits_the_tokens(r50k, text, special, data):
+    end = data.draw(st.integers(0, len(text)))
+    allowed = {"allowed_special": {tokens.ENDOFTEXT}} if special else {}
+    cut = tokens._boundary(text, 0, end, special)
+    assert 0 <= cut <= max(end, 0)
+    if cut:
+        assert (r50k.encode(text[:cut], disallowed_special=(), **allowed)
+                + r50k.encode(text[cut:], disallowed_special=(), **allowed)
+                == r50k.encode(text, disallowed_special=(), **allowed))
+
+
+def test_max_length_bounds_what_is_tokenized(runner, monkeypatch, tmp_path, r50k):
+    """A 4 MB text cut to 10 tokens: tiktoken sees a few hundred characters, not 4 MB, and the
+    number of tokens cut is counted only for the JSON that reports it."""
+    seen: list[int] = []
+    encode = tokens.encode
+
+    def watched(text, **kwargs):
+        seen.append(len(text))
+        return encode(text, **kwargs)
+
+    monkeypatch.setattr(tokens, "encode", watched)
+    text = "The cat sat on the mat. " * 170_000
+    (tmp_path / "big.txt").write_text(text)
+    args = ["trace", "--file", str(tmp_path / "big.txt"), "--max-length", "10",
+            "--d-model", "8", "--heads", "2", "--layers", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert "--max-length 10 cut text 0" in result.stderr
+    assert seen and max(seen) < 1_000, seen
+    seen.clear()
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.stderr
+    inp = json.loads(result.stdout)["inputs"][0]
+    assert inp["length"] == 10
+    assert inp["truncated"] == len(r50k.encode_ordinary(text)) - 10
+    assert max(seen) <= (1 << 20) + 100  # counted a chunk at a time
+
+
+def test_a_text_beyond_the_context_is_refused_without_tokenizing_it_all(runner, monkeypatch):
+    seen: list[int] = []
+    encode = tokens.encode
+    monkeypatch.setattr(tokens, "encode",
+                        lambda text, **kw: seen.append(len(text)) or encode(text, **kw))
+    result = runner.invoke(app, ["trace", "word " * 100_000, "--d-model", "8", "--heads", "2",
+                                 "--n-ctx", "16"])
+    assert result.exit_code == 2
+    assert "text 0 has more tokens than --n-ctx 16; cut it with --max-length 16" in result.stderr
+    assert max(seen) < 1_000

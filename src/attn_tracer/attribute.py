@@ -147,7 +147,7 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
         raise UsageError(f"attn attribute explains one prediction: give one text (got "
                          f"{len(texts)}; quote a text that has spaces)")
     limit = runner.memory_limit(r)
-    config, weights = runner.load_model(r, notice)
+    config, weights = runner.load_model(r, notice, limit)
     target = parse_token(a.target, config.vocab, "--target") if a.target is not None else None
     versus = parse_token(a.versus, config.vocab, "--versus") if a.versus is not None else None
     if target is not None and target == versus:
@@ -173,7 +173,7 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
 
     with runner.progress_display(f"{length} tokens through {layers} layers") as advance:
         weights = runner.ensure_weights(config, weights)
-        W_U = weights.unembedding()  # [vocab, d_model], tied: W_U = W_Eᵀ
+        W_U = weights.unembedding()  # [vocab, d_model]: W_E, lm_head, or a random W_U
         means = ablation.by_layer(heads) if a.ablate_mode == "mean" else {}
         gather = Gather(engine, config, position, a.all_positions, a.rollout, means)
         trace, _ = run(texts, config, engine, weights, _SELECT_NOTHING, prepared=prepared,

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from attn_tracer.safetensors_io import CheckpointError, CheckpointUsageError, read_safetensors
+from attn_tracer.memory import human
+from attn_tracer.safetensors_io import (
+    CheckpointError,
+    CheckpointUsageError,
+    json_problem,
+    read_safetensors,
+)
 
 __all__ = ["Checkpoint", "CheckpointError", "hf_cache_dir", "load_checkpoint"]
 
@@ -43,10 +50,18 @@ _ID_ALIASES = {
 }
 _MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
-# Keys in GPT-2 checkpoints that are not weights: causal-mask buffers and the tied unembedding.
+# Keys in GPT-2 checkpoints that are not weights: the causal-mask buffers.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-_IGNORED_KEYS = {"lm_head.weight"}
 _PREFIX = "transformer."  # GPT2LMHeadModel nests the GPT2Model weights under this
+_HEAD = "lm_head.weight"  # GPT2LMHeadModel's output head, [vocab, d_model]; tied to wte in GPT-2
+
+# Bounds on what a checkpoint's metadata may claim, checked before anything is allocated. A real
+# config.json is about 1 KB, and a state dict's pickle about 100 KB for GPT-2 XL; no GPT-2 has a
+# dimension anywhere near 2^31 (NumPy would need int64 strides long before that).
+_MAX_CONFIG = 1_000_000
+_MAX_PICKLE = 64_000_000
+_MAX_DIM = 2**31 - 1
+_MAX_REF = 256  # refs/main holds a 40-character commit hash
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,9 @@ class Checkpoint:
     params: dict[str, np.ndarray] = field(repr=False)  # float32, canonical names
     d_mlp: int = 0  # the MLP's width (GPT-2: 4·d_model; n_inner where a config sets it)
     heads_guessed: bool = False  # a bare weights file: heads from GPT-2's head size, not told
+    # config.json ties the output head to wte, but the file's lm_head.weight differs: it is used,
+    # as transformers uses it (and warns); the command line says so.
+    head_untied_against_config: bool = False
 
     @property
     def d_head(self) -> int:
@@ -78,53 +96,77 @@ class _Dims:
     d_mlp: int
     ln_eps: float
     heads_guessed: bool = False
+    tied: bool | None = None  # config.json's tie_word_embeddings; None: a bare file, no config
 
 
 def hf_cache_dir() -> Path:
     """Where huggingface_hub keeps downloaded repos, resolved from the environment as it does."""
     if hub_cache := os.environ.get("HF_HUB_CACHE"):
-        return Path(hub_cache).expanduser()
+        return _expand("HF_HUB_CACHE", hub_cache)
     if hf_home := os.environ.get("HF_HOME"):
-        return Path(hf_home).expanduser() / "hub"
+        return _expand("HF_HOME", hf_home) / "hub"
     xdg_cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(xdg_cache).expanduser() / "huggingface" / "hub"
+    return _expand("XDG_CACHE_HOME", xdg_cache) / "huggingface" / "hub"
 
 
-def load_checkpoint(source: str, heads: int | None = None) -> Checkpoint:
+def _expand(variable: str, value: str) -> Path:
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as e:  # ~user of a user that does not exist, or no home directory
+        raise CheckpointError(f"cannot use {variable}={value}: {e}; set it to a path") from None
+
+
+def load_checkpoint(source: str, heads: int | None = None,
+                    max_bytes: int | None = None) -> Checkpoint:
     """Load GPT-2 weights from a directory, a .safetensors/.bin file or a cached model id.
 
     `heads` is only used for a single file, which has no config to say it; a directory's
-    config.json always wins.
+    config.json always wins. `max_bytes`: refuse, from the file's header and the config alone,
+    before any tensor is read or copied, weights that would need more memory than this.
     """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return _load_directory(source, path)
-    if path.is_file():
-        return _load_file(source, path, heads)
+    if not source.strip():
+        raise CheckpointUsageError("--weights is empty: give a directory, a .safetensors or .bin "
+                                   "file, or a model id such as gpt2")
+    try:
+        path = Path(source).expanduser()
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except RuntimeError as e:  # ~user that does not exist
+        raise CheckpointUsageError(f"cannot expand {source}: {e}") from None
+    except OSError as e:  # a name too long, a directory we may not search
+        raise CheckpointUsageError(f"cannot use {source}: {e.strerror or e}") from None
+    if is_dir:
+        return _load_directory(source, path, max_bytes)
+    if is_file:
+        return _load_file(source, path, heads, max_bytes)
     if _looks_like_model_id(source):
-        return _load_directory(source, _find_in_cache(source))
+        return _load_directory(source, _find_in_cache(source), max_bytes)
     raise CheckpointUsageError(f"no such file or directory: {source}")
 
 
 # -- sources ---------------------------------------------------------------------------------
 
 
-def _load_directory(source: str, directory: Path) -> Checkpoint:
+def _load_directory(source: str, directory: Path, max_bytes: int | None) -> Checkpoint:
     dims = _read_config(directory)
     weights_path = _weights_file(directory)
-    raw = _read_weights(weights_path)
-    params = _canonical_params(weights_path, _strip_keys(raw), dims)
-    return _checkpoint(source, weights_path, dims, params)
+    raw = _strip_keys(_read_weights(weights_path, max_bytes))
+    _check_layers(weights_path, raw, dims.layers, f"{directory / 'config.json'} says n_layer="
+                                                  f"{dims.layers}")
+    _check_size(weights_path, raw, dims, max_bytes)
+    params, against_config = _canonical_params(weights_path, raw, dims)
+    return _checkpoint(source, weights_path, dims, params, against_config)
 
 
-def _load_file(source: str, path: Path, heads: int | None) -> Checkpoint:
-    raw = _strip_keys(_read_weights(path))
+def _load_file(source: str, path: Path, heads: int | None, max_bytes: int | None) -> Checkpoint:
+    raw = _strip_keys(_read_weights(path, max_bytes))
     dims = _infer_dims(path, raw, heads)
-    params = _canonical_params(path, raw, dims)
-    return _checkpoint(source, path, dims, params)
+    _check_size(path, raw, dims, max_bytes)
+    params, against_config = _canonical_params(path, raw, dims)
+    return _checkpoint(source, path, dims, params, against_config)
 
 
-def _checkpoint(source: str, path: Path, dims: _Dims, params: dict[str, np.ndarray]) -> Checkpoint:
+def _checkpoint(source: str, path: Path, dims: _Dims, params: dict[str, np.ndarray],
+                head_untied_against_config: bool = False) -> Checkpoint:
     if dims.vocab < GPT2_VOCAB:
         raise CheckpointError(
             f"{path}: the vocabulary has {dims.vocab} tokens, fewer than the {GPT2_VOCAB} of "
@@ -142,6 +184,7 @@ def _checkpoint(source: str, path: Path, dims: _Dims, params: dict[str, np.ndarr
         params=params,
         d_mlp=dims.d_mlp,
         heads_guessed=dims.heads_guessed,
+        head_untied_against_config=head_untied_against_config,
     )
 
 
@@ -168,7 +211,12 @@ def _find_in_cache(model_id: str) -> Path:
     names = _cache_folder_names(model_id)
     for name in names:
         repo = cache / name
-        if repo.is_dir():
+        try:
+            found = repo.is_dir()
+        except OSError as e:  # a cache folder we may not search
+            raise CheckpointError(f"cannot look in the Hugging Face cache at {cache}: "
+                                  f"{e.strerror or e}") from None
+        if found:
             return _snapshot(model_id, repo)
     raise CheckpointError(
         f"model {model_id!r} not found in the Hugging Face cache at {cache} "
@@ -181,8 +229,7 @@ def _snapshot(model_id: str, repo: Path) -> Path:
     snapshots = repo / "snapshots"
     ref = repo / "refs" / "main"
     if ref.is_file():
-        commit = ref.read_text(encoding="utf-8").strip()
-        candidates = [snapshots / commit]
+        candidates = [snapshots / _read_ref(ref)]
     else:
         # Without refs/main (a cache copied by hand), one snapshot is unambiguous; more are not.
         candidates = sorted(p for p in snapshots.glob("*") if p.is_dir())
@@ -195,6 +242,23 @@ def _snapshot(model_id: str, repo: Path) -> Path:
             f"huggingface-cli download {model_id}"
         )
     return candidates[0]
+
+
+def _read_ref(ref: Path) -> str:
+    """The commit refs/main names: one short line of a hash, never a path out of the cache."""
+    try:
+        with open(ref, "rb") as f:
+            data = f.read(_MAX_REF + 1)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {ref}: {e.strerror or e}") from None
+    if len(data) > _MAX_REF:
+        raise CheckpointError(f"{ref} is over {_MAX_REF} bytes long; it should hold one commit "
+                              "hash: download the model again")
+    commit = data.decode("ascii", errors="replace").strip()
+    if not re.fullmatch(r"[A-Za-z0-9_-][\w.-]*", commit):
+        raise CheckpointError(f"{ref} does not hold a commit hash (it holds {data[:40]!r}); "
+                              "download the model again")
+    return commit
 
 
 def _weights_file(directory: Path) -> Path:
@@ -223,20 +287,39 @@ def _read_config(directory: Path) -> _Dims:
             "(pass a .safetensors/.bin file directly, or a save_pretrained folder)"
         )
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {config_path}: {e}") from e
+        with open(config_path, "rb") as f:
+            data = f.read(_MAX_CONFIG + 1)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {config_path}: {e.strerror or e}") from e
+    if len(data) > _MAX_CONFIG:
+        raise CheckpointError(f"{config_path} is over {human(_MAX_CONFIG)}: not a model config "
+                              "(a GPT-2 config.json is about 1 KB)")
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"cannot read {config_path}: it is not UTF-8 text ({e.reason} at "
+                              f"byte {e.start})") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"cannot read {config_path}: {json_problem(e)}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path} is not a JSON object")
     model_type = config.get("model_type", "gpt2")
+    if not isinstance(model_type, str):
+        raise CheckpointError(f"{config_path}: 'model_type' must be a string, got a JSON "
+                              f"{_json_type(model_type)}")
     if model_type != "gpt2":
         raise CheckpointError(
-            f"{config_path} describes a {model_type!r} model; only GPT-2 checkpoints are supported"
+            f"{config_path} describes a {_short(model_type)} model; only GPT-2 checkpoints are "
+            "supported"
         )
     _check_supported(config_path, config)
     d_model = _config_int(config_path, config, "n_embd")
     heads = _config_int(config_path, config, "n_head")
     n_inner = config.get("n_inner")
+    tied = config.get("tie_word_embeddings", True)
+    if not isinstance(tied, bool):
+        raise CheckpointError(f"{config_path}: 'tie_word_embeddings' must be true or false, got "
+                              f"a JSON {_json_type(tied)}")
     dims = _Dims(
         d_model=d_model,
         heads=heads,
@@ -245,9 +328,19 @@ def _read_config(directory: Path) -> _Dims:
         vocab=_config_int(config_path, config, "vocab_size"),
         d_mlp=4 * d_model if n_inner is None else _config_int(config_path, config, "n_inner"),
         ln_eps=_config_eps(config_path, config),
+        tied=tied,
     )
     _check_heads(str(config_path), d_model, heads)
     return dims
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
+
+
+def _json_type(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean",
+            type(None): "null"}.get(type(value), "number")
 
 
 # Config switches that change the math, and the value GPT-2 has: attn implements only that
@@ -264,8 +357,11 @@ GPT2_SWITCHES = {
 def _check_supported(config_path: Path, config: dict[str, Any]) -> None:
     for name, allowed in GPT2_SWITCHES.items():
         if name in config and config[name] not in allowed:
+            value = config[name]
+            shown = (_short(value) if isinstance(value, str) else repr(value)
+                     if isinstance(value, bool) else f"a JSON {_json_type(value)}")
             raise CheckpointError(
-                f"{config_path} sets {name}={config[name]!r}; attn implements GPT-2's "
+                f"{config_path} sets {name} to {shown}; attn implements GPT-2's "
                 f"{allowed[0]!r} only, so it would trace different math"
             )
 
@@ -274,16 +370,21 @@ def _config_int(config_path: Path, config: dict[str, Any], name: str) -> int:
     if name not in config:
         raise CheckpointError(f"{config_path} has no {name!r} field (is it a GPT-2 config?)")
     value = config[name]
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise CheckpointError(f"{config_path}: {name!r} must be a positive integer, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= _MAX_DIM:
+        shown = (f"a JSON {_json_type(value)}" if not isinstance(value, int) or
+                 isinstance(value, bool) else "a larger one" if value > 0 else repr(value))
+        raise CheckpointError(f"{config_path}: {name!r} must be a positive integer up to "
+                              f"{_MAX_DIM}, got {shown}")
     return value
 
 
 def _config_eps(config_path: Path, config: dict[str, Any]) -> float:
     eps = config.get("layer_norm_epsilon", DEFAULT_LN_EPS)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+    valid = isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1
+    if not valid:
+        shown = repr(eps) if isinstance(eps, float) else f"a JSON {_json_type(eps)}"
         raise CheckpointError(
-            f"{config_path}: 'layer_norm_epsilon' must be a positive number, got {eps!r}"
+            f"{config_path}: 'layer_norm_epsilon' must be a small positive number, got {shown}"
         )
     return float(eps)
 
@@ -302,9 +403,7 @@ def _infer_dims(path: Path, raw: Mapping[str, Any], heads: int | None) -> _Dims:
     wpe = _shape(path, raw, "wpe.weight", ndim=2)
     c_fc = _shape(path, raw, "h.0.mlp.c_fc.weight", ndim=2)
     vocab, d_model = wte
-    layer_ids = {int(m.group(1)) for key in raw if (m := re.match(r"h\.(\d+)\.", key))}
-    # Gaps in the numbering surface later as a missing key, which names the block.
-    layers = max(layer_ids) + 1
+    layers = _check_layers(path, raw, None, "")
     guessed = heads is None
     if guessed:
         heads = d_model // GPT2_D_HEAD
@@ -331,6 +430,43 @@ def _infer_dims(path: Path, raw: Mapping[str, Any], heads: int | None) -> _Dims:
     )
 
 
+def _check_layers(path: Path, raw: Mapping[str, Any], expected: int | None, claim: str) -> int:
+    """The number of blocks h.0 … h.N-1 the file holds, checked to be numbered without gaps (and
+    to be `expected`, which `claim` states), before a table of shapes is built for any of them:
+    a key h.99999999 or an n_layer of ten million must not make us build ten million rows."""
+    # At most 9 digits: a longer number is no block of ours, and int() of a 5,000-digit one fails.
+    layer_ids = {int(m.group(1)) for key in raw if (m := re.match(r"h\.(\d{1,9})\.", key))}
+    found = max(layer_ids) + 1 if layer_ids else 0
+    if found != len(layer_ids):
+        # The first gap, from the ids present: range(found) may be a hundred million long.
+        missing = next(i for i, n in enumerate(sorted(layer_ids)) if i != n)
+        raise CheckpointError(f"{path} numbers its blocks up to h.{found - 1} but has no h."
+                              f"{missing}: it holds {len(layer_ids)} of {found} blocks")
+    if expected is not None and expected != found:
+        raise CheckpointError(f"{claim} but {path.name} holds {found} block"
+                              f"{'s' if found != 1 else ''} (h.0 to h.{found - 1})"
+                              if found else f"{claim} but {path.name} holds no blocks")
+    if not found:
+        raise CheckpointError(f"{path} has no 'h.0.…' tensors (is it a GPT-2 checkpoint?)")
+    return found
+
+
+def _check_size(path: Path, raw: Mapping[str, Any], dims: _Dims, max_bytes: int | None) -> None:
+    """Refuse, from the shapes alone, weights whose float32 copies would not fit in max_bytes."""
+    if max_bytes is None:
+        return
+    d, m = dims.d_model, dims.d_mlp
+    per_layer = 4 * d + 4 * d * d + 4 * d + 2 * d * m + m + d
+    tables = (dims.vocab * (2 if _HEAD in raw else 1) + dims.n_ctx) * d
+    # c_attn is copied whole, then split into Q, K and V: both are alive until the end of loading.
+    needed = 4 * (tables + dims.layers * (per_layer + 3 * d * d + 3 * d) + 2 * d)
+    if needed > max_bytes:
+        raise CheckpointUsageError(
+            f"{path}: its weights ({dims.layers} block{'s' if dims.layers != 1 else ''}, "
+            f"d_model {d}) need about {human(needed)} of memory in float32, "
+            f"over the {human(max_bytes)} allowed; raise --max-memory if the machine has it")
+
+
 def _shape(path: Path, raw: Mapping[str, Any], key: str, ndim: int) -> tuple[int, ...]:
     if key not in raw:
         raise CheckpointError(f"{path} has no {key!r} tensor (is it a GPT-2 checkpoint?)")
@@ -343,20 +479,22 @@ def _shape(path: Path, raw: Mapping[str, Any], key: str, ndim: int) -> tuple[int
 # -- weights ---------------------------------------------------------------------------------
 
 
-def _read_weights(path: Path) -> dict[str, Any]:
+def _read_weights(path: Path, max_bytes: int | None = None) -> dict[str, Any]:
     if path.name.endswith(_SAFETENSORS):
+        # Memory-mapped: no tensor is read until it is copied, after the sizes are checked.
         tensors, _metadata = read_safetensors(path)
         return tensors
     if path.name.endswith(_TORCH_SUFFIXES):
-        return _read_torch(path)
+        return _read_torch(path, max_bytes)
     raise CheckpointError(
         f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
         "expected a .safetensors or .bin file, or a model directory"
     )
 
 
-def _read_torch(path: Path) -> dict[str, Any]:
+def _read_torch(path: Path, max_bytes: int | None = None) -> dict[str, Any]:
     _check_torch_signature(path)
+    _check_storage_sizes(path, max_bytes)
     try:
         import torch
     except ImportError as e:
@@ -391,6 +529,105 @@ def _read_torch(path: Path) -> dict[str, Any]:
     return {key: value for key, value in obj.items() if isinstance(value, torch.Tensor)}
 
 
+class _Anything:
+    """What the size scan builds in place of every object a pickle names: it runs nothing."""
+
+    name = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Anything:
+        return _Anything()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+# Bytes per element of torch's storage classes (pickled as torch.FloatStorage and so on); an
+# unknown one counts 1, so the scan never overstates a file.
+_STORAGE_BYTES = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4,
+                  "Short": 2, "Char": 1, "Byte": 1, "Bool": 1, "ComplexDouble": 16,
+                  "ComplexFloat": 8}
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py's MAGIC_NUMBER
+
+
+class _SizeScan(pickle.Unpickler):
+    """Adds up the storage sizes a torch pickle declares, without building anything real: every
+    class it names becomes _Anything, so no code of the file's choosing can run."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self.storages: dict[str, int] = {}  # by key: tensors that share a storage name it twice
+
+    @property
+    def declared(self) -> int:
+        return sum(self.storages.values())
+
+    def find_class(self, module: str, name: str) -> type:
+        return type(name, (_Anything,), {"name": name})
+
+    def persistent_load(self, pid: Any) -> _Anything:
+        # torch.save's persistent ids: ("storage", storage class, key, location, numel[, view]).
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+            kind = getattr(pid[1], "name", "").removesuffix("Storage")
+            if isinstance(pid[4], int) and not isinstance(pid[4], bool):
+                self.storages[str(pid[2])] = max(pid[4], 0) * _STORAGE_BYTES.get(kind, 1)
+        return _Anything()
+
+
+def _check_storage_sizes(path: Path, max_bytes: int | None) -> None:
+    """Refuse a .bin whose tensors declare more bytes than the file holds (a zip bomb or a forged
+    size: torch would allocate the declared size first) or than max_bytes, before torch.load."""
+    file_size = path.stat().st_size
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                pickles = [i for i in archive.infolist() if i.filename.endswith("/data.pkl")
+                           or i.filename == "data.pkl"]
+                if not pickles:
+                    return  # not torch.save's layout: torch.load will say what it is
+                if pickles[0].file_size > _MAX_PICKLE:
+                    raise CheckpointError(f"{path}: its data.pkl declares "
+                                          f"{human(pickles[0].file_size)}, which no state dict "
+                                          "needs; it is corrupt or crafted")
+                scan = _SizeScan(archive.open(pickles[0]))
+                scan.load()
+        else:
+            with open(path, "rb") as f:
+                scan = _SizeScan(f)
+                # torch's legacy format is four pickles: a magic number, the protocol, sys info,
+                # then the data; anything else is one pickle, which torch.load will judge.
+                if scan.load() == _LEGACY_MAGIC:
+                    for _ in range(3):
+                        scan.load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # any malformed pickle or zip: torch.load would fail on it too
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
+                              f"{_short_reason(e)}") from None
+    if scan.declared > file_size:
+        raise CheckpointError(
+            f"{path} declares {human(scan.declared)} of tensor data but the file is "
+            f"{human(file_size)}: it is corrupt, compressed or crafted (torch.save stores "
+            "tensors uncompressed)")
+    if max_bytes is not None and scan.declared > max_bytes:
+        raise CheckpointUsageError(
+            f"{path}: its tensors need {human(scan.declared)} of memory to read, over the "
+            f"{human(max_bytes)} allowed; raise --max-memory if the machine has it")
+
+
 def _check_torch_signature(path: Path) -> None:
     """Reject files that are neither torch's zip format nor a pickle before torch sees them."""
     try:
@@ -417,7 +654,7 @@ def _short_reason(error: BaseException) -> str:
 def _strip_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
     stripped = {}
     for key, value in raw.items():
-        if key in _IGNORED_KEYS or key.endswith(_IGNORED_SUFFIXES):
+        if key.endswith(_IGNORED_SUFFIXES):
             continue
         stripped[key.removeprefix(_PREFIX)] = value
     return stripped
@@ -449,7 +686,9 @@ def _expected_shapes(dims: _Dims) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _canonical_params(path: Path, raw: Mapping[str, Any], dims: _Dims) -> dict[str, np.ndarray]:
+def _canonical_params(path: Path, raw: Mapping[str, Any],
+                      dims: _Dims) -> tuple[dict[str, np.ndarray], bool]:
+    """The weights under canonical names, and whether lm_head is used against config.json."""
     source = {key: _checked(path, raw, key, shape) for key, shape in _expected_shapes(dims).items()}
     d = dims.d_model
     params = {"wte": source["wte.weight"], "wpe": source["wpe.weight"]}
@@ -472,14 +711,40 @@ def _canonical_params(path: Path, raw: Mapping[str, Any], dims: _Dims) -> dict[s
             b + "mlp.b_out": source[h + "mlp.c_proj.bias"],
         }
     params |= {"ln_f.w": source["ln_f.weight"], "ln_f.b": source["ln_f.bias"]}
-    return params
+    head = _output_head(path, raw, dims, params["wte"])
+    if head is not None:
+        params["lm_head"] = head
+    return params, head is not None and dims.tied is True
+
+
+def _output_head(path: Path, raw: Mapping[str, Any], dims: _Dims,
+                 wte: np.ndarray) -> np.ndarray | None:
+    """lm_head.weight [vocab, d_model] when the checkpoint has an output head of its own; None
+    when logits come from wte (tied, as in GPT-2).
+
+    As transformers decides: a head that is present and differs from wte is used, whatever
+    config.json says about tying (transformers then warns and does not tie); one equal to wte
+    (a .bin of a tied model stores both) is the same as none. A config that unties the head but
+    a file without one is refused: transformers would use a freshly random head.
+    """
+    if _HEAD not in raw:
+        if dims.tied is False:
+            raise CheckpointError(f"{path} has no {_HEAD!r}, but its config.json unties the output "
+                                  "head (tie_word_embeddings is false): the logits have no weights")
+        return None
+    head = _checked(path, raw, _HEAD, (dims.vocab, dims.d_model))
+    return None if np.array_equal(head, wte) else head
 
 
 def _checked(path: Path, raw: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> np.ndarray:
     """The tensor under `key` as a fresh float32 C-contiguous array, after checking its shape."""
     if key not in raw:
         raise CheckpointError(f"{path} is missing the weight {key!r} (is it a GPT-2 checkpoint?)")
-    array = _to_numpy(raw[key])
+    try:
+        array = _to_numpy(raw[key])
+    except _TensorKind as e:
+        raise CheckpointError(f"{path}: weight {key!r} is {e}; attn reads dense floating-point "
+                              "tensors only") from None
     if array.shape != shape:
         raise CheckpointError(
             f"{path}: weight {key!r} has shape {list(array.shape)}, expected {list(shape)}"
@@ -488,15 +753,49 @@ def _checked(path: Path, raw: Mapping[str, Any], key: str, shape: tuple[int, ...
         raise CheckpointError(
             f"{path}: weight {key!r} has dtype {array.dtype}, expected a floating-point type"
         )
-    # astype copies, which also detaches the result from the file's memory map.
-    return np.ascontiguousarray(array.astype(np.float32))
+    # astype copies, which also detaches the result from the file's memory map; a float64 beyond
+    # float32's range becomes inf, which the check below names.
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(array.astype(np.float32))
+    _check_finite(path, key, out)
+    return out
+
+
+def _check_finite(path: Path, key: str, array: np.ndarray) -> None:
+    """Weights must be finite: one NaN or inf makes every activation after it NaN, and JSON has
+    no NaN. A finite weight, however large, is accepted: whether it overflows depends on the
+    activations it meets, and the run checks those (pipeline.run names the first bad step)."""
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    where = tuple(int(i) for i in np.argwhere(~finite)[0])
+    raise CheckpointError(
+        f"{path}: weight {key!r} is {array[where]} at index {list(where)} (in float32); a "
+        "checkpoint's weights must be finite numbers")
 
 
 def _to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     # A torch tensor (only .bin files produce them): widen in torch, since NumPy lacks bf16.
-    tensor = value.detach().cpu()
+    tensor = value.detach()
+    if tensor.is_meta:
+        raise _TensorKind("a meta tensor (a shape with no data)")
+    if tensor.is_quantized:
+        raise _TensorKind(f"a quantized tensor ({tensor.dtype})")
+    if tensor.layout != _strided():
+        raise _TensorKind(f"a {str(tensor.layout).removeprefix('torch.')} tensor")
+    tensor = tensor.cpu()
     if tensor.is_floating_point():
         tensor = tensor.float()
     return tensor.numpy()
+
+
+class _TensorKind(Exception):
+    """A tensor that holds no plain array of numbers; _checked names it."""
+
+
+def _strided():
+    import torch
+
+    return torch.strided

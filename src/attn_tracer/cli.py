@@ -8,9 +8,17 @@ paths that run it (ruff's TID253 keeps it out of this module's top level).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from enum import Enum
+
+from attn_tracer import process
+
+# Ctrl-C (or SIGTERM, SIGHUP) from the first moment: the imports below take a tenth of a second,
+# and a signal there would otherwise print a traceback. Only when this process is attn itself.
+if process.launched_as_program():
+    process.install_signal_handlers()
 
 # NumPy's OpenBLAS wakes a thread pool for every product; for the small matrices of a trace that
 # costs 10–50× the product itself (measured: 14 ms vs 0.2 ms for [6, 768]·[768, 768] on 2 cores),
@@ -49,11 +57,11 @@ EXAMPLES = {
 
 def _fail(message: str, code: int) -> None:
     try:
-        if not sys.stdout.closed:
+        if sys.stdout is not None and not sys.stdout.closed:
             sys.stdout.flush()
-    except OSError:
-        pass
-    print(f"attn: error: {message}", file=sys.stderr)
+    except (OSError, ValueError):
+        process.silence_stdout()  # what could not be written now must not fail again at exit
+    process.say(f"attn: error: {message}")
     sys.exit(code)
 
 
@@ -61,7 +69,7 @@ _DEBUG = [False]  # set by --debug (on the root or on a command) while a command
 
 
 def _debug() -> bool:
-    return _DEBUG[0] or os.environ.get("ATTN_DEBUG", "") not in ("", "0")
+    return _DEBUG[0] or process.debug_from_env()
 
 
 def _set_debug(value: bool) -> None:
@@ -81,8 +89,12 @@ class Group(TyperGroup):
     """Turns every failure into one line and an exit code, for Typer's runner and for tests.
 
     Exit codes: 0 success (also when the reader of stdout goes away early), 1 runtime error,
-    2 usage error, 130 interrupted. --debug (before or after the command) or ATTN_DEBUG=1
-    print the traceback above the one-line message.
+    2 usage error, 129/130/143 hung up, interrupted, terminated. --debug (before or after the
+    command) or ATTN_DEBUG=1 print the traceback above the one-line message.
+
+    Before the command line is even parsed, the process's surroundings are made safe (see
+    process.py): closed standard streams, degenerate terminal widths, an encoding that cannot
+    show the view, and a stdout whose write errors must be told apart from attn's own.
     """
 
     def invoke(self, ctx):
@@ -91,15 +103,34 @@ class Group(TyperGroup):
         except BrokenPipeError as e:
             raise _PipeClosed from e
 
+    def make_context(self, *args, **kwargs):
+        # `attn --help | true`: the root's help and --version are printed while its context is
+        # made, where Typer would turn the closed pipe into exit 1.
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError as e:
+            raise _PipeClosed from e
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)
         _DEBUG[0] = False
+        if process.repair_streams():
+            _fail("standard output is closed, so there is nowhere to write the output; "
+                  "redirect it to a file or to /dev/null instead of closing it", 1)
+        process.sanitize_width()
+        if problem := process.text_output_problem(args):
+            _fail(problem, 1)
+        process.guard_stdout()
+        if not args or {"-h", "--help"} & set(args[: args.index("--")] if "--" in args else args):
+            process.tame_rich()  # Typer draws its help with Rich, which it imports anyway
         try:
-            rv = super().main(args=args, prog_name=prog_name or "attn", complete_var=complete_var,
-                              standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as e:
-            print(e.ctx.get_help())
-            sys.exit(0)
+            try:
+                rv = super().main(args=args, prog_name=prog_name or "attn",
+                                  complete_var=complete_var, standalone_mode=False, **extra)
+            except click.exceptions.NoArgsIsHelpError as e:
+                print(e.ctx.get_help())
+                rv = 0
+            sys.stdout.flush()  # here, not at exit, where a failure could only be "ignored"
         except click.exceptions.ClickException as e:
             _fail(_usage_message(e), 2 if isinstance(e, click.exceptions.UsageError)
                   else e.exit_code or 1)
@@ -107,12 +138,22 @@ class Group(TyperGroup):
             _fail("interrupted", 130)
         except (_PipeClosed, BrokenPipeError):
             _quiet_pipe()
+        except process.StdoutError as e:
+            _traceback_if_debug()
+            process.silence_stdout()
+            _fail(f"cannot write the output to standard output: {e.strerror}", 1)
         except AttnError as e:
             _traceback_if_debug()
             _fail(_one_line(str(e)), e.exit_code)
         except MemoryError:
             _traceback_if_debug()
             _fail("out of memory; shrink the run with --max-length, --layer/--head, --d-model", 1)
+        except OSError as e:
+            # The machine refused something (a file, a descriptor, a limit): the user's
+            # environment, not a bug of attn's; the places that know better say more.
+            _traceback_if_debug()
+            where = f"{e.filename}: " if e.filename else ""
+            _fail(_one_line(f"{where}{e.strerror or e}"), 1)
         except Exception as e:
             _traceback_if_debug()
             if type(e).__name__ == "OutOfMemoryError":  # torch's, matched without importing it
@@ -126,10 +167,11 @@ class Group(TyperGroup):
 
 
 def _traceback_if_debug() -> None:
-    if _debug():
+    if _debug() and sys.stderr is not None:
         import traceback
 
-        traceback.print_exc()
+        with contextlib.suppress(OSError, ValueError):  # stderr failed: the one line will try
+            traceback.print_exc()
 
 
 def _usage_message(e) -> str:
@@ -148,11 +190,7 @@ def _one_line(message: str) -> str:
 def _quiet_pipe() -> None:
     # Python's documented recipe: the reader went away; point stdout at devnull so the final
     # flush at exit does not raise again, and end without a word.
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):  # no real file descriptor (a test runner's stdout)
-        pass
+    process.silence_stdout()
     sys.exit(0)
 
 
@@ -192,6 +230,7 @@ Debug = Annotated[bool, typer.Option("--debug", callback=_set_debug, is_eager=Tr
 def _stdout_console():
     from rich.console import Console
 
+    process.tame_rich()
     # NO_COLOR asks for plain text: no colors and no bold or dim either, the same as a pipe.
     plain = os.environ.get("NO_COLOR", "") != ""
     return Console(highlight=False, color_system=None if plain else "auto")
@@ -200,6 +239,7 @@ def _stdout_console():
 def _stderr_console():
     from rich.console import Console
 
+    process.tame_rich()
     return Console(stderr=True, highlight=False)
 
 
@@ -272,7 +312,8 @@ def schema(
     if which not in SCHEMAS:
         raise UsageError(f"no schema named {which!r}: choose {', '.join(SCHEMAS[:-1])} or "
                          f"{SCHEMAS[-1]}")
-    sys.stdout.write(files("attn_tracer.data").joinpath(f"{which}.schema.json").read_text("utf-8"))
+    # As bytes: JSON is UTF-8 whatever the locale's encoding (see process.text_output_problem).
+    sys.stdout.buffer.write(files("attn_tracer.data").joinpath(f"{which}.schema.json").read_bytes())
     sys.stdout.flush()
 
 
@@ -449,18 +490,11 @@ def attribute(
     attr.execute(request, notice=_notice, console=_stdout_console)
 
 
-def _interrupted(signum, frame) -> None:
-    # Ctrl-C anywhere, even inside a library's import or a C loop that would turn
-    # KeyboardInterrupt into its own error: one line and 130. SystemExit still runs the
-    # `finally` blocks that remove half-written files.
-    print("attn: error: interrupted", file=sys.stderr)
-    raise SystemExit(130)
-
-
 def main() -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, _interrupted)
+    # Ctrl-C, SIGTERM, SIGHUP anywhere, even inside a library's import or a C loop that would
+    # turn KeyboardInterrupt into its own error: one line and 130, 143, 129. SystemExit still
+    # runs the `finally` blocks that remove half-written files.
+    process.install_signal_handlers()
     app()
 
 

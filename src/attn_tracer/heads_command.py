@@ -164,7 +164,7 @@ def compute(r: Request, h: HeadsOptions, notice: Callable[[str], None], width: i
         notice(message)
     texts = run.read_inputs(r, notice)[0] if h.repeat is None else []
     limit = run.memory_limit(r)
-    config, weights = run.load_model(r, notice)
+    config, weights = run.load_model(r, notice, limit)
     bos = h.with_bos
     if h.repeat is not None:
         check_repeat(h.repeat, bos, config)

@@ -70,7 +70,7 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, engine: Engine, la
     k = project("K", x_kv, k_len, lk)  # [batch, heads, k_len, d_head]
     v = project("V", x_kv, k_len, lk)  # [batch, heads, k_len, d_head]
 
-    shown = list(rec.selection.heads) if layer in rec.selection.layers else []
+    shown = list(rec.selection.heads) if rec.selection.shows(layer) else []
     # When every head is shown, the explicit path below already has the patterns: fusing too
     # would compute attention twice.
     if (engine.fused and rec.selection.capture != "all" and len(shown) < heads
@@ -157,6 +157,9 @@ def layer_norm(x, w, b, eps: float):
         x = xp.astype(x, xp.float32)  # half precision loses the variance of a wide row
     mean = xp.mean(x, axis=-1, keepdims=True)
     var = xp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+    # A variance that overflowed would divide every value to 0, a finite answer that is wrong:
+    # NaN instead, which the run's finiteness check then names (pipeline._Finite).
+    var = xp.where(xp.isfinite(var), var, xp.full_like(var, math.nan))
     y = (x - mean) / xp.sqrt(var + eps)
     return xp.astype(y, dtype) * w + b
 

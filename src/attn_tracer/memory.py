@@ -124,7 +124,23 @@ def estimate(config: Config, dtype: str, batch: int, length: int, k_len: int,
         kept += captured_layers * 20 * batch * length * max(d, w) * 4
     if predict:  # the whole unembedding [vocab, d_model] for the logits, on the host and engine
         kept += config.vocab * d * (4 + size) + 3 * batch * config.vocab * 4
-    return params + live + kept
+    return params + live + kept + overhead(config, captured_layers, capture, cross)
+
+
+# Python's own cost per recorded step, beyond the numbers: the Step record, the parameter
+# arrays' headers, and in --json the step list as objects before it is written. Measured with
+# --d-model 1 (arrays of one number, so nothing but the overhead grows): 8.3 KB a layer of 18
+# steps for the run, 17 KB with --json's step list, 4.6 KB more for a layer whose every step is
+# kept; a 20,000-layer view peaked at 401 MB where the arrays alone came to 640 KB.
+STEP_OVERHEAD = 1_200
+KEPT_STEP_OVERHEAD = 300
+
+
+def overhead(config: Config, captured_layers: int, capture: str, cross: bool) -> int:
+    """Bytes of per-step bookkeeping, which for a deep stack of tiny layers is most of it."""
+    steps = 18 + (7 if config.arch == "gpt2" else 0) + (18 if cross else 0)
+    kept = captured_layers * steps * KEPT_STEP_OVERHEAD if capture == "all" else 0
+    return config.layers * steps * STEP_OVERHEAD + kept
 
 
 def check(needed: int, limit: int) -> None:
@@ -137,6 +153,7 @@ def check(needed: int, limit: int) -> None:
 
 
 def human(n: float) -> str:
+    n = min(n, 10**30)  # a size read from a hostile file may be an integer too large for a float
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -7,6 +7,7 @@ Renderers (terminal, JSON, files) take the Trace from here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,8 +15,8 @@ import numpy as np
 
 from attn_tracer import embeddings, layers, memory, tokens
 from attn_tracer.config import Config
-from attn_tracer.engine import Engine
-from attn_tracer.errors import UsageError
+from attn_tracer.engine import Engine, namespace
+from attn_tracer.errors import AttnError, UsageError
 from attn_tracer.trace import Hook, Input, Prediction, Recorder, Selection, Trace
 from attn_tracer.weights import Weights
 
@@ -31,7 +32,8 @@ class Batch:
 
 
 def make_batch(token_lists: list[list[tokens.Token]], texts: list[str], side: str,
-               truncated: list[int] | None = None, pad_to: int | None = None) -> Batch:
+               truncated: list[int | Callable[[], int]] | None = None, pad_to: int | None = None
+               ) -> Batch:
     """Pad every row to the longest (or to `pad_to`) with <|endoftext|>; positions count real
     tokens only."""
     length = max(max(len(t) for t in token_lists), pad_to or 0)
@@ -70,11 +72,11 @@ class Prepared:
     @property
     def cut(self) -> list[int]:
         """Rows that --max-length cut."""
-        return [b for b, inp in enumerate(self.batch.inputs) if inp.truncated]
+        return [b for b, inp in enumerate(self.batch.inputs) if inp.cut_off]
 
     @property
     def cross_cut(self) -> list[int]:
-        return [b for b, inp in enumerate(self.cross.inputs) if inp.truncated] if self.cross else []
+        return [b for b, inp in enumerate(self.cross.inputs) if inp.cut_off] if self.cross else []
 
 
 def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None = None,
@@ -145,7 +147,22 @@ def run(
     line checks its limit itself, earlier, before drawing weights).
     `progress(done, total)` is called after each layer (for a progress display).
     `hooks`: step name → function of that step's array (see Recorder), for the analyses.
+
+    The activations must stay finite (JSON has no NaN, and a NaN pattern is no distribution):
+    the first step where one does not ends the run with an AttnError that names it. NumPy's
+    overflow warnings are silenced for the same reason: the check says it once, in one line.
     """
+    with np.errstate(all="ignore"):
+        return _run(texts, config, engine, weights, selection, cross_texts=cross_texts,
+                    padding=padding, max_length=max_length, allow_special=allow_special,
+                    predict_top_k=predict_top_k, temperature=temperature,
+                    max_memory=max_memory, progress=progress, prepared=prepared, hooks=hooks,
+                    pad_to=pad_to)
+
+
+def _run(texts, config, engine, weights, selection, *, cross_texts, padding, max_length,
+         allow_special, predict_top_k, temperature, max_memory, progress, prepared, hooks,
+         pad_to):
     if prepared is None:
         prepared = prepare(texts, config, cross_texts=cross_texts, padding=padding,
                            max_length=max_length, allow_special=allow_special, pad_to=pad_to)
@@ -160,29 +177,52 @@ def run(
 
     # Embedding tables stay on the host: only the rows of this text are looked up and sent.
     p = {name: engine.asarray(w) for name, w in weights.params.items()
-         if name not in ("wte", "wpe")}
+         if name not in ("wte", "wpe", "lm_head")}
     rec = Recorder(selection, engine, hooks)
-    x = embeddings.embed(batch.ids, batch.positions, config, weights, engine, rec,
-                         padded=not batch.valid.all())
-    x_cross = (embeddings.embed(cross.ids, cross.positions, config, weights, engine, rec,
-                                "cross.", padded=not cross.valid.all()) if cross else None)
     allowed = _on(engine, self_mask(config, batch.valid))
     # One text, causal, no padding: the mask is the plain triangle a fused kernel can skip.
     causal = config.mask == "causal" and bool(batch.valid.all())
     cross_allowed = _on(engine, cross_mask(batch.valid, cross.valid)) if cross else None
+    done = {"layers": 0, "ln_f": False, "logits": False}  # what `replay` must run again
+
+    def embed(rec, b: Batch, prefix=""):
+        return embeddings.embed(b.ids, b.positions, config, weights, engine, rec, prefix,
+                                padded=not b.valid.all())
+
+    def ln_f(rec, x):
+        return rec("ln_f", "LayerNorm(X)",
+                   layers.layer_norm(x, p["ln_f.w"], p["ln_f.b"], config.ln_eps),
+                   ("batch", "len", "d_model"))
+
+    def replay(watch):
+        """Everything run so far, again, through `watch`, which stops at the first bad step."""
+        x, x_cross = embed(watch, batch), embed(watch, cross, "cross.") if cross else None
+        for layer in range(done["layers"]):
+            x = layers.block(x, p, config, allowed, watch, layer, engine, x_cross,
+                             cross_allowed, causal)
+        if done["ln_f"]:
+            x = ln_f(watch, x)
+        if done["logits"]:
+            watch("logits", "", _logits(x, batch, weights, engine)[0], ("batch", "vocab"))
+
+    guard = _Finite(rec, config, engine, replay)
+    x = guard(embed(rec, batch))
+    x_cross = guard(embed(rec, cross, "cross.")) if cross else None
     for layer in range(config.layers):
         x = layers.block(x, p, config, allowed, rec, layer, engine, x_cross, cross_allowed,
                          causal)
         rec.flush()
+        done["layers"] = layer + 1
+        x = guard(x)
         if progress is not None:
             progress(layer + 1, config.layers)
     if config.arch == "gpt2":
-        x = rec("ln_f", "LayerNorm(X)",
-                layers.layer_norm(x, p["ln_f.w"], p["ln_f.b"], config.ln_eps),
-                ("batch", "len", "d_model"))
+        done["ln_f"] = True
+        x = guard(ln_f(rec, x))
     predictions = None
     if predict_top_k:
-        predictions = predict(x, batch, weights, engine, rec, predict_top_k, temperature)
+        done["logits"] = True
+        predictions = predict(x, batch, weights, engine, rec, predict_top_k, temperature, guard)
     rec.flush()
     trace = Trace(
         config=config,
@@ -199,8 +239,12 @@ def run(
 
 
 def tokenize_all(texts, allow_special, max_length, config: Config, what, reserve: int = 0):
-    """Token lists of `texts`, and for each how many tokens --max-length cut.
+    """Token lists of `texts`, and for each how many tokens --max-length cut (a count, or how
+    to count them: see Input.cut_off).
 
+    Only as much of a text is tokenized as can be used: --max-length tokens, or one more than
+    the context when there is no --max-length (a longer text is refused either way). A text of
+    megabytes costs what its first tokens cost.
     `reserve`: positions of the context taken by tokens put before each text (--bos).
     """
     n_ctx = config.n_ctx - reserve
@@ -208,38 +252,46 @@ def tokenize_all(texts, allow_special, max_length, config: Config, what, reserve
     limit = (f"the checkpoint's context of {config.n_ctx}" if config.weights
              else f"--n-ctx {config.n_ctx}") + (" less the --bos token" if reserve else "")
     grow = "" if config.weights else " or raise --n-ctx"
+    keep = max_length if max_length is not None else n_ctx + 1
     token_lists, cut = [], []
     for i, text in enumerate(texts):
-        toks = tokens.tokenize(text, allow_special=allow_special)
-        if not toks:
+        ids, total = tokens.encode_head(text, keep, allow_special=allow_special)
+        if not ids:
             raise UsageError(f"{what} {i} is empty: there is nothing to attend to")
-        cut.append(max(0, len(toks) - max_length) if max_length is not None else 0)
-        if cut[-1]:
-            toks = toks[:max_length]
-        if len(toks) > n_ctx:
+        if max_length is None or (total is not None and total <= max_length):
+            cut.append(0)
+        elif total is not None:
+            cut.append(total - max_length)
+        else:
+            cut.append(lambda text=text: tokens.count(text, allow_special=allow_special)
+                       - max_length)
+        if len(ids) > n_ctx:
+            # The whole text's count when it was all tokenized; the cut one with --max-length.
+            many = len(ids) if max_length is not None else total
             raise UsageError(
-                f"{what} {i} has {len(toks)} tokens, more than {limit}; "
-                f"cut it with --max-length {n_ctx}{grow}"
+                (f"{what} {i} has {many} tokens, more than {limit}" if many is not None
+                 else f"{what} {i} has more tokens than {limit}")
+                + f"; cut it with --max-length {n_ctx}{grow}"
             )
-        token_lists.append(toks)
+        token_lists.append([tokens.token(t) for t in ids])
     return token_lists, cut
 
 
 def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
-            temperature: float) -> list[Prediction]:
-    """logits = h·W_Eᵀ at the last real position of each row; softmax(logits / T)."""
+            temperature: float, guard: _Finite | None = None) -> list[Prediction]:
+    """logits = h·W_Eᵀ (or h·W_U, an untied head) at the last real position of each row;
+    softmax(logits / T)."""
     xp = engine.xp
-    last = batch.valid.shape[1] - 1 - np.argmax(batch.valid[:, ::-1], axis=1)
-    index = engine.asarray(last)
-    rows = xp.stack([x[b, index[b], :] for b in range(x.shape[0])])
-    W_U = engine.asarray(weights.unembedding())
-    if weights.normalizes_logits:  # random weights: logits N(0, 3²), see Weights.unembedding
-        rms = xp.sqrt(xp.mean(rows * rows, axis=-1, keepdims=True))
-        rows = rows / xp.where(rms > 0, rms, xp.ones_like(rms))
-        op = "logits = (h / rms(h))·W_Uᵀ (at the last real position; random W_U, untied)"
-    else:
-        op = "logits = h·W_Eᵀ (at the last real position; W_U = W_E, tied)"
-    logits = rec("logits", op, rows @ xp.matrix_transpose(W_U), ("batch", "vocab"))
+    values, last = _logits(x, batch, weights, engine)
+    op = ("logits = h·W_Eᵀ (at the last real position; W_U = W_E, tied)" if weights.tied
+          else "logits = (h / rms(h))·W_Uᵀ (at the last real position; random W_U, untied)"
+          if weights.normalizes_logits
+          else "logits = h·W_Uᵀ (at the last real position; random W_U, untied)"
+          if "wte" not in weights.params
+          else "logits = h·W_U (at the last real position; lm_head, untied)")
+    logits = rec("logits", op, values, ("batch", "vocab"))
+    if guard is not None:
+        guard(logits)
     # Shifted by the row's max first (softmax does not change): a tiny T (even one that is 0 in
     # float32) then sends the other logits to −∞, probability 0, instead of the row to NaN.
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
@@ -257,6 +309,105 @@ def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
             {"id": int(t), "text": _label(int(t)), "prob": float(probs[b, t]),
              "logit": float(logits[b, t])} for t in top]))
     return out
+
+
+def _logits(x, batch: Batch, weights: Weights, engine: Engine):
+    """(h·W_Eᵀ or h·W_U at the last real position of each row [batch, vocab], those positions)."""
+    xp = engine.xp
+    last = batch.valid.shape[1] - 1 - np.argmax(batch.valid[:, ::-1], axis=1)
+    index = engine.asarray(last)
+    rows = xp.stack([x[b, index[b], :] for b in range(x.shape[0])])
+    W = engine.asarray(weights.unembedding())  # [vocab, d_model]: W_E, or lm_head = W_Uᵀ
+    if weights.normalizes_logits:  # random weights: logits N(0, 3²), see Weights.unembedding
+        rms = xp.sqrt(xp.mean(rows * rows, axis=-1, keepdims=True))
+        rows = rows / xp.where(rms > 0, rms, xp.ones_like(rms))
+    return rows @ xp.matrix_transpose(W), last
+
+
+class _NotFinite(Exception):
+    def __init__(self, step: str) -> None:
+        self.step = step
+
+
+class _Watch:
+    """A recorder for running the stack again: it keeps nothing and stops at the first step
+    whose tensor is not finite, so the error can name where the values broke."""
+
+    def __init__(self, selection: Selection) -> None:
+        self.selection = selection
+
+    def __call__(self, name: str, op: str, x, dims, *, all_heads=None):
+        if not finite(x, masked=name.endswith(".masked")):
+            raise _NotFinite(name)
+        return x
+
+    def keeps(self, name: str) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass
+
+
+class _Finite:
+    """Checks each stage's output (and every tensor kept since the last check) for inf and NaN.
+
+    The check costs one pass over the residual stream per layer. Only when it fails is the
+    whole stack run again from its input, step by step, to name the first step anywhere whose
+    values were not finite: an overflow can first happen where it is not seen (Q·Kᵀ of a key
+    the mask then hides) and break the run only layers later. A non-finite value that vanishes
+    entirely, never reaching a kept tensor or the residual stream, changes nothing shown.
+    """
+
+    def __init__(self, rec: Recorder, config: Config, engine: Engine,
+                 replay: Callable[[_Watch], None]) -> None:
+        self.rec, self.config, self.engine, self.replay = rec, config, engine, replay
+
+    def __call__(self, x):
+        kept = self.rec.take_fresh()
+        bad = [n for n in kept if not finite(self.rec.tensors[n], masked=n.endswith(".masked"))]
+        if finite(x) and not bad:
+            return x
+        # Every step as the formula writes it (torch's fused kernel for unseen heads never
+        # forms Q·Kᵀ, where an overflow usually starts), or, if that much does not fit, the
+        # steps the run itself took.
+        shown = self.rec.selection
+        explicit = Selection(tuple(range(self.config.layers)), tuple(range(self.config.heads)),
+                             "all")
+        for selection in (explicit, shown):
+            try:
+                self.replay(_Watch(selection))
+            except _NotFinite as e:
+                raise self.error(e.step) from None
+            except MemoryError:
+                continue
+            except Exception as e:
+                if type(e).__name__ != "OutOfMemoryError":  # torch's, on a GPU
+                    raise
+        raise self.error(bad[0] if bad else kept[-1] if kept else "the output")
+
+    def error(self, step: str) -> AttnError:
+        dtype = self.engine.dtype
+        top = float(np.finfo(np.float32 if dtype == "bfloat16" else dtype).max)
+        if self.config.weights:
+            fix = "the checkpoint's weights are too large for this text"
+        else:
+            fix = (f"a stack of {self.config.layers} random layers grows past that: use fewer "
+                   "--layers")
+        if dtype != "float64":
+            fix += " or --dtype float64"
+        return AttnError(f"the activations stop being finite at step {step}: a value overflowed "
+                         f"{dtype}'s range (±{top:.3g}) into inf or NaN, which no output can "
+                         f"show; {fix}")
+
+
+def finite(x, masked: bool = False) -> bool:
+    """Whether a step's tensor holds only finite numbers (a masked score may be −∞)."""
+    xp = namespace(x)
+    if not xp.isdtype(x.dtype, "real floating"):
+        return True
+    if masked:
+        return not bool(xp.any(xp.isnan(x) | (x == math.inf)))
+    return bool(xp.all(xp.isfinite(x)))
 
 
 def _label(token_id: int) -> str:

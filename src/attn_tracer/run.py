@@ -124,8 +124,10 @@ def read_inputs(r: Request, notice: Callable[[str], None]) -> tuple[list[str], l
     return texts, cross
 
 
-def build_config(r: Request, notice: Callable[[str], None] = lambda message: None):
-    """The Config, and the checkpoint's parameters when --weights is given."""
+def build_config(r: Request, notice: Callable[[str], None] = lambda message: None,
+                 max_bytes: int | None = None):
+    """The Config, and the checkpoint's parameters when --weights is given (refused from its
+    header, before a tensor is read, if they would need more than `max_bytes`)."""
     from attn_tracer.weights import Weights
 
     arch = r.arch
@@ -144,7 +146,10 @@ def build_config(r: Request, notice: Callable[[str], None] = lambda message: Non
             raise UsageError("--no-bias conflicts with --weights: GPT-2 has biases")
         from attn_tracer.checkpoint import load_checkpoint
 
-        ck = load_checkpoint(r.weights, r.heads)
+        ck = load_checkpoint(r.weights, r.heads, max_bytes)
+        if ck.head_untied_against_config:
+            notice(f"{r.weights}: config.json ties the output head to wte, but lm_head.weight "
+                   "differs from it; the logits use lm_head.weight, as transformers does")
         if ck.heads_guessed:
             notice(f"{r.weights} has no config.json: assuming GPT-2's 64-dimensional heads, "
                    f"{ck.heads} head{'s' if ck.heads > 1 else ''}; say otherwise with --heads")
@@ -277,7 +282,10 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
     trace, weights = compute(r, said.append)
     for message in said:
         notice(message)
-    write_outputs(r, trace, weights, console)
+    from attn_tracer.save import staged
+
+    with staged():  # --save, --svg and --html are kept only if stdout is written too
+        write_outputs(r, trace, weights, console)
 
 
 def estimate(config: Config, r: Request, batch: int, length: int, k_len: int,
@@ -294,7 +302,7 @@ def compute(r: Request, notice: Callable[[str], None]):
         notice(ignored)
     texts, cross = read_inputs(r, notice)
     limit = memory_limit(r)
-    config, weights = load_model(r, notice)
+    config, weights = load_model(r, notice, limit)
 
     if r.values and config.d_model > VALUES_LIMIT:
         raise UsageError(f"--values prints every number: use it with --d-model ≤ {VALUES_LIMIT} "
@@ -339,10 +347,11 @@ def memory_limit(r: Request) -> int:
     return memory.parse_size(r.max_memory) if r.max_memory is not None else memory.default_limit()
 
 
-def load_model(r: Request, notice: Callable[[str], None]):
-    """build_config with a progress display while a checkpoint loads."""
+def load_model(r: Request, notice: Callable[[str], None], limit: int | None = None):
+    """build_config with a progress display while a checkpoint loads (refused from its header
+    if it would need more than `limit` bytes)."""
     with progress_display("loading weights", show=r.weights is not None):
-        return build_config(r, notice)
+        return build_config(r, notice, limit)
 
 
 def checked_engine(r: Request, needed: int, limit: int, length: int):

@@ -13,6 +13,7 @@ also holds the [1, 1, 1024, 1024] causal-mask buffers of every layer, which we n
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ import numpy as np
 
 from attn_tracer.errors import AttnError, UsageError
 
-__all__ = ["CheckpointError", "read_safetensors", "write_safetensors"]
+__all__ = ["CheckpointError", "json_problem", "read_safetensors", "write_safetensors"]
 
 
 class CheckpointError(AttnError):
@@ -72,13 +73,34 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
     header, buffer_start, file_size = _read_header(path)
     metadata = _parse_metadata(path, header.pop("__metadata__", None))
     buffer_len = file_size - buffer_start
+    entries = {name: _parse_entry(path, name, info, buffer_len) for name, info in header.items()}
+    _check_no_overlap(path, entries)
     buffer = _map_buffer(path, buffer_start, buffer_len)
     tensors = {}
-    for name, info in header.items():
-        dtype_name, shape, begin, end = _parse_entry(path, name, info, buffer_len)
+    for name, (dtype_name, shape, begin, end) in entries.items():
         raw = buffer[begin:end].view(_DTYPES[dtype_name]).reshape(shape)
         tensors[name] = _bf16_to_f32(raw) if dtype_name == "BF16" else raw
     return tensors, metadata
+
+
+def _check_no_overlap(path: Path, entries: dict[str, tuple]) -> None:
+    """Tensors must not share bytes, as the reference implementation requires: otherwise a
+    small file can name the same megabytes thousands of times, and every copy is real."""
+    spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items()
+                   if end > begin)
+    for (_, end, name), (begin, _, other) in itertools.pairwise(spans):
+        if begin < end:
+            raise CheckpointError(f"{path} is not a valid safetensors file: tensors {name!r} and "
+                                  f"{other!r} share bytes (their data_offsets overlap)")
+
+
+def json_problem(error: Exception) -> str:
+    """What is wrong with a JSON text, in words a user can act on."""
+    if isinstance(error, RecursionError):
+        return "it is nested too deeply to be a model's metadata"
+    if "digits" in str(error) and not isinstance(error, json.JSONDecodeError):
+        return "it holds an integer thousands of digits long"  # int() refuses past 4,300
+    return str(error)
 
 
 def write_safetensors(
@@ -134,10 +156,10 @@ def _read_header(path: Path) -> tuple[dict, int, int]:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
     try:
         header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(
-            f"{path} is not a valid safetensors file: its header is not JSON ({e})"
-        ) from e
+            f"{path} is not a valid safetensors file: its header is not JSON ({json_problem(e)})"
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError(
             f"{path} is not a valid safetensors file: its header is a JSON "
@@ -167,25 +189,34 @@ def _parse_entry(
     if not isinstance(info, dict):
         raise bad("has no dtype/shape/data_offsets entry")
     dtype_name = info.get("dtype")
-    if dtype_name not in _DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
         known = ", ".join(_DTYPES)
-        raise bad(f"has unsupported dtype {dtype_name!r} (supported: {known})")
+        raise bad(f"has unsupported dtype {_short(dtype_name)} (supported: {known})")
     shape = info.get("shape")
     if not _is_int_list(shape) or any(n < 0 for n in shape):
-        raise bad(f"has an invalid shape {shape!r}")
+        raise bad(f"has an invalid shape {_short(shape)}")
     offsets = info.get("data_offsets")
     if not _is_int_list(offsets) or len(offsets) != 2:
-        raise bad(f"has invalid data_offsets {offsets!r}")
+        raise bad(f"has invalid data_offsets {_short(offsets)}")
     begin, end = offsets
     if not 0 <= begin <= end <= buffer_len:
-        raise bad(f"has data_offsets {offsets} outside the {buffer_len}-byte data buffer")
+        raise bad(f"has data_offsets {_short(offsets)} outside the {buffer_len}-byte data buffer")
     expected = math.prod(shape) * _DTYPES[dtype_name].itemsize
     if end - begin != expected:
         raise bad(
-            f"has data_offsets {offsets} spanning {end - begin} bytes, but shape {shape} "
-            f"of {dtype_name} needs {expected}"
+            f"has data_offsets {offsets} spanning {end - begin} bytes, but shape {_short(shape)} "
+            f"of {dtype_name} needs {expected if expected < 10**30 else 'more than 10^30'}"
         )
     return dtype_name, tuple(shape), begin, end
+
+
+def _short(value: object) -> str:
+    """A value from the file, for a message: a hostile header must not make the message huge."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more than 4,300 digits has no repr
+        return "an integer thousands of digits long"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_int_list(value: object) -> bool:

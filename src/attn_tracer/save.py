@@ -15,11 +15,13 @@ config as JSON: an `.npz` entry `config` (a 0-d unicode array, loadable without 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,14 @@ def check_target(path: Path, force: bool, flag: str, suffixes: tuple[str, ...] =
     """Refuse a target we could not or should not write, before any work is done."""
     if suffixes and path.suffix.lower() not in suffixes:
         raise UsageError(f"{flag} {path}: the name must end in {' or '.join(suffixes)}")
+    try:
+        _check_target(path, force, flag)
+    except OSError as e:  # a name too long, a directory we may not search
+        raise UsageError(f"{flag} {path}: {e.strerror or e}; choose another name or place"
+                         ) from None
+
+
+def _check_target(path: Path, force: bool, flag: str) -> None:
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; give a file name")
     if path.exists() and not force:
@@ -51,7 +61,7 @@ def check_target(path: Path, force: bool, flag: str, suffixes: tuple[str, ...] =
     if not parent.is_dir():
         raise UsageError(f"{flag} {path}: the directory {parent} does not exist; create it first")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name[:64]}.", dir=parent)
     except OSError as e:
         raise UsageError(f"{flag} {path}: cannot write in {parent} ({e.strerror or e}); "
                          "choose another place") from None
@@ -59,25 +69,94 @@ def check_target(path: Path, force: bool, flag: str, suffixes: tuple[str, ...] =
     os.unlink(probe)
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through `write(tmp)` beside `path`, then rename into place; on failure, no file."""
-    parent = _parent(path)
-    tmp = None
+# Files written inside `staged()`, as (temporary file, target), waiting for the run to end well.
+_staged: list[tuple[Path, Path]] | None = None
+_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def staged() -> Iterator[None]:
+    """Hold every file written inside under its temporary name until the block ends: then all
+    are renamed into place; if anything failed (an exception, a signal's SystemExit), none are,
+    and the temporary files are removed. A run that fails after --save was written, while the
+    view or stdout is being written, so leaves no file. A closed pipe on stdout is a success
+    (the reader left early), so its files are kept."""
+    global _staged
+    outer, _staged = _staged, []
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+        yield
+    except BrokenPipeError:
+        _commit(_staged)
+        raise
+    except BaseException:
+        _discard(_staged)
+        raise
+    else:
+        _commit(_staged)
+    finally:
+        _staged = outer
+
+
+def _commit(files: list[tuple[Path, Path]]) -> None:
+    try:
+        while files:
+            tmp, path = files[0]
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise AttnError(f"cannot write {path}: {e.strerror or e}") from None
+            files.pop(0)
+    finally:
+        _discard(files)  # after a failed rename (or a signal), the rest are not kept either
+
+
+def _discard(files: list[tuple[Path, Path]]) -> None:
+    while files:
+        files.pop()[0].unlink(missing_ok=True)
+
+
+_created: list[Path] = []  # the temporary file being written, until it is renamed or staged
+
+
+def _temporary(parent: Path, target: Path) -> Path:
+    """A new empty file beside `target`, remembered in _created. Signals wait while it is made
+    and remembered, so that none can leave it behind unnamed; the prefix is cut so that a
+    target whose own name is near the 255-byte limit still has room for the temporary one."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    old = mask(signal.SIG_BLOCK, _SIGNALS) if mask else None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name[:64]}.", dir=parent)
         os.close(fd)
-        tmp = Path(name)
+        _created.append(Path(name))
+        return Path(name)
+    finally:
+        if mask:
+            mask(signal.SIG_SETMASK, old)
+
+
+def _forget_created() -> None:
+    _discard([(tmp, tmp) for tmp in _created])
+    _created.clear()
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through `write(tmp)` beside `path`, then rename into place (or, inside `staged()`,
+    when the run has ended well); on failure, no file."""
+    try:
+        tmp = _temporary(_parent(path), path)
         write(tmp)
         # mkstemp makes the file private (0600); a saved file gets the usual 0666 − umask.
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        if _staged is not None:
+            _staged.append((tmp, path))
+        else:
+            os.replace(tmp, path)
+        _created.remove(tmp)
     except OSError as e:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        _forget_created()
         raise AttnError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+    except BaseException:  # a signal's SystemExit among them
+        _forget_created()
         raise
 
 

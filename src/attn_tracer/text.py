@@ -14,6 +14,12 @@ from pathlib import Path
 
 from attn_tracer.errors import UsageError
 
+# The most attn reads of one input (a file, standard input, a --lines batch): far more than a
+# context can hold (16 MiB of English is about 4 million tokens; --max-length keeps only the
+# first tokens, and tokenizes little more), and little enough that reading and decoding it stays
+# fast. /dev/zero or a runaway pipe is refused after LIMIT + 1 bytes instead of read forever.
+MAX_INPUT_BYTES = 16 * 2**20
+
 
 def read_text(argument: str | None, file: Path | None, keep_newline: bool = False) -> str:
     """The one text to work on: `argument`, `file`, or standard input when `argument` is `-`."""
@@ -56,15 +62,16 @@ def read_file(path: Path, what: str = "file", keep_newline: bool = False) -> str
     """The text of `path` (`-`: standard input), without its final line ending unless kept."""
     if str(path) == "-":
         return read_stdin(keep_newline)
-    if not path.exists():
-        raise UsageError(f"{what} not found: {path}")
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory; give a text file")
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}") from e
-    text = decode(data, str(path))
+        if not path.exists():
+            raise UsageError(f"{what} not found: {path}")
+        if path.is_dir():
+            raise UsageError(f"{path} is a directory; give a text file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_INPUT_BYTES + 1)
+    except OSError as e:  # no permission, a name too long, a directory we may not search
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    text = decode(_bounded(data, str(path)), str(path))
     return text if keep_newline else strip_final_newline(text)
 
 
@@ -72,9 +79,25 @@ def read_stdin(keep_newline: bool = False) -> str:
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("- reads standard input, but nothing is piped in: pipe a text in "
                          "(echo hi | attn trace -) or give it as an argument")
-    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
-    text = data if isinstance(data, str) else decode(data, "standard input")
+    try:
+        stream = getattr(sys.stdin, "buffer", sys.stdin)
+        data = stream.read(MAX_INPUT_BYTES + 1)
+    except OSError as e:  # stdin open for writing only, a directory, …
+        raise UsageError(f"cannot read standard input: {e.strerror or e}") from None
+    if isinstance(data, str):
+        text = _bounded(data.encode("utf-8", "surrogateescape"), "standard input").decode(
+            "utf-8", "surrogateescape")
+    else:
+        text = decode(_bounded(data, "standard input"), "standard input")
     return text if keep_newline else strip_final_newline(text)
+
+
+def _bounded(data: bytes, source: str) -> bytes:
+    if len(data) > MAX_INPUT_BYTES:
+        raise UsageError(f"{source} is larger than the {MAX_INPUT_BYTES // 2**20} MiB attn reads "
+                         "of one input; cut it first (e.g. head -c 1M FILE | attn trace - "
+                         "--max-length 1024)")
+    return data
 
 
 def decode(data: bytes, source: str) -> str:

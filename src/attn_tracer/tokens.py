@@ -85,6 +85,74 @@ def tokenize(text: str, *, allow_special: bool = False) -> list[Token]:
     return [token(i) for i in encode(text, allow_special=allow_special)]
 
 
+# ── bounded tokenizing ─────────────────────────────────────────────────────────────────────
+#
+# A text of megabytes cut to --max-length 10 needs 10 tokens, not millions: tokenizing only a
+# prefix bounds the work, provided the prefix ends where the whole text's tokenization has a
+# boundary, so that its tokens are exactly the first tokens of the whole.
+#
+# GPT-2 first splits a text into pieces with GPT2_PATTERN, then merges bytes within each piece;
+# a token never spans two pieces. Position p (0 < p < len) is a piece boundary whatever comes
+# before or after, when the character before it ends a run that no piece can extend:
+#   - a letter (\p{L}) followed by a non-letter: ` ?\p{L}++` stops there, and a contraction
+#     ('s 'll 've …) ending in that letter ends there too;
+#   - a digit (\p{N}) followed by a non-digit: ` ?\p{N}++` stops there;
+#   - ASCII punctuation other than ' followed by a letter or digit: ` ?[^\s\p{L}\p{N}]++` stops.
+# No piece's match reads across such a p (no run contains both sides, the pattern has no
+# lookbehind, and its lookahead only follows whitespace), so the pieces of text[:p] and of
+# text[p:] are those of the whole text. With <|endoftext|> allowed, p must also not fall inside
+# one. tests/test_tokens.py checks all this against tiktoken's encoding of the whole text.
+
+_ASCII_PUNCTUATION = frozenset("!\"#$%&()*+,-./:;<=>?@[\\]^_`{|}~")  # not ': it starts 's 'll
+
+
+def _boundary(text: str, start: int, end: int, allow_special: bool) -> int:
+    """The last boundary p with start < p ≤ end (see above), or `start` if the window has none
+    (one piece longer than the window: a run of letters with no space, a file of NUL bytes)."""
+    for p in range(min(end, len(text) - 1), start, -1):
+        before, after = unicodedata.category(text[p - 1])[0], unicodedata.category(text[p])[0]
+        ends = ((before == "L" and after != "L") or (before == "N" and after != "N")
+                or (text[p - 1] in _ASCII_PUNCTUATION and after in "LN"))
+        if ends and not (allow_special and _inside_special(text, p)):
+            return p
+    return start
+
+
+def _inside_special(text: str, p: int) -> bool:
+    n = len(ENDOFTEXT)
+    at = text.find(ENDOFTEXT, max(p - n + 1, 0), p + n - 1)
+    return at != -1 and at < p
+
+
+def encode_head(text: str, limit: int, *, allow_special: bool = False) -> tuple[list[int],
+                                                                                   int | None]:
+    """(encode(text)[:limit], the number of tokens of the whole text or None if more than
+    `limit`), tokenizing only a prefix of the text when that settles it."""
+    size = 4 * limit + 64  # GPT-2 averages about 4 characters a token in English, fewer elsewhere
+    while size < len(text):
+        cut = _boundary(text, 0, size, allow_special)
+        if cut:
+            ids = encode(text[:cut], allow_special=allow_special)
+            if len(ids) >= limit:  # text[cut:] is not empty: it has at least one more token
+                return ids[:limit], None
+        size *= 4
+    ids = encode(text, allow_special=allow_special)
+    return ids[:limit], len(ids)
+
+
+def count(text: str, *, allow_special: bool = False, chunk: int = 1 << 20) -> int:
+    """len(encode(text)), a chunk at a time: memory holds one chunk's ids, not the whole list."""
+    total, start = 0, 0
+    while len(text) - start > chunk:
+        cut = _boundary(text, start, start + chunk, allow_special)
+        if cut == start:  # one piece longer than the chunk
+            chunk *= 2
+            continue
+        total += len(encode(text[start:cut], allow_special=allow_special))
+        start = cut
+    return total + len(encode(text[start:], allow_special=allow_special))
+
+
 def token(token_id: int) -> Token:
     raw = encoding().decode_single_token_bytes(token_id)
     return Token(token_id, ENDOFTEXT if token_id == ENDOFTEXT_ID else label(raw), raw)

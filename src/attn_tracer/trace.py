@@ -41,6 +41,14 @@ class Selection:
     # Step names kept whatever `capture` says (e.g. a layer's resid_post, to compare the fused
     # and explicit paths); a tensor with a `heads` axis still keeps only the selected heads.
     extra: tuple[str, ...] = ()
+    # `layers` as a set: asked at every step, a tuple of 3,000 layers made a run quadratic.
+    layer_set: frozenset[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_set", frozenset(self.layers))
+
+    def shows(self, layer: int) -> bool:
+        return layer in self.layer_set
 
     def captures(self, layer: int | None, name: str) -> bool:
         if name in self.extra:
@@ -48,9 +56,9 @@ class Selection:
         if self.capture == "all":
             # Every step of the selected layers, what comes before the layers, and each
             # selected layer's input (the previous layer's output), so its numbers add up.
-            return (layer is None or layer in self.layers
-                    or (name == f"blocks.{layer}.resid_post" and layer + 1 in self.layers))
-        if layer is None or layer not in self.layers:
+            return (layer is None or layer in self.layer_set
+                    or (name == f"blocks.{layer}.resid_post" and layer + 1 in self.layer_set))
+        if layer is None or layer not in self.layer_set:
             return False
         stage = name.rsplit(".", 1)[-1]
         return stage == "pattern" or (self.capture == "stages" and stage in STAGES)
@@ -63,7 +71,17 @@ class Input:
     length: int  # real tokens
     padding: int = 0  # pad tokens added to reach the batch length
     side: str = "right"
-    truncated: int = 0  # tokens that --max-length cut off the end
+    # Tokens --max-length cut off the end: a number, or, for a text of which only the part kept
+    # was tokenized (tokens.encode_head), how to count them. Counting reads the whole text, so
+    # it runs only when asked: JSON writes the number; the view only says which texts were cut.
+    cut_off: int | Callable[[], int] = 0
+
+    @property
+    def truncated(self) -> int:
+        """Tokens that --max-length cut off the end."""
+        if callable(self.cut_off):
+            self.cut_off = self.cut_off()
+        return self.cut_off
 
     @property
     def valid(self) -> np.ndarray:
@@ -131,6 +149,7 @@ class Recorder:
         self.steps: list[Step] = []
         self.tensors: dict[str, np.ndarray] = {}
         self._pending: dict[str, Any] = {}
+        self.fresh: list[str] = []  # names kept since the caller last looked (take_fresh)
 
     def __call__(self, name: str, op: str, x, dims: tuple[str, ...], *,
                  all_heads: int | None = None):
@@ -158,6 +177,7 @@ class Recorder:
     def keep(self, name: str, x) -> np.ndarray:
         """Keep step `name`'s tensor whatever the selection says; the host copy."""
         self.tensors[name] = self.engine.to_host(x)
+        self.fresh.append(name)
         return self.tensors[name]
 
     def keeps(self, name: str) -> bool:
@@ -172,7 +192,13 @@ class Recorder:
         """Bring this layer's captured tensors to the host, once, at the end of the layer."""
         for name, x in self._pending.items():
             self.tensors[name] = self.engine.to_host(x)
+        self.fresh.extend(self._pending)
         self._pending.clear()
+
+    def take_fresh(self) -> list[str]:
+        """The names of the tensors kept since the last call."""
+        fresh, self.fresh = self.fresh, []
+        return fresh
 
     def _select_heads(self, x, dims: tuple[str, ...]):
         if "heads" not in dims:

@@ -42,15 +42,24 @@ class Weights:
         out = np.stack(rows) if rows else np.zeros((0, self.config.d_model), np.float32)
         return out.reshape(*ids.shape, self.config.d_model)
 
+    @property
+    def tied(self) -> bool:
+        """Whether the logits come from W_E itself (GPT-2) rather than a head of their own
+        (a checkpoint's lm_head, or random weights' own W_U)."""
+        return "wte" in self.params and "lm_head" not in self.params
+
     def unembedding(self) -> np.ndarray:
         """W_U [vocab, d_model] in full, for next-token logits = h·W_Uᵀ.
 
-        A checkpoint's is its W_E (tied, as in GPT-2). Random weights draw their own: tied
+        A checkpoint's is its W_E (tied, as in GPT-2), or its own lm_head.weight where it has one
+        (tie_word_embeddings false). Random weights draw their own: tied
         to unit-variance embeddings, the input token's own logit would be |e|² ≈ d_model,
         hundreds above every other, and any temperature short of hundreds would give it
         probability 1. An untied W_U with std LOGIT_STD/√d_model, applied to h divided by its
         RMS (`normalizes_logits`), makes every logit N(0, LOGIT_STD²) whatever the sizes.
         """
+        if "lm_head" in self.params:
+            return self.params["lm_head"]
         if "wte" in self.params:  # a checkpoint's (random weights never hold a whole W_E)
             return self.params["wte"]
         if self._unembedding is None:
