@@ -50,7 +50,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Random weights, GPT-2 small's 12 × 12 heads (a narrow d_model keeps it fast); the long text
-# (983 tokens: its final newline ends the text) on 2 layers: the overview's shape does not depend on the layer count.
+# (983 tokens: its final newline ends the text) on 2 layers: the overview's shape does not
+# depend on the layer count.
 CASES = {
     "6 tokens, 12 × 12": Request(texts=[SIX], layers=12, d_model=96),
     "983 tokens, 2 × 12": Request(file=LONG, layers=2, d_model=96),
