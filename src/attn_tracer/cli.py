@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
 
 # NumPy's OpenBLAS wakes a thread pool for every product; for the small matrices of a trace that
 # costs 10–50× the product itself (measured: 14 ms vs 0.2 ms for [6, 768]·[768, 768] on 2 cores),
@@ -27,6 +28,8 @@ except ImportError:  # pragma: no cover - older Typer uses click itself
     import click
 
 from attn_tracer import __version__
+from attn_tracer.analysis.head_definitions import SORTS  # names and words only: no NumPy
+from attn_tracer.analysis.head_definitions import help_text as _heads_help
 from attn_tracer.errors import AttnError, UsageError
 from attn_tracer.options import CROSS, ENGINE, INPUT, MODEL, shared
 
@@ -35,6 +38,9 @@ EXAMPLES = {
     "trace": 'attn trace "The cat sat on the mat"    ·    attn trace --d-model 4 --heads 2 '
              '--values "a b c"    ·    '
              'attn trace --weights gpt2 --predict "The capital of France is"',
+    "heads": 'attn heads --weights gpt2 "The cat sat on the mat"    ·    '
+             'attn heads --weights gpt2 --repeat 50 --sort induction --top 5    ·    '
+             'attn heads --weights gpt2 --file notes.txt --json | jq ".heads[:3]"',
     "schema": "attn schema | jq .properties",
 }
 
@@ -249,15 +255,16 @@ def tokens(
 
 @app.command(epilog=f"Example: {EXAMPLES['schema']}")
 def schema(
-    which: Annotated[str, typer.Argument(help="trace (attn trace --json) or tokens "
-                                              "(attn tokens --json).")] = "trace",
+    which: Annotated[str, typer.Argument(help="trace (attn trace --json), heads (attn heads "
+                                              "--json) or tokens (attn tokens --json).")
+                     ] = "trace",
     debug: Debug = False,
 ) -> None:
     """Print the JSON Schema (draft 2020-12) of the --json output."""
     from importlib.resources import files
 
-    if which not in ("trace", "tokens"):
-        raise UsageError(f"no schema named {which!r}: choose trace or tokens")
+    if which not in ("trace", "heads", "tokens"):
+        raise UsageError(f"no schema named {which!r}: choose trace, heads or tokens")
     sys.stdout.write(files("attn_tracer.data").joinpath(f"{which}.schema.json").read_text("utf-8"))
     sys.stdout.flush()
 
@@ -325,6 +332,53 @@ def trace(
         precision=precision, save=save, svg=svg, html=html, force=force,
     )
     runner.execute(request, notice=_notice, console=_stdout_console)
+
+
+# ── attn heads ────────────────────────────────────────────────────────────────────────────────
+
+HeadsSort = Enum("HeadsSort", {s: s for s in SORTS}, type=str)
+
+
+@app.command(epilog=f"Examples: {EXAMPLES['heads']}", help=(
+    "Every head of the model at a glance: a thumbnail of each head's pattern (layers as rows, "
+    "heads as columns), then the scores that say what each head does, as grids and as a table."
+    "\n\nThe scores (A: a head's pattern of one text; pad queries and keys never count):\n\n"
+    + _heads_help()))
+@shared(INPUT, MODEL, ENGINE)
+def heads(
+    opts: dict,
+    sort: Annotated[HeadsSort, Opt("--sort", help="Order the table by this score, highest "
+                                   "first (layer: L0H0, L0H1, …).", rich_help_panel="View")
+                    ] = HeadsSort.layer,
+    top: Annotated[int | None, Opt("--top", help="Show only the first K heads of the table "
+                                   "(default: every head).", rich_help_panel="View",
+                                   show_default=False)] = None,
+    repeat: Annotated[int | None, Opt("--repeat", help="The induction probe: N random word "
+                                      "tokens (seeded by --seed), then the same N again, "
+                                      "instead of a text.", rich_help_panel="Input",
+                                      show_default=False)] = None,
+    bos: Annotated[bool | None, Opt("--bos/--no-bos", help="Put <|endoftext|> first, as "
+                                    "GPT-2 saw in training (default: on for --repeat, as "
+                                    "TransformerLens does; off for a text, which stays the "
+                                    "tokens attn trace shows).", rich_help_panel="Input",
+                                    show_default=False)] = None,
+    json_: Annotated[bool, Opt("--json", help="Write the scores as JSON (schema: attn schema "
+                               "heads).", rich_help_panel="Output")] = False,
+    thumbnails: Annotated[bool, Opt("--thumbnails", help="With --json: add each head's "
+                                    "16 × 16 thumbnail.", rich_help_panel="Output")] = False,
+    svg: Annotated[Path | None, Opt("--svg", help="Save the view as SVG.",
+                                    rich_help_panel="Output")] = None,
+    force: Annotated[bool, Opt("--force", help="Overwrite the file given to --svg.",
+                               rich_help_panel="Output")] = False,
+    debug: Debug = False,
+) -> None:
+    from attn_tracer import heads_command
+    from attn_tracer.run import Request
+
+    options = heads_command.HeadsOptions(
+        sort=sort.value, top=top, repeat=repeat, bos=bos, json=json_, thumbnails=thumbnails,
+        svg=svg, force=force)
+    heads_command.execute(Request(**opts), options, notice=_notice, console=_stdout_console)
 
 
 def _interrupted(signum, frame) -> None:

@@ -78,9 +78,16 @@ class Prepared:
 
 def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None = None,
             padding: str = "right", max_length: int | None = None,
-            allow_special: bool = False) -> Prepared:
-    """Tokenize, cut and pad the texts (and the cross texts) into batches."""
-    token_lists, cut = tokenize_all(texts, allow_special, max_length, config, "text")
+            allow_special: bool = False, bos: bool = False) -> Prepared:
+    """Tokenize, cut and pad the texts (and the cross texts) into batches.
+
+    `bos`: put <|endoftext|> before each text, as GPT-2 saw it in training (documents were
+    separated by it); it is a real token, counted in the length, not cut by --max-length.
+    """
+    token_lists, cut = tokenize_all(texts, allow_special, max_length, config, "text",
+                                    reserve=int(bos))
+    if bos:
+        token_lists = [[tokens.token(tokens.ENDOFTEXT_ID), *t] for t in token_lists]
     batch = make_batch(token_lists, texts, padding, cut)
     cross = None
     if cross_texts:
@@ -176,11 +183,15 @@ def run(
     return trace, prepared.cut
 
 
-def tokenize_all(texts, allow_special, max_length, config: Config, what):
-    """Token lists of `texts`, and for each how many tokens --max-length cut."""
-    n_ctx = config.n_ctx
+def tokenize_all(texts, allow_special, max_length, config: Config, what, reserve: int = 0):
+    """Token lists of `texts`, and for each how many tokens --max-length cut.
+
+    `reserve`: positions of the context taken by tokens put before each text (--bos).
+    """
+    n_ctx = config.n_ctx - reserve
     # A checkpoint's context is fixed by its position table; only random weights can grow it.
-    limit = f"the checkpoint's context of {n_ctx}" if config.weights else f"--n-ctx {n_ctx}"
+    limit = (f"the checkpoint's context of {config.n_ctx}" if config.weights
+             else f"--n-ctx {config.n_ctx}") + (" less the --bos token" if reserve else "")
     grow = "" if config.weights else " or raise --n-ctx"
     token_lists, cut = [], []
     for i, text in enumerate(texts):

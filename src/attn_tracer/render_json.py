@@ -39,6 +39,9 @@ def _input_json(inp: Input) -> dict:
             "truncated": inp.truncated}
 
 
+input_json = _input_json  # the same input objects in every document (attn heads shares them)
+
+
 def config_json(trace: Trace) -> dict:
     c = trace.config.to_dict()
     c.update(trace.engine)

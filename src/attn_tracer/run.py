@@ -267,10 +267,9 @@ def compute(r: Request, notice: Callable[[str], None]):
     for ignored in ignored_options(r):
         notice(ignored)
     texts, cross = read_inputs(r, notice)
-    limit = memory.parse_size(r.max_memory) if r.max_memory is not None else memory.default_limit()
+    limit = memory_limit(r)
     with progress_display("loading weights", show=r.weights is not None):
         config, weights = build_config(r, notice)
-    from attn_tracer.engine import free_memory, select_engine
 
     if r.values and config.d_model > VALUES_LIMIT:
         raise UsageError(f"--values prints every number: use it with --d-model ≤ {VALUES_LIMIT} "
@@ -282,7 +281,7 @@ def compute(r: Request, notice: Callable[[str], None]):
     from attn_tracer.trace import Selection
 
     selection = Selection(layers, heads, capture)
-    from attn_tracer.pipeline import prepare, run
+    from attn_tracer.pipeline import prepare
 
     prepared = prepare(texts, config, cross_texts=cross or None, padding=r.padding,
                        max_length=r.max_length, allow_special=r.allow_special)
@@ -300,29 +299,60 @@ def compute(r: Request, notice: Callable[[str], None]):
     # The whole run, weights included, before a single weight is drawn: absurd sizes end here.
     needed = memory.estimate(config, r.dtype, len(texts), length, k_len, len(layers),
                              len(heads), capture, bool(cross), predict=r.predict)
+    engine = checked_engine(r, needed, limit, length)
+    trace, weights = forward(r, config, weights, engine, prepared, selection)
+    notice_cuts(r, prepared, notice, len(cross))
+    return trace, weights
+
+
+# The steps of a run that every command running the model shares (attn trace, attn heads).
+
+def memory_limit(r: Request) -> int:
+    return memory.parse_size(r.max_memory) if r.max_memory is not None else memory.default_limit()
+
+
+def checked_engine(r: Request, needed: int, limit: int, length: int):
+    """The engine for this run, once the estimate `needed` fits the host (and a GPU) limit."""
+    from attn_tracer.engine import free_memory, select_engine
+
     memory.check(needed, limit)
     engine = select_engine(r.engine, r.device, r.dtype, length)
     if r.max_memory is None and (gpu := free_memory(engine)) is not None:
         memory.check(needed, gpu)  # on a GPU the tensors live in its memory
+    return engine
+
+
+def forward(r: Request, config, weights, engine, prepared, selection, hooks=None):
+    """The run itself, behind a progress bar; random weights are drawn only now."""
+    from attn_tracer.pipeline import run
+
+    texts = [inp.text for inp in prepared.batch.inputs]
+    cross = [inp.text for inp in prepared.cross.inputs] if prepared.cross else None
+    length = prepared.batch.ids.shape[1]
     with progress_display(f"{length} tokens through {config.layers} layers") as advance:
         if weights is None:
             from attn_tracer.weights import random_weights
 
             weights = random_weights(config, cross=bool(cross))
-        trace, _ = run(texts, config, engine, weights, selection, cross_texts=cross or None,
-                         padding=r.padding, max_length=r.max_length,
-                         allow_special=r.allow_special, predict_top_k=r.top_k if r.predict
-                         else None, temperature=r.temperature,
-                         progress=advance, prepared=prepared)
+        trace, _ = run(texts, config, engine, weights, selection, cross_texts=cross,
+                       padding=r.padding, max_length=r.max_length,
+                       allow_special=r.allow_special, predict_top_k=r.top_k if r.predict
+                       else None, temperature=r.temperature,
+                       progress=advance, prepared=prepared, hooks=hooks)
+    return trace, weights
+
+
+def notice_cuts(r: Request, prepared, notice: Callable[[str], None], cross_given: int = 0
+                ) -> None:
+    """Say which texts --max-length cut (`cross_given`: how many --cross texts were given)."""
     if cut := prepared.cut:
         notice(f"--max-length {r.max_length} cut text{'s' if len(cut) > 1 else ''} "
                f"{', '.join(map(str, cut))}")
     if prepared.cross_cut:
         rows = prepared.cross_cut
-        which = "the --cross text" if len(cross) == 1 else (
+        which = "the --cross text" if cross_given == 1 else (
             f"--cross text{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}")
         notice(f"--max-length {r.max_length} cut {which}")
-    return trace, weights
 
 
 @contextlib.contextmanager
