@@ -1,0 +1,110 @@
+"""A grid drawn with Textual's line API: fixed header lines on top, fixed labels on the left,
+and a body that scrolls under them; only the visible lines, and in them only the visible
+columns, are ever drawn (so a 1,024 × 1,024 pattern costs what the screen shows).
+
+Subclasses say how big the body is (`body_size`) and draw the parts: `header_line(y, x0, x1)`,
+`label(row)` and `body_line(row, x0, x1)`, the latter two cropped to body columns x0..x1.
+"""
+
+from __future__ import annotations
+
+from rich.segment import Segment
+from rich.style import Style
+from rich.text import Text
+from textual.geometry import Size
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+
+
+def strip_of(text: Text, console, width: int | None = None) -> Strip:
+    """A Rich Text as a Strip of exactly `width` cells (cut or padded), or its own width."""
+    segments = [s for s in text.render(console) if s.text != "\n"]
+    strip = Strip(segments)
+    return strip if width is None else strip.adjust_cell_length(width)
+
+
+def cells(segments: list[Segment], x0: int, x1: int, origin: int = 0) -> Strip:
+    """Segments starting at body column `origin`, cropped to x0..x1 and padded to fill it."""
+    strip = Strip(segments).crop(x0 - origin, x1 - origin)
+    return strip.adjust_cell_length(x1 - x0)
+
+
+class FrozenGrid(ScrollView, can_focus=True):
+    HEADER = 1  # fixed lines above the body
+
+    def label_width(self) -> int:
+        raise NotImplementedError
+
+    def body_size(self) -> Size:
+        raise NotImplementedError
+
+    def header_line(self, y: int, x0: int, x1: int) -> tuple[Strip, Strip]:
+        """(the left corner above the labels, the header over body columns x0..x1)."""
+        raise NotImplementedError
+
+    def label(self, row: int) -> Strip:
+        raise NotImplementedError
+
+    def body_line(self, row: int, x0: int, x1: int) -> Strip:
+        raise NotImplementedError
+
+    # ── geometry ──────────────────────────────────────────────────────────────────────────────
+
+    def resize_body(self) -> None:
+        body = self.body_size()
+        self.virtual_size = Size(self.label_width() + body.width, self.HEADER + body.height)
+        self.refresh()
+
+    @property
+    def view(self) -> Size:
+        """The body's visible columns and rows."""
+        region = self.scrollable_content_region
+        return Size(max(region.width - self.label_width(), 0),
+                    max(region.height - self.HEADER, 0))
+
+    def show(self, row: int, x_start: int, x_end: int) -> None:
+        """Scroll (as little as possible) so that body row `row`, columns x_start..x_end, are
+        visible."""
+        view = self.view
+        x, y = self.scroll_offset
+        if row < y:
+            y = row
+        elif view.height and row >= y + view.height:
+            y = row - view.height + 1
+        if x_start < x:
+            x = x_start
+        elif view.width and x_end > x + view.width:
+            x = min(x_start, x_end - view.width)
+        if (x, y) != tuple(self.scroll_offset):
+            self.scroll_to(x, y, animate=False, immediate=True)
+
+    def body_at(self, x: int, y: int) -> tuple[int, int] | None:
+        """(body column, body row) under widget cell (x, y), or None: a header or a label."""
+        if y < self.HEADER or x < self.label_width():
+            return None
+        sx, sy = self.scroll_offset
+        return x - self.label_width() + sx, y - self.HEADER + sy
+
+    # ── drawing ───────────────────────────────────────────────────────────────────────────────
+
+    def render_line(self, y: int) -> Strip:
+        region = self.scrollable_content_region
+        width = region.width
+        if y >= region.height:  # under the horizontal scrollbar: never seen
+            return Strip.blank(width, self.rich_style)
+        sx, sy = self.scroll_offset
+        left_w = self.label_width()
+        x0, x1 = sx, sx + max(width - left_w, 0)
+        if y < self.HEADER:
+            left, body = self.header_line(y, x0, x1)
+        else:
+            row = y - self.HEADER + sy
+            if row >= self.body_size().height:
+                return Strip.blank(width, self.rich_style)
+            left, body = self.label(row), self.body_line(row, x0, x1)
+        strip = Strip.join([left.adjust_cell_length(left_w), body])
+        return strip.adjust_cell_length(width).apply_style(self.rich_style)
+
+
+REVERSE = Style(reverse=True, bold=True)
+DIM = Style(dim=True)
