@@ -20,6 +20,7 @@ from attn_tracer.errors import AttnError, UsageError
 from attn_tracer.run import Request
 
 INSTALL = 'pip install "attn-tracer[explore]"'
+SERIAL_IMPORT = "ATTN_EXPLORE_SERIAL_IMPORT"  # benchmarks/run.py, figure i
 
 
 def check_terminal() -> None:
@@ -43,9 +44,11 @@ def execute(r: Request, notice: Callable[[str], None], exit_after_first_frame: b
     if find_spec("textual") is None:
         raise AttnError(f"attn explore needs Textual, which is not installed: {INSTALL}")
     check_terminal()
-    # Textual's import (~0.5-1 s) overlaps the run; the thread only imports modules.
+    # Textual's import (0.2-1 s) overlaps the run; the thread only imports modules. The
+    # start-up benchmark turns it off with SERIAL_IMPORT to measure what it saves.
     loader = threading.Thread(target=_import_app, name="import textual", daemon=True)
-    loader.start()
+    if not os.environ.get(SERIAL_IMPORT):
+        loader.start()
     from attn_tracer.explore.data import compute
 
     # Textual takes NO_COLOR out of the environment when the app is made: read it first.
@@ -54,7 +57,8 @@ def execute(r: Request, notice: Callable[[str], None], exit_after_first_frame: b
     data = compute(r, said.append, shutil.get_terminal_size().columns, color)
     for message in said:  # above the app's screen, and there again after it ends
         notice(message)
-    loader.join()
+    if loader.is_alive():
+        loader.join()
     from attn_tracer.explore.app import ExploreApp
 
     app = ExploreApp(data, exit_after_first_frame=exit_after_first_frame)

@@ -8,29 +8,31 @@ Subclasses say how big the body is (`body_size`) and draw the parts: `header_lin
 
 from __future__ import annotations
 
+import functools
+
 from rich.segment import Segment
 from rich.style import Style
-from rich.text import Text
 from textual.geometry import Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-
-def strip_of(text: Text, console, width: int | None = None) -> Strip:
-    """A Rich Text as a Strip of exactly `width` cells (cut or padded), or its own width."""
-    segments = [s for s in text.render(console) if s.text != "\n"]
-    strip = Strip(segments)
-    return strip if width is None else strip.adjust_cell_length(width)
+from attn_tracer.render_layout import cell_style
 
 
-def cells(segments: list[Segment], x0: int, x1: int, origin: int = 0) -> Strip:
-    """Segments starting at body column `origin`, cropped to x0..x1 and padded to fill it."""
+def cells(segments: list[Segment], x0: int, x1: int, origin: int, fill: Style) -> Strip:
+    """Segments starting at body column `origin`, cropped to x0..x1 and padded (in `fill`) to
+    fill it."""
     strip = Strip(segments).crop(x0 - origin, x1 - origin)
-    return strip.adjust_cell_length(x1 - x0)
+    return strip.adjust_cell_length(x1 - x0, fill)
 
 
 class FrozenGrid(ScrollView, can_focus=True):
     HEADER = 1  # fixed lines above the body
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._base: Style | None = None
+        self._combined: dict[int, tuple[Style | None, Style]] = {}
 
     def label_width(self) -> int:
         raise NotImplementedError
@@ -88,10 +90,11 @@ class FrozenGrid(ScrollView, can_focus=True):
     # ── drawing ───────────────────────────────────────────────────────────────────────────────
 
     def render_line(self, y: int) -> Strip:
+        self._check_base()
         region = self.scrollable_content_region
         width = region.width
         if y >= region.height:  # under the horizontal scrollbar: never seen
-            return Strip.blank(width, self.rich_style)
+            return Strip.blank(width, self._base)
         sx, sy = self.scroll_offset
         left_w = self.label_width()
         x0, x1 = sx, sx + max(width - left_w, 0)
@@ -100,11 +103,44 @@ class FrozenGrid(ScrollView, can_focus=True):
         else:
             row = y - self.HEADER + sy
             if row >= self.body_size().height:
-                return Strip.blank(width, self.rich_style)
+                return Strip.blank(width, self._base)
             left, body = self.label(row), self.body_line(row, x0, x1)
-        strip = Strip.join([left.adjust_cell_length(left_w), body])
-        return strip.adjust_cell_length(width).apply_style(self.rich_style)
+        line = Strip.join([left.adjust_cell_length(left_w, self._base), body])
+        return line.adjust_cell_length(width, self._base)
+
+    def on_base(self, style: Style | None) -> Style:
+        """`style` over the widget's own (its background where a cell has none): what every
+        segment is drawn with. Strip.apply_style would add two Styles for every segment of
+        every line, which was most of a frame; here each distinct style is added once and found
+        again by identity (the styles drawn are long-lived: module constants, cached ones)."""
+        entry = self._combined.get(id(style))
+        if entry is None or entry[0] is not style:
+            base = self._base
+            entry = self._combined[id(style)] = (style, base if style is None else base + style)
+        return entry[1]
+
+    def _check_base(self) -> None:
+        base = self.rich_style  # the widget's colors, which a theme change changes
+        if base != self._base:
+            self._base, self._combined = base, {}
+            self.base_changed()
+
+    def base_changed(self) -> None:
+        """The widget's own style changed: drop what was drawn over the old one."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _style(level: int) -> Style:
+    return cell_style(level / 1000)
+
+
+def weight_style(t: float) -> Style:
+    """render_layout.cell_style of t in [0, 1], one object per level: colors quantized to
+    1/1000, finer than the scale's 8-bit channels show."""
+    return _style(round(min(max(t, 0.0), 1.0) * 1000))
 
 
 REVERSE = Style(reverse=True, bold=True)
+BOLD = Style(bold=True)
 DIM = Style(dim=True)
+CYAN = Style(color="cyan")

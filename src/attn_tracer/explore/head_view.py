@@ -10,7 +10,6 @@ written with the decimals `attn trace --stages` uses.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import ClassVar
 
@@ -31,7 +30,7 @@ from textual.widgets import Static
 
 from attn_tracer.explore import panels
 from attn_tracer.explore.data import STAGE_NAMES, Explore
-from attn_tracer.explore.grid import DIM, REVERSE, FrozenGrid, cells
+from attn_tracer.explore.grid import CYAN, DIM, REVERSE, FrozenGrid, cells, weight_style
 from attn_tracer.explore.layout import panel_shown
 from attn_tracer.render_heatmaps import (
     MAX_LABEL,
@@ -41,23 +40,13 @@ from attn_tracer.render_heatmaps import (
     reading_labels,
     shaded_text,
 )
-from attn_tracer.render_layout import cell_style, fit, flow
+from attn_tracer.render_layout import fit
 from attn_tracer.render_numbers import _decimals, _fmt
 
 CELL = {"pattern": 4, "stage": 6, "colors": 2}  # a key's columns: ".42 ", "-1.23 ", or a block
 SHADED_LINES = 3  # lines of the text shaded by the focused query
 # The cell cursor: white is on no color of the viridis scale, so it stands out from every cell.
 CURSOR = Style(color="black", bgcolor="white", bold=True)
-
-
-@functools.lru_cache(maxsize=4096)
-def _style(level: int) -> Style:
-    # Colors quantized to 1/1000: finer than the 8-bit channels of the scale can show.
-    return cell_style(level / 1000)
-
-
-def weight_style(t: float) -> Style:
-    return _style(round(min(max(t, 0.0), 1.0) * 1000))
 
 
 class HeatmapView(FrozenGrid):
@@ -84,7 +73,11 @@ class HeatmapView(FrozenGrid):
     ]
 
     class Moved(Message):
-        """The cursor, the head or what is drawn changed."""
+        """The cursor moved (`reloaded` False), or the head or what is drawn changed."""
+
+        def __init__(self, reloaded: bool) -> None:
+            super().__init__()
+            self.reloaded = reloaded
 
     def __init__(self, data: Explore, layer: int, head: int, batch: int, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -147,7 +140,7 @@ class HeatmapView(FrozenGrid):
             self.load()
         self.show(self.at_query, self.at_key * self.cell, (self.at_key + 1) * self.cell)
         self.refresh()
-        self.post_message(self.Moved())
+        self.post_message(self.Moved(reload))
 
     # ── actions ───────────────────────────────────────────────────────────────────────────────
 
@@ -216,6 +209,7 @@ class HeatmapView(FrozenGrid):
         return range(x0 // self.cell, min(self.matrix.shape[1], math.ceil(x1 / self.cell)))
 
     def header_line(self, y: int, x0: int, x1: int) -> tuple[Strip, Strip]:
+        on = self.on_base
         keys = self._keys(x0, x1)
         segments = []
         if y == 0:
@@ -233,28 +227,29 @@ class HeatmapView(FrozenGrid):
             origin = min([keys.start * self.cell, *(p[0] for p in placed)])
             used = origin
             for start, text, k in placed:
-                segments.append(Segment(" " * (start - used)))
-                segments.append(Segment(text, REVERSE if k == self.at_key else DIM))
+                segments.append(Segment(" " * (start - used), on(None)))
+                segments.append(Segment(text, on(REVERSE if k == self.at_key else DIM)))
                 used = start + len(text)
-            return (Strip([Segment(f"{'key':>{self._label_w - 1}} ", DIM)]),
-                    cells(segments, x0, x1, origin))
+            return (Strip([Segment(f"{'key':>{self._label_w - 1}} ", on(DIM))]),
+                    cells(segments, x0, x1, origin, on(None)))
         for k in keys:
             # Colors only: a key has one column of label, which a wide character overflows.
             name = fit(self.col_names[k], self.cell - 1)
-            style = REVERSE if k == self.at_key else Style(color="cyan")
-            segments += [Segment(name, style), Segment(" ")]
-        corner = Strip([Segment(f"{'query':<{self._label_w - 1}} ", DIM)])
-        return corner, cells(segments, x0, x1, keys.start * self.cell)
+            style = REVERSE if k == self.at_key else CYAN
+            segments += [Segment(name, on(style)), Segment(" ", on(None))]
+        corner = Strip([Segment(f"{'query':<{self._label_w - 1}} ", on(DIM))])
+        return corner, cells(segments, x0, x1, keys.start * self.cell, on(None))
 
     def label(self, row: int) -> Strip:
         name = f"{row:>{self.pos_width}} {self.row_names[row]}"
         text = fit(name, self._label_w - 1) if cell_len(name) > self._label_w - 1 else (
             name + " " * (self._label_w - 1 - cell_len(name)))
         pad = bool((self.marks[row] == PADDED).all())
-        style = REVERSE if row == self.at_query else (DIM if pad else Style(color="cyan"))
-        return Strip([Segment(text, style), Segment(" ")])
+        style = REVERSE if row == self.at_query else (DIM if pad else CYAN)
+        return Strip([Segment(text, self.on_base(style)), Segment(" ", self.on_base(None))])
 
     def body_line(self, row: int, x0: int, x1: int) -> Strip:
+        on = self.on_base
         keys = self._keys(x0, x1)
         m, marks, cell = self.matrix, self.marks[row], self.cell
         segments = []
@@ -279,24 +274,27 @@ class HeatmapView(FrozenGrid):
             if here:
                 style = CURSOR
                 text = "[" if cell == 2 else text
-            segments.append(Segment(text, style))
+            segments.append(Segment(text, on(style)))
             segments.append(Segment("]" if here and cell == 2 else " ",
-                                    style if cell == 2 else None))
-        return cells(segments, x0, x1, keys.start * self.cell)
+                                    on(style if cell == 2 else None)))
+        return cells(segments, x0, x1, keys.start * self.cell, on(None))
 
 
 def status_line(view: HeatmapView, width: int) -> Text:
+    """Three lines, each cut rather than wrapped (the screen keeps their height): the head and
+    block, the stage and its formula, the focused cell and its value."""
     d = view.data
     kind = "cross-attention" if view.kind == "cross_attn" else "attention"
-    name = Text(f"L{view.at_layer}H{view.at_head}", style="bold")
-    where = f"layer {view.at_layer} of 0–{d.layers - 1}, head {view.at_head} of 0–{d.heads - 1}"
+    t = Text(no_wrap=True, overflow="ellipsis")
+    t.append(f"L{view.at_layer}H{view.at_head}", style="bold")
+    where = f"  layer {view.at_layer} of 0–{d.layers - 1}, head {view.at_head} of 0–{d.heads - 1}"
     if d.batch > 1:
         where += f", text {view.at_text} of 0–{d.batch - 1}"
-    stage = Text(f"{STAGE_NAMES[view.stage]}: ", style="bold")
-    stage.append(d.formula(view.at_layer, view.at_head, view.at_text, view.kind, view.stage),
-                 style="not bold")
-    t = flow([Text(where, style="dim"), Text(kind), stage], width, sep="  ·  ", first=name + "  ")
-    t.append("\n")
+    t.append(where, style="dim")
+    t.append(f"  ·  {kind}\n")
+    t.append(f"{STAGE_NAMES[view.stage]}: ", style="bold")
+    t.append(d.formula(view.at_layer, view.at_head, view.at_text, view.kind, view.stage))
+    t.append("  (t: the next stage)\n", style="dim")
     q_name = view.row_names[view.at_query]
     k_name = view.key_names[view.at_key]
     t.append("query ", style="dim")
@@ -310,27 +308,36 @@ def status_line(view: HeatmapView, width: int) -> Text:
     else:
         t.append(f"{view.value:.4f}" if math.isfinite(view.value) else "−∞", style="bold")
     if view.stage != "pattern":
-        t.append(f"  (softmax {float(view.weights[view.at_query, view.at_key]):.4f})", style="dim")
+        t.append(f"  (softmax {float(view.weights[view.at_query, view.at_key]):.4f})",
+                 style="dim")
     return t
 
 
 def query_text(view: HeatmapView, width: int, color: bool) -> Text:
     """The keys' text, each token shaded by the weight the focused query gives it: the tokens
-    around the focused key, as many as SHADED_LINES lines hold."""
+    around the focused key, as many as SHADED_LINES lines hold (the screen keeps the height)."""
     names = view.key_names
-    lo, hi = _window([cell_len(n) + 1 for n in names], view.at_key, SHADED_LINES * width - 4)
-    title = Text("what query ", style="bold")
+    room = SHADED_LINES * width
+    while True:
+        lo, hi = _window([cell_len(n) + 1 for n in names], view.at_key, room)
+        body = Text()
+        if lo:
+            body.append("… ", style="dim")
+        body.append_text(shaded_text(view.weights[:, lo:hi], names[lo:hi], view.marks[:, lo:hi],
+                                     view.at_query, width - 2, numbers=not color))
+        if hi < len(names):
+            body.append(" …", style="dim")
+        # Lines break between tokens, so a line can end short: take fewer until they fit.
+        if body.plain.count("\n") < SHADED_LINES or hi - lo <= 1:
+            break
+        room -= width // 2
+    title = Text("what query ", style="bold", no_wrap=True, overflow="ellipsis")
     title.append(f"{view.at_query} {view.row_names[view.at_query]}", style="bold cyan")
     title.append(" attends to (softmax)", style="bold")
     if (lo, hi) != (0, len(names)):
         title.append(f"  keys {lo}–{hi - 1} of 0–{len(names) - 1}", style="dim")
     title.append("\n")
-    if lo:
-        title.append("… ", style="dim")
-    title.append_text(shaded_text(view.weights[:, lo:hi], names[lo:hi], view.marks[:, lo:hi],
-                                  view.at_query, width - 4, numbers=not color))
-    if hi < len(names):
-        title.append(" …", style="dim")
+    title.append_text(body)
     return title
 
 
@@ -354,13 +361,13 @@ def _window(sizes: list[int], center: int, room: int) -> tuple[int, int]:
 class HeadScreen(Screen):
     DEFAULT_CSS = """
     HeadScreen { layout: vertical; }
-    HeadScreen #status { height: auto; padding: 0 1; }
+    HeadScreen #status { height: 3; padding: 0 1; }
     HeadScreen #keys { height: 1; padding: 0 1; background: $panel; }
     HeadScreen #main { height: 1fr; }
     HeadScreen #left { width: 1fr; }
     HeadScreen HeatmapView { height: 1fr; }
-    HeadScreen #query-text { height: auto; max-height: 6; padding: 0 1 1 1; }
-    """
+    HeadScreen #query-text { height: SHADED; padding: 0 1 1 1; }
+    """.replace("SHADED", str(SHADED_LINES + 2))  # the title, the lines, a blank
     BINDINGS: ClassVar[list[Binding]] = [Binding("escape,backspace", "back", show=False)]
 
     def __init__(self, data: Explore, layer: int, head: int, batch: int) -> None:
@@ -391,12 +398,21 @@ class HeadScreen(Screen):
         self.refresh_panels()
 
     @on(HeatmapView.Moved)
-    def refresh_panels(self) -> None:
+    def moved(self, event: HeatmapView.Moved) -> None:
+        self.refresh_panels(reloaded=event.reloaded)
+
+    def refresh_panels(self, reloaded: bool = True) -> None:
+        """The status and the shaded text follow the cursor (their heights never change: no
+        new layout); the side panel changes only with the head, the stage, the block or the
+        text."""
         view = self.heatmap
         width = self.app.size.width - 2
-        self.query_one("#status", Static).update(status_line(view, width))
+        self.query_one("#status", Static).update(status_line(view, width), layout=False)
         left = self.query_one("#left").size.width or width
-        self.query_one("#query-text", Static).update(query_text(view, left - 2, self.data.color))
+        self.query_one("#query-text", Static).update(query_text(view, left - 2, self.data.color),
+                                                    layout=False)
+        if not reloaded:
+            return
         side = self.query_one(panels.SidePanel)
         side.set("step", panels.step_panel(self.data, view.at_layer, view.at_head, view.at_text,
                                            view.kind, view.stage, side.inner_width))

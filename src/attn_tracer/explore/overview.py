@@ -24,10 +24,10 @@ from attn_tracer import render_thumbnails
 from attn_tracer.analysis.head_definitions import DEFINITIONS, SCORES
 from attn_tracer.explore import panels
 from attn_tracer.explore.data import Explore
-from attn_tracer.explore.grid import DIM, REVERSE, FrozenGrid, cells
+from attn_tracer.explore.grid import BOLD, CYAN, DIM, REVERSE, FrozenGrid, cells, weight_style
 from attn_tracer.explore.layout import PAD, label_width, panel_shown
-from attn_tracer.render_layout import cell_style, flow
 from attn_tracer.render_layout import color as viridis
+from attn_tracer.render_layout import flow
 
 CURSOR = Style(color="yellow", bold=True)
 MODES = (None, *SCORES)  # what the cells show: the thumbnails, or one score
@@ -70,6 +70,9 @@ class OverviewGrid(FrozenGrid):
 
     def on_mount(self) -> None:
         self.resize_body()
+
+    def base_changed(self) -> None:
+        self._pictures.clear()
 
     # ── geometry ──────────────────────────────────────────────────────────────────────────────
 
@@ -128,33 +131,35 @@ class OverviewGrid(FrozenGrid):
     # ── drawing ───────────────────────────────────────────────────────────────────────────────
 
     def header_line(self, y: int, x0: int, x1: int) -> tuple[Strip, Strip]:
+        on = self.on_base
         segments = []
         for h in range(self.data.heads):
             name = f"H{h}"
-            style = REVERSE if h == self.at_head else Style(color="cyan")
-            segments += [Segment(" " * PAD), Segment(name, style),
-                         Segment(" " * (self.cell - PAD - len(name)))]
-        return Strip([]), cells(segments, x0, x1)
+            style = REVERSE if h == self.at_head else CYAN
+            segments += [Segment(" " * PAD, on(None)), Segment(name, on(style)),
+                         Segment(" " * (self.cell - PAD - len(name)), on(None))]
+        return Strip([]), cells(segments, x0, x1, 0, on(None))
 
     def label(self, row: int) -> Strip:
         layer, line = divmod(row, self.lines + 1)
         if line:
             return Strip([])
-        return Strip([Segment(f"L{layer}", REVERSE if layer == self.at_layer else
-                              Style(color="cyan"))])
+        return Strip([Segment(f"L{layer}", self.on_base(REVERSE if layer == self.at_layer
+                                                        else CYAN))])
 
     def body_line(self, row: int, x0: int, x1: int) -> Strip:
+        on = self.on_base
         layer, line = divmod(row, self.lines + 1)
         if line == self.lines:  # the gap between two layers
-            return Strip.blank(x1 - x0)
+            return Strip.blank(x1 - x0, self.on_base(None))
         segments: list[Segment] = []
         for h in range(self.data.heads):
             here = (layer, h) == (self.at_layer, self.at_head)
-            segments.append(Segment("▐" if here else " ", CURSOR if here else None))
+            segments.append(Segment("▐" if here else " ", on(CURSOR if here else None)))
             segments += (self._picture(layer, h)[line] if self.mode is None
                          else self._score_cell(layer, h, line))
-            segments.append(Segment("▌" if here else " ", CURSOR if here else None))
-        return cells(segments, x0, x1)
+            segments.append(Segment("▌" if here else " ", on(CURSOR if here else None)))
+        return cells(segments, x0, x1, 0, on(None))
 
     def _picture(self, layer: int, head: int) -> list[list[Segment]]:
         key = (self.at_text, layer, head)
@@ -168,17 +173,18 @@ class OverviewGrid(FrozenGrid):
             for i in range(self.lines):
                 text = picture[i] if i < len(picture) else Text()
                 text.pad_right(self.cols - text.cell_len)
-                out.append([s for s in text.render(console) if s.text != "\n"])
+                out.append([Segment(s.text, self.on_base(s.style))
+                            for s in text.render(console) if s.text != "\n"])
             self._pictures[key] = out
         return self._pictures[key]
 
     def _score_cell(self, layer: int, head: int, line: int) -> list[Segment]:
         value = float(self.data.scores[self.mode][layer, self.at_text, head])
-        style = cell_style(panels.score_color(self.data, self.mode, layer, head, self.at_text))
+        style = weight_style(panels.score_color(self.data, self.mode, layer, head, self.at_text))
         if not self.data.color:
-            style = Style(bold=True) if value >= 0.5 else DIM
+            style = BOLD if value >= 0.5 else DIM
         text = panels.fmt_score(value, self.mode) if line == (self.lines - 1) // 2 else ""
-        return [Segment(f"{text:^{self.cols}}", style)]
+        return [Segment(f"{text:^{self.cols}}", self.on_base(style))]
 
 
 def legend(data: Explore, mode: str | None, batch: int, width: int) -> Text:
