@@ -586,18 +586,20 @@ def bench_explore_memory() -> list[dict]:
             return [row("h. attn explore, GPT-2 small, 1,024 tok: peak memory", None, None,
                         unit="MB", note=f"{mode} child failed: {done.stderr[-300:]}")]
         out[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    mb = {m: out[m]["rise_kb"] / 1024 for m in EXPLORE_MODES}
-    kept = {m: out[m]["kept_bytes"] / 2**20 for m in EXPLORE_MODES}
+    # MB = 10⁶ bytes here, as the issue counts 144 patterns of 1,024² float32 as 604 MB.
+    mb = {m: out[m]["rise_kb"] * 1024 / 1e6 for m in EXPLORE_MODES}
+    kept = {m: out[m]["kept_bytes"] / 1e6 for m in EXPLORE_MODES}
     qk = out["qk"]
     rows = [row("h. attn explore, GPT-2 small, 1,024 tok: peak memory, Q and K cached", mb["qk"],
                 None, unit="MB", note=f"keeps {kept['qk']:.0f} MB; whole process "
-                f"{qk['peak_kb'] / 1024:.0f} MB, {qk['peak_with_app_kb'] / 1024:.0f} MB with "
-                f"the app; computed in {qk['compute_seconds']:.1f} s ({qk['method']})",
+                f"{qk['peak_kb'] * 1.024e-3:.0f} MB, "
+                f"{qk['peak_with_app_kb'] * 1.024e-3:.0f} MB with the app; computed in "
+                f"{qk['compute_seconds']:.1f} s ({qk['method']})",
                 children=out)]
     for m in ("float16", "float32"):
         rows.append(row(f"h. the same, every pattern kept as {m} instead", mb[m], None,
                         unit="MB", note=f"keeps {kept[m]:.0f} MB; whole process "
-                        f"{out[m]['peak_kb'] / 1024:.0f} MB"))
+                        f"{out[m]['peak_kb'] * 1.024e-3:.0f} MB"))
     rows.append(row("h. one head's four stages from Q and K (1,024 × 1,024)",
                     qk["stages_seconds"] * 1e3, None, unit="ms", note="median of 5 heads"))
     for name, seconds in qk["keys_seconds"].items():

@@ -50,6 +50,10 @@ class FrozenGrid(ScrollView, can_focus=True):
     def body_line(self, row: int, x0: int, x1: int) -> Strip:
         raise NotImplementedError
 
+    def align(self, x: int) -> int:
+        """The first body column drawn when scrolled to x (a grid of cells starts at a cell)."""
+        return x
+
     # ── geometry ──────────────────────────────────────────────────────────────────────────────
 
     def resize_body(self) -> None:
@@ -77,6 +81,8 @@ class FrozenGrid(ScrollView, can_focus=True):
             x = x_start
         elif view.width and x_end > x + view.width:
             x = min(x_start, x_end - view.width)
+            while self.align(x) + view.width < x_end and self.align(x) < x_start:
+                x += 1  # drawn from a cell's start: one more cell, or the last is cut
         if (x, y) != tuple(self.scroll_offset):
             self.scroll_to(x, y, animate=False, immediate=True)
 
@@ -85,7 +91,7 @@ class FrozenGrid(ScrollView, can_focus=True):
         if y < self.HEADER or x < self.label_width():
             return None
         sx, sy = self.scroll_offset
-        return x - self.label_width() + sx, y - self.HEADER + sy
+        return x - self.label_width() + self.align(sx), y - self.HEADER + sy
 
     # ── drawing ───────────────────────────────────────────────────────────────────────────────
 
@@ -96,6 +102,7 @@ class FrozenGrid(ScrollView, can_focus=True):
         if y >= region.height:  # under the horizontal scrollbar: never seen
             return Strip.blank(width, self._base)
         sx, sy = self.scroll_offset
+        sx = self.align(sx)
         left_w = self.label_width()
         x0, x1 = sx, sx + max(width - left_w, 0)
         if y < self.HEADER:

@@ -44,6 +44,7 @@ from attn_tracer.render_layout import fit
 from attn_tracer.render_numbers import _decimals, _fmt
 
 CELL = {"pattern": 4, "stage": 6, "colors": 2}  # a key's columns: ".42 ", "-1.23 ", or a block
+NARROW_LABEL = 10  # the widest a row label's token grows below 120 columns
 SHADED_LINES = 3  # lines of the text shaded by the focused query
 # The cell cursor: white is on no color of the viridis scale, so it stands out from every cell.
 CURSOR = Style(color="black", bgcolor="white", bold=True)
@@ -113,7 +114,9 @@ class HeatmapView(FrozenGrid):
         self.at_key = min(self.at_key, k_len - 1)
         self.pos_width = len(str(q_len - 1))
         longest = max(cell_len(n) for n in self.row_names)
-        self._label_w = self.pos_width + 1 + min(longest, MAX_LABEL) + 1
+        # Narrow terminals give the labels less: the heatmap is what they are for.
+        most = MAX_LABEL if self.app.size.width >= 120 else NARROW_LABEL
+        self._label_w = self.pos_width + 1 + min(longest, most) + 1
         if not self.numbers:
             self.cell = CELL["colors"]
         else:
@@ -129,7 +132,12 @@ class HeatmapView(FrozenGrid):
 
     def body_size(self) -> Size:
         q_len, k_len = self.matrix.shape
-        return Size(k_len * self.cell, q_len)
+        # One cell more than the keys: drawn from a cell's start (align), the last key still
+        # comes whole onto the screen.
+        return Size((k_len + 1) * self.cell, q_len)
+
+    def align(self, x: int) -> int:
+        return x - x % self.cell
 
     @property
     def value(self) -> float:
@@ -194,7 +202,7 @@ class HeatmapView(FrozenGrid):
             return
         sx, sy = self.scroll_offset
         q_len, k_len = self.matrix.shape
-        key = (offset.x - self.label_width() + sx) // self.cell
+        key = (offset.x - self.label_width() + self.align(sx)) // self.cell
         query = offset.y - self.HEADER + sy
         if offset.x < self.label_width():
             key = self.at_key  # a row label: that query
@@ -233,8 +241,11 @@ class HeatmapView(FrozenGrid):
             return (Strip([Segment(f"{'key':>{self._label_w - 1}} ", on(DIM))]),
                     cells(segments, x0, x1, origin, on(None)))
         for k in keys:
-            # Colors only: a key has one column of label, which a wide character overflows.
-            name = fit(self.col_names[k], self.cell - 1)
+            name = self.col_names[k]
+            if self.cell == CELL["colors"]:  # one column: the label's first character
+                name = name[:1] if cell_len(name[:1]) == 1 else "…"
+            else:
+                name = fit(name, self.cell - 1)
             style = REVERSE if k == self.at_key else CYAN
             segments += [Segment(name, on(style)), Segment(" ", on(None))]
         corner = Strip([Segment(f"{'query':<{self._label_w - 1}} ", on(DIM))])
@@ -366,8 +377,8 @@ class HeadScreen(Screen):
     HeadScreen #main { height: 1fr; }
     HeadScreen #left { width: 1fr; }
     HeadScreen HeatmapView { height: 1fr; }
-    HeadScreen #query-text { height: SHADED; padding: 0 1 1 1; }
-    """.replace("SHADED", str(SHADED_LINES + 2))  # the title, the lines, a blank
+    HeadScreen #query-text { height: 3; padding: 0 1 1 1; }
+    """
     BINDINGS: ClassVar[list[Binding]] = [Binding("escape,backspace", "back", show=False)]
 
     def __init__(self, data: Explore, layer: int, head: int, batch: int) -> None:
@@ -409,10 +420,18 @@ class HeadScreen(Screen):
         width = self.app.size.width - 2
         self.query_one("#status", Static).update(status_line(view, width), layout=False)
         left = self.query_one("#left").size.width or width
-        self.query_one("#query-text", Static).update(query_text(view, left - 2, self.data.color),
-                                                    layout=False)
+        shaded = self.query_one("#query-text", Static)
+        text = query_text(view, left - 2, self.data.color)
+        shaded.update(text, layout=False)
         if not reloaded:
             return
+        # As tall as the whole text when it fits (its lines do not change as the cursor
+        # moves), else SHADED_LINES; plus the title and a blank line.
+        lines = text.plain.count("\n")
+        whole = "keys " not in text.plain.split("\n", 1)[0]
+        height = (lines if whole else SHADED_LINES) + 2
+        if shaded.styles.height is None or shaded.styles.height.value != height:
+            shaded.styles.height = height
         side = self.query_one(panels.SidePanel)
         side.set("step", panels.step_panel(self.data, view.at_layer, view.at_head, view.at_text,
                                            view.kind, view.stage, side.inner_width))
