@@ -193,6 +193,9 @@ class HeatmapView(FrozenGrid):
         self._changed(reload=True)
 
     def action_numbers(self) -> None:
+        if not self.data.color:
+            self.notify("NO_COLOR is set: without colors the numbers are all there is")
+            return
         self.numbers = not self.numbers
         self._changed(reload=True)
 
