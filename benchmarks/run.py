@@ -33,10 +33,20 @@ Figures (issue 7):
      whole process ÷ one HF GPT2LMHeadModel forward with output_hidden_states=True; and what
      --ablate of one head adds ÷ one forward (benchmarks/bench_attribute.py's measure()).
 
+  j  attn explore (issue 17), GPT-2-small shape (random weights), 1,024 tokens: the peak memory
+     of computing what the app shows, as built (each layer's Q and K cached, a head's stages
+     computed when it is opened) and with the alternatives (every pattern kept as float16, or
+     float32), each in its own subprocess; and, in the app run headless, the time of a key
+     press to the next frame: the next head (its stages computed), the next query, the next
+     stage, a page down.
+  k  attn explore start-up: `attn explore "<short>" --exit-after-first-frame` minus `attn trace
+     "<short>"`, both whole processes on a pseudo-terminal (160 × 50); also with Textual imported
+     after the run instead of in a thread beside it, and `python -c "import textual.app"`.
+
 Repetitions (medians of): a 7 rounds; b and c 3 each after one warm-up call; d one forward per
-subprocess; e bench_json's own 5; f 2 rounds up to 256 tokens, 1 above; g 10. --quick: a 3, b/c 1,
-f 1 round at 16, 256 and 1,024 tokens; h 3 rounds (--quick: 1). --only picks figures
-(e.g. --only ab).
+subprocess; e bench_json's own 5; f 2 rounds up to 256 tokens, 1 above; g 10; h 3; i 3; j one run
+per subprocess, 5 presses of each key; k 7 rounds. --quick: a 3, b/c/h/i 1, f 1 round at 16, 256
+and 1,024 tokens, k 3. --only picks figures (e.g. --only ab).
 """
 
 from __future__ import annotations
@@ -511,6 +521,195 @@ def bench_heads_figure(reps: int) -> list[dict]:
     result = module.measure(reps)
     return [row(r["figure"], r["value"], r["target"], unit=r["unit"], note=r["note"])
             for r in module.rows(result)]
+# ── h, i: attn explore ────────────────────────────────────────────────────────────────────────
+
+EXPLORE_MODES = ("qk", "float16", "float32")
+
+
+def explore_child(mode: str) -> None:
+    """attn explore's data for GPT-2-small's shape on 1,024 tokens, in this fresh process, with
+    `mode`: qk (as built), or float16/float32 (every pattern kept instead of Q and K). Prints
+    {"peak_kb", "rise_kb", …} as JSON; the qk run also times key presses in the app."""
+    import asyncio
+
+    from attn_tracer.analysis import heads as heads_module
+    from attn_tracer.explore import data as explore_data
+    from attn_tracer.run import Request
+
+    text = long_text(1024)
+    r = Request(texts=[text], arch="gpt2", layers=12, max_length=1024)
+    kept: list = []
+    if mode != "qk":
+        dtype = np.float16 if mode == "float16" else np.float32
+        explore_data.q_k_names = lambda layers, kinds: ()  # no Q and K: the patterns instead
+        hook = heads_module.HeadScorer.hook
+
+        def keeping(self, layer):
+            observe = hook(self, layer)
+
+            def both(pattern):
+                kept.append(self.engine.to_host(pattern).astype(dtype))
+                return observe(pattern)
+
+            return both
+
+        heads_module.HeadScorer.hook = keeping
+    from attn_tracer import pipeline  # noqa: F401 - imported before the high-water mark resets
+
+    before = _status_kb("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        method = "VmHWM after clear_refs"
+    except OSError:
+        method = "VmHWM (from process start)"
+    start = time.perf_counter()
+    data = explore_data.compute(r, lambda message: None, 160)
+    seconds = time.perf_counter() - start
+    peak = _status_kb("VmHWM")
+    out = {"mode": mode, "rss_before_kb": before, "peak_kb": peak, "rise_kb": peak - before,
+           "kept_bytes": sum(int(x.nbytes) for x in kept) + sum(
+               int(x.nbytes) for x in data.trace.tensors.values()),
+           "compute_seconds": seconds, "method": method}
+    if mode == "qk":
+        stage_times = []
+        for head in range(5):
+            t = time.perf_counter()
+            data.stages(5, head, 0)
+            stage_times.append(time.perf_counter() - t)
+        out["stages_seconds"] = statistics.median(stage_times)
+        out["keys_seconds"] = asyncio.run(_press_times(data))
+        out["peak_with_app_kb"] = _status_kb("VmHWM")
+    print(json.dumps(out))
+
+
+async def _press_times(data) -> dict[str, dict[str, float]]:
+    """Median seconds from a key press to the frame after it, in the app run headless: wall
+    time, and the CPU time of the process (what the press costs, whatever else the machine
+    runs)."""
+    from attn_tracer.explore.app import ExploreApp
+
+    app = ExploreApp(data)
+    times: dict[str, dict[str, list[float]]] = {}
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.pause()
+        await pilot.press("enter")
+        await pilot.pause()
+        for key, name in (("right_square_bracket", "next head (its stages computed)"),
+                          ("down", "next query"), ("t", "next stage"),
+                          ("pagedown", "page down"), ("n", "numbers on/off")):
+            for _ in range(5):
+                wall, cpu = time.perf_counter(), time.process_time()
+                await pilot.press(key)
+                await pilot.pause()
+                got = times.setdefault(name, {"wall": [], "cpu": []})
+                got["wall"].append(time.perf_counter() - wall)
+                got["cpu"].append(time.process_time() - cpu)
+    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+
+
+def bench_explore_memory() -> list[dict]:
+    if importlib.util.find_spec("textual") is None:
+        return [row("j. attn explore, GPT-2 small, 1,024 tok: peak memory", None, None,
+                    unit="MB", note="skipped: textual is not installed")]
+    out = {}
+    for mode in EXPLORE_MODES:
+        done = subprocess.run([sys.executable, __file__, "--explore-child", mode],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            return [row("j. attn explore, GPT-2 small, 1,024 tok: peak memory", None, None,
+                        unit="MB", note=f"{mode} child failed: {done.stderr[-300:]}")]
+        out[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    # MB = 10⁶ bytes here, as the issue counts 144 patterns of 1,024² float32 as 604 MB.
+    mb = {m: out[m]["rise_kb"] * 1024 / 1e6 for m in EXPLORE_MODES}
+    kept = {m: out[m]["kept_bytes"] / 1e6 for m in EXPLORE_MODES}
+    qk = out["qk"]
+    rows = [row("j. attn explore, GPT-2 small, 1,024 tok: peak memory, Q and K cached", mb["qk"],
+                None, unit="MB", note=f"keeps {kept['qk']:.0f} MB; whole process "
+                f"{qk['peak_kb'] * 1.024e-3:.0f} MB, "
+                f"{qk['peak_with_app_kb'] * 1.024e-3:.0f} MB with the app; computed in "
+                f"{qk['compute_seconds']:.1f} s ({qk['method']})",
+                children=out)]
+    for m in ("float16", "float32"):
+        rows.append(row(f"j. the same, every pattern kept as {m} instead", mb[m], None,
+                        unit="MB", note=f"keeps {kept[m]:.0f} MB; whole process "
+                        f"{out[m]['peak_kb'] * 1.024e-3:.0f} MB"))
+    rows.append(row("j. one head's four stages from Q and K (1,024 × 1,024)",
+                    qk["stages_seconds"] * 1e3, None, unit="ms", note="median of 5 heads"))
+    for name, seconds in qk["keys_seconds"].items():
+        rows.append(row(f"j. in the app (160 × 50), CPU time of a key press: {name}",
+                        seconds["cpu"] * 1e3, 100, unit="ms",
+                        note=f"wall {seconds['wall'] * 1e3:.0f} ms to the next frame; "
+                             "median of 5 presses"))
+    return rows
+
+
+CHILD_CPU: dict[str, list[float]] = {}  # on_a_terminal's CPU seconds (user + system), by label
+
+
+def on_a_terminal(cmd: list[str], env: dict | None = None, label: str = "") -> float:
+    """Wall seconds of `cmd` with stdin, stdout and stderr on a 160 × 50 pseudo-terminal; its
+    CPU seconds go to CHILD_CPU[label] (robust where other work shares the machine)."""
+    import fcntl
+    import pty
+    import resource
+    import select
+    import struct
+    import termios
+
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave,
+                            env={**os.environ, "TERM": "xterm-256color", **(env or {})})
+    os.close(slave)
+    while True:  # drain the terminal, or the child blocks writing to it
+        ready, _, _ = select.select([master], [], [], 0.05)
+        if ready:
+            try:
+                if not os.read(master, 65536):
+                    break
+            except OSError:
+                break
+        elif proc.poll() is not None:
+            break
+    code = proc.wait()
+    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CHILD_CPU.setdefault(label, []).append(after.ru_utime + after.ru_stime - used.ru_utime
+                                           - used.ru_stime)
+    os.close(master)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}")
+    return elapsed
+
+
+def bench_explore_startup(reps: int) -> list[dict]:
+    if importlib.util.find_spec("textual") is None:
+        return [row("k. attn explore first frame − attn trace", None, 0.5, unit="s",
+                    note="skipped: textual is not installed")]
+    from attn_tracer.explore.command import SERIAL_IMPORT
+
+    attn = attn_command()
+    explore = [*attn, "explore", SHORT, "--exit-after-first-frame"]
+    cmds = {"trace": ([*attn, "trace", SHORT], None), "explore": (explore, None),
+            "explore, serial import": (explore, {SERIAL_IMPORT: "1"}),
+            "import textual.app": ([sys.executable, "-c", "import textual.app"], None)}
+    times = interleaved({k: (lambda c=c, e=e, k=k: on_a_terminal(c, e, k))
+                         for k, (c, e) in cmds.items()}, reps)
+    m = {k: median(v) for k, v in times.items()}
+    cpu = {k: median(CHILD_CPU[k]) for k in cmds}
+    return [row(f'k. attn explore "{SHORT}" to its first frame − attn trace', m["explore"] -
+                m["trace"], 0.5, unit="s", note=f"median {m['explore']:.3f} s vs {m['trace']:.3f} s"
+                f" on a terminal; CPU {cpu['explore']:.3f} s vs {cpu['trace']:.3f} s; "
+                f"{reps} rounds", all_seconds=times, cpu_seconds=CHILD_CPU, reps=reps),
+            row("k. the same, Textual imported after the run (no thread)",
+                m["explore, serial import"] - m["trace"], None, unit="s",
+                note=f"median {m['explore, serial import']:.3f} s, CPU "
+                     f"{cpu['explore, serial import']:.3f} s"),
+            row('k. python -c "import textual.app"', m["import textual.app"], None, unit="s",
+                note="the interpreter's start included")]
 
 
 # ── main ──────────────────────────────────────────────────────────────────────────────────────
@@ -541,15 +740,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and lengths")
     parser.add_argument("--only", default="abcdefgh", help="which figures, e.g. --only ab")
+    parser.add_argument("--only", default="abcdefghi", help="which figures, e.g. --only ab")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--memory-child", choices=("traced", "untraced"), help=argparse.SUPPRESS)
+    parser.add_argument("--explore-child", choices=EXPLORE_MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child)
         return
+    if args.explore_child:
+        explore_child(args.explore_child)
+        return
     reps = {"startup": 3 if args.quick else 7, "forward": 1 if args.quick else 3,
             "crossover": 1 if args.quick else 2, "cuda": 3 if args.quick else 10,
-            "heads": 1 if args.quick else 3}
+            "heads": 1 if args.quick else 3, "explore": 3 if args.quick else 7}
     lengths = (16, 256, 1024) if args.quick else LENGTHS
     have_hf = importlib.util.find_spec("transformers") is not None
     started = time.perf_counter()
@@ -561,7 +765,9 @@ def main() -> None:
              "f": lambda: bench_crossover(lengths, reps["crossover"]),
              "g": lambda: bench_cuda(reps["cuda"]),
              "h": lambda: bench_heads_figure(reps["heads"]),
-             "i": lambda: bench_attribute_figure(reps["forward"])}
+             "i": lambda: bench_attribute_figure(reps["forward"]),
+             "j": bench_explore_memory,
+             "k": lambda: bench_explore_startup(reps["explore"])}
     for key, step in steps.items():
         if key in args.only or (key == "b" and "c" in args.only):
             start = time.perf_counter()

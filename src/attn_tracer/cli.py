@@ -39,7 +39,7 @@ from attn_tracer import __version__
 from attn_tracer.analysis.head_definitions import SORTS  # names and words only: no NumPy
 from attn_tracer.analysis.head_definitions import help_text as _heads_help
 from attn_tracer.errors import AttnError, UsageError
-from attn_tracer.options import CROSS, ENGINE, INPUT, KEEP_NEWLINE_HELP, MODEL, shared
+from attn_tracer.options import CROSS, ENGINE, INPUT, KEEP_NEWLINE_HELP, MODEL, PREDICT, shared
 
 EXAMPLES = {
     "tokens": 'attn tokens "hello world"    ·    attn tokens --file notes.txt --json',
@@ -49,6 +49,8 @@ EXAMPLES = {
     "heads": 'attn heads --weights gpt2 "The cat sat on the mat"    ·    '
              'attn heads --weights gpt2 --repeat 50 --sort induction --top 5    ·    '
              'attn heads --weights gpt2 --file notes.txt --json | jq ".heads[:3]"',
+    "explore": 'attn explore "The cat sat on the mat"    ·    '
+               'attn explore --weights gpt2 --file notes.txt --predict',
     "schema": "attn schema | jq .properties",
     "attribute": 'attn attribute --weights gpt2 "The Eiffel Tower is in the city of"    ·    '
                  'attn attribute "a b c a b" --target "␣c" --ablate L1H3 --rollout',
@@ -323,7 +325,7 @@ Opt = typer.Option
 
 
 @app.command(epilog=f"Examples: {EXAMPLES['trace']}")
-@shared(INPUT, CROSS, MODEL, ENGINE)
+@shared(INPUT, CROSS, MODEL, ENGINE, PREDICT)
 def trace(
     opts: dict,
     layer: Annotated[list[str] | None, Opt("--layer", "-l", help="Layers to show: a number "
@@ -353,12 +355,6 @@ def trace(
     circuits: Annotated[bool, Opt("--circuits", help="Each head's value circuit W_V[:, h]·W_O[h]:"
                                   " shapes, parameter counts, rank.",
                                   rich_help_panel="View")] = False,
-    predict: Annotated[bool, Opt("--predict", help="Show the next-token distribution.",
-                                 rich_help_panel="View")] = False,
-    top_k: Annotated[int, Opt("--top-k", help="Tokens shown by --predict.",
-                              rich_help_panel="View")] = 10,
-    temperature: Annotated[float, Opt("--temperature", "-T", help="Softmax temperature of "
-                                      "--predict.", rich_help_panel="View")] = 1.0,
     json_: Annotated[bool, Opt("--json", help="Write the trace as JSON (schema: attn schema).",
                                rich_help_panel="Output")] = False,
     precision: Annotated[int | None, Opt("--precision", help="Round JSON floats to N decimals.",
@@ -383,9 +379,8 @@ def trace(
     request = runner.Request(
         **opts, layer=layer or [], head=head or [], batch_index=batch_index, stages=stages,
         query=query, keys=keys, numbers=numbers, width=width,
-        values=values, cost=cost, circuits=circuits, predict=predict, top_k=top_k,
-        temperature=temperature, json=json_, precision=precision, save=save, svg=svg, html=html,
-        force=force,
+        values=values, cost=cost, circuits=circuits, json=json_, precision=precision, save=save,
+        svg=svg, html=html, force=force,
     )
     runner.execute(request, notice=_notice, console=_stdout_console)
 
@@ -488,6 +483,30 @@ def attribute(
         ablate=ablate or [], ablate_mode=ablate_mode.value, all_positions=all_positions,
         rollout=rollout, top_k=top_k, components=components, json=json_)
     attr.execute(request, notice=_notice, console=_stdout_console)
+
+
+# ── attn explore ──────────────────────────────────────────────────────────────────────────────
+
+@app.command(epilog=f"Examples: {EXAMPLES['explore']}", help=(
+    "Explore every head interactively in the terminal: the grid of every head's thumbnail (or "
+    "its scores, as attn heads computes them), then one head's heatmap with a cursor, the text "
+    "shaded by the focused query, the stages (raw → scaled → masked → softmax), the shape "
+    "trace and the predictions. Press ? in the app for the keys, q to quit. "
+    "Needs Textual: pip install \"attn-tracer\\[explore]\"."))
+@shared(INPUT, CROSS, MODEL, ENGINE, PREDICT)
+def explore(
+    opts: dict,
+    exit_after_first_frame: Annotated[bool, Opt("--exit-after-first-frame", hidden=True)
+                                      ] = False,  # the start-up benchmark's stop
+    debug: Debug = False,
+) -> int:
+    from attn_tracer.explore import command
+    from attn_tracer.run import Request
+
+    return command.execute(Request(**opts), notice=_notice,
+                           exit_after_first_frame=exit_after_first_frame)
+
+
 
 
 def main() -> None:

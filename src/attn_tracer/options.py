@@ -1,6 +1,7 @@
 """The options that every command running the model shares, defined once.
 
-`attn trace`, `attn heads` and `attn attribute` take the same input, model and engine options.
+`attn trace`, `attn heads`, `attn explore` and `attn attribute` take the same input, model and
+engine options (and `trace` and `explore` the same --predict).
 Each group below is written as the signature of a function, the way Typer reads options;
 `@shared(INPUT, MODEL, ENGINE)` splices those parameters into a command's own signature and
 hands their values to the command as one dict, `opts`, ready for `run.Request(**opts, …)`.
@@ -132,6 +133,16 @@ def _engine(
 ) -> None: ...
 
 
+def _predict(
+    predict: Annotated[bool, Opt("--predict", help="Show the next-token distribution.",
+                                 rich_help_panel="View")] = False,
+    top_k: Annotated[int, Opt("--top-k", help="Tokens shown by --predict.",
+                              rich_help_panel="View")] = 10,
+    temperature: Annotated[float, Opt("--temperature", "-T", help="Softmax temperature of "
+                                      "--predict.", rich_help_panel="View")] = 1.0,
+) -> None: ...
+
+
 def _parameters(group: Callable) -> list[inspect.Parameter]:
     params = inspect.signature(group, eval_str=True).parameters.values()
     return [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
@@ -141,6 +152,7 @@ INPUT = _parameters(_input)
 CROSS = _parameters(_cross)
 MODEL = _parameters(_model)
 ENGINE = _parameters(_engine)
+PREDICT = _parameters(_predict)
 
 
 def to_request(values: dict[str, Any]) -> dict[str, Any]:

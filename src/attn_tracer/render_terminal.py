@@ -236,15 +236,18 @@ def query_texts(trace: Trace, kind: str, query: int, width: int,
 
 
 def export_svg(console: Console, title: str) -> str:
-    """The recorded view as SVG that renders offline, as it does on screen.
-
-    Rich's template fetches Fira Code from a CDN; a saved view must not need the network, so
-    the font is taken from the machine (local(), or the first monospace font it has).
-    """
+    """The recorded view as SVG that renders offline, as it does on screen."""
     from rich._export_format import CONSOLE_SVG_FORMAT
 
-    offline = re.sub(r',\s*url\("https?://[^"]*"\) format\("[^"]*"\)', "", CONSOLE_SVG_FORMAT)
-    offline = offline.replace("font-family: Fira Code, monospace;",
-                              "font-family: Fira Code, 'DejaVu Sans Mono', Menlo, Consolas, "
-                              "'Noto Sans Mono CJK SC', 'Noto Color Emoji', monospace;")
-    return console.export_svg(title=title, clear=False, code_format=offline)
+    return console.export_svg(title=title, clear=False,
+                              code_format=offline_svg(CONSOLE_SVG_FORMAT))
+
+
+def offline_svg(svg: str) -> str:
+    """Rich's SVG (its template, or an SVG made from it, as Textual's screenshots are) with the
+    web font taken out: Rich's template fetches Fira Code from a CDN, and a saved view must not
+    need the network, so the font is the machine's (local(), or its first monospace font)."""
+    offline = re.sub(r',\s*url\("https?://[^"]*"\) format\("[^"]*"\)', "", svg)
+    return offline.replace("font-family: Fira Code, monospace;",
+                           "font-family: Fira Code, 'DejaVu Sans Mono', Menlo, Consolas, "
+                           "'Noto Sans Mono CJK SC', 'Noto Color Emoji', monospace;")
