@@ -50,10 +50,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Random weights, GPT-2 small's 12 × 12 heads (a narrow d_model keeps it fast); the long text
-# on 2 layers: the overview's shape does not depend on the layer count.
+# (983 tokens: its final newline ends the text) on 2 layers: the overview's shape does not
+# depend on the layer count.
 CASES = {
     "6 tokens, 12 × 12": Request(texts=[SIX], layers=12, d_model=96),
-    "984 tokens, 2 × 12": Request(file=LONG, layers=2, d_model=96),
+    "983 tokens, 2 × 12": Request(file=LONG, layers=2, d_model=96),
 }
 
 
@@ -93,11 +94,11 @@ def test_the_view_fits_and_labels_every_head(case, width, color, rendered):
 
 @pytest.mark.parametrize("width", [80, 160])
 def test_color_thumbnails_pack_two_pattern_rows_a_line(width, rendered):
-    text = rendered["984 tokens, 2 × 12", width, True]
+    text = rendered["983 tokens, 2 × 12", width, True]
     # ▀ with a 24-bit foreground (the upper pattern row) and background (the lower one).
     assert re.search(r"\x1b\[38;2;\d+;\d+;\d+;48;2;\d+;\d+;\d+m▀", text)
-    legend = next(line for line in ANSI.sub("", text).splitlines() if "984 queries in" in line)
-    rows, cols = map(int, re.search(r"984 queries in (\d+) rows, 984 keys in (\d+) columns",
+    legend = next(line for line in ANSI.sub("", text).splitlines() if "983 queries in" in line)
+    rows, cols = map(int, re.search(r"983 queries in (\d+) rows, 983 keys in (\d+) columns",
                                     legend).groups())
     assert rows == 2 * -(-cols // 2)  # square: a line of cols cells holds two rows of pixels
     assert cols == (5 if width == 80 else render_heads.MAX_CELLS)

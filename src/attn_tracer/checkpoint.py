@@ -494,7 +494,7 @@ def _read_weights(path: Path, max_bytes: int | None = None) -> dict[str, Any]:
 
 def _read_torch(path: Path, max_bytes: int | None = None) -> dict[str, Any]:
     _check_torch_signature(path)
-    _check_storage_sizes(path, max_bytes)
+    # Whether torch is there first: without it no .bin can be read, whatever the file says.
     try:
         import torch
     except ImportError as e:
@@ -504,6 +504,7 @@ def _read_torch(path: Path, max_bytes: int | None = None) -> dict[str, Any]:
             f"reading {path} needs PyTorch, which is not installed: {INSTALL_TORCH}, or use "
             "a .safetensors file"
         ) from e
+    _check_storage_sizes(path, max_bytes)
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols it then reads fine; not the user's concern.

@@ -333,16 +333,22 @@ class _Watch:
     """A recorder for running the stack again: it keeps nothing and stops at the first step
     whose tensor is not finite, so the error can name where the values broke."""
 
-    def __init__(self, selection: Selection) -> None:
+    def __init__(self, selection: Selection, hooks: dict[str, Hook]) -> None:
         self.selection = selection
+        self.hooks = hooks  # the run's own (an ablation changes the forward): replayed too
 
     def __call__(self, name: str, op: str, x, dims, *, all_heads=None):
+        if (hook := self.hooks.get(name)) is not None and (replaced := hook(x)) is not None:
+            x = replaced
         if not finite(x, masked=name.endswith(".masked")):
             raise _NotFinite(name)
         return x
 
     def keeps(self, name: str) -> bool:
         return False
+
+    def needs(self, name: str) -> bool:
+        return name in self.hooks
 
     def flush(self) -> None:
         pass
@@ -375,7 +381,7 @@ class _Finite:
                              "all")
         for selection in (explicit, shown):
             try:
-                self.replay(_Watch(selection))
+                self.replay(_Watch(selection, self.rec.hooks))
             except _NotFinite as e:
                 raise self.error(e.step) from None
             except MemoryError:
