@@ -1,20 +1,20 @@
-"""Figure h (issue 14): what `attn attribute` costs, against a Hugging Face GPT-2 forward.
+"""Figure i (issue 14): what `attn attribute` costs, against a Hugging Face GPT-2 forward.
 
     .venv/bin/python benchmarks/bench_attribute.py [--reps 3] [--lengths 1024,256]
 
 GPT-2-small shape (12 layers, 12 heads, d_model 768), seeded random weights, saved with
 `save_pretrained` into a temporary directory, and loaded by both sides from there.
 
-  h1  `attn attribute --weights DIR --file F --max-length N` (the whole process: start-up,
+  i1  `attn attribute --weights DIR --file F --max-length N` (the whole process: start-up,
       loading the checkpoint, the forward, the analyses, the view) ÷ one forward of HF
       `GPT2LMHeadModel` with `output_hidden_states=True` (in process, the model loaded
       already, `torch.no_grad`). Target ≤ 1.3. Measured with --engine auto and with each
       engine named, at each length.
-  h2  `--ablate L0H0` costs one more forward: in process, exactly two pipeline.run calls, and
+  i2  `--ablate L0H0` costs one more forward: in process, exactly two pipeline.run calls, and
       (attribute.compute with --ablate − without) ÷ the time of the forward of the run
       without. Target ≤ 1.2 (one forward, give or take the noise of two medians).
 
-Interleaved rounds, medians. Run by run.py as figure h, or alone.
+Interleaved rounds, medians. Run by run.py as figure i, or alone.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def measure(reps: int = 3, lengths: tuple[int, ...] = (1024,),
             ref = statistics.median(times["hf"])
             for e in engines:
                 t = statistics.median(times[e])
-                rows.append({"figure": f"h1. attn attribute {n} tok, --engine {e} (whole "
+                rows.append({"figure": f"i1. attn attribute {n} tok, --engine {e} (whole "
                                        "process) ÷ HF GPT2LMHeadModel forward, "
                                        "output_hidden_states",
                              "value": t / ref, "target": 1.3, "seconds": t,
@@ -146,7 +146,7 @@ def ablation_cost(directory: Path, text: Path, length: int, reps: int) -> dict:
         pipeline.run = real
     extra = statistics.median(ablated) - statistics.median(plain)
     forward = statistics.median(first)
-    return {"figure": f"h2. --ablate L0H0, {length} tok, torch: (with − without) ÷ one forward",
+    return {"figure": f"i2. --ablate L0H0, {length} tok, torch: (with − without) ÷ one forward",
             "value": extra / forward, "target": 1.2, "seconds": extra,
             "reference_seconds": forward, "forwards_with_ablate": 2,
             "ablated_forward_over_first": statistics.median(second), "plain_seconds": plain,

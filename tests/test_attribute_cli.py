@@ -296,3 +296,32 @@ def test_a_padded_vocabulary_has_targets_without_text(tmp_path):
     result = runner.invoke(app, ["attribute", TEXT, "--weights", str(tmp_path / "m"),
                                  "--target", "#50304"])
     assert result.exit_code == 2 and "token ids run from 0 to 50303" in result.stderr
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_pad_to_changes_nothing_but_the_padded_row(padding: str):
+    """--pad-to pads the one text: every figure is the unpadded run's, positions count real
+    tokens, and the rollout's pad rows and columns are 0."""
+    args = ["--arch", "gpt2", "--ablate", "L1H2", "--ablate-mode", "mean", "--rollout",
+            "--all-positions", "--position", "3"]
+    plain = json_of(args)
+    padded = json_of([*args, "--pad-to", "9", "--padding", padding])
+    n = plain["inputs"][0]["length"]
+    assert padded["inputs"][0]["padding"] == 9 - n
+    assert padded["position"] == 3
+    assert padded["batch_position"] == (3 if padding == "right" else 3 + 9 - n)
+    assert padded["logit_lens_positions"] == plain["logit_lens_positions"] == list(range(n))
+    # float32 forwards of the same rows: a padded row only adds masked keys (exact zeros).
+    close = {"abs": 1e-5}
+    for a, b in zip(plain["components"], padded["components"], strict=True):
+        assert a["name"] == b["name"] and a["logit"] == pytest.approx(b["logit"], **close)
+    assert [[e["id"] for e in row] for row in padded["logit_lens"]] == [
+        [e["id"] for e in row] for row in plain["logit_lens"]]
+    assert padded["ablation"]["after"]["value"] == pytest.approx(
+        plain["ablation"]["after"]["value"], **close)
+    R = np.array(padded["rollout"]["matrix"])
+    valid = np.array([True] * n + [False] * (9 - n))
+    if padding == "left":
+        valid = valid[::-1]
+    np.testing.assert_allclose(R[np.ix_(valid, valid)], plain["rollout"]["matrix"], atol=1e-5)
+    assert (R[~valid] == 0).all() and (R[:, ~valid] == 0).all()

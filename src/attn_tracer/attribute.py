@@ -63,8 +63,9 @@ class Result:
     attribution: attribution.Attribution
     lens: logit_lens.Lens
     ablated: Ablated | None = None
-    rollout: np.ndarray | None = None  # R [len, len]
+    rollout: np.ndarray | None = None  # R [len, len], over the padded length
     all_positions: bool = False
+    batch_position: int | None = None  # the position in the padded row (--pad-to)
 
     @property
     def layers(self) -> int:
@@ -156,12 +157,17 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
     heads = ablation.parse_heads(a.ablate, config.layers, config.heads)
     from attn_tracer.pipeline import prepare
 
-    prepared = prepare(texts, config, max_length=r.max_length, allow_special=r.allow_special)
+    prepared = prepare(texts, config, padding=r.padding, max_length=r.max_length,
+                       allow_special=r.allow_special, pad_to=r.pad_to)
+    valid = prepared.batch.valid[0]  # --pad-to may pad the one text, on either side
+    real = np.flatnonzero(valid)  # the batch position of each real token
+    count = len(real)
     length = prepared.batch.ids.shape[1]
-    position = length - 1 if a.position is None else a.position
-    if position >= length:
-        raise UsageError(f"--position {position} is out of range: the text has {length} "
-                         f"token{'s' if length > 1 else ''} (positions 0 to {length - 1})")
+    position = count - 1 if a.position is None else a.position  # among the real tokens
+    if position >= count:
+        raise UsageError(f"--position {position} is out of range: the text has {count} "
+                         f"token{'s' if count > 1 else ''} (positions 0 to {count - 1})")
+    at = int(real[position])  # where the hooks read it
     layers = config.layers
     # The forward keeps almost nothing; the rollout keeps one [len, len] pattern per layer.
     needed = memory.estimate(config, r.dtype, 1, length, length, layers if a.rollout else 0,
@@ -175,7 +181,7 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
         weights = runner.ensure_weights(config, weights)
         W_U = weights.unembedding()  # [vocab, d_model]: W_E, lm_head, or a random W_U
         means = ablation.by_layer(heads) if a.ablate_mode == "mean" else {}
-        gather = Gather(engine, config, position, a.all_positions, a.rollout, means)
+        gather = Gather(engine, config, at, a.all_positions, a.rollout, means, valid)
         trace, _ = run(texts, config, engine, weights, _SELECT_NOTHING, prepared=prepared,
                        hooks=gather.hooks(), progress=advance)
     runner.notice_cuts(r, prepared, notice)
@@ -188,7 +194,7 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
                              "--target is not given: give --target too, or another --versus")
     before = ablation.outcome(logits, target, versus, a.top_k)
     norm_params = _final_norm_params(weights, config)
-    final = gather.residual(layers - 1, position)
+    final = gather.residual(layers - 1, at)
     norm = (attribution.rms_norm(final) if norm_params is logit_lens.RMS
             else attribution.final_norm(final, *norm_params) if norm_params is not None else None)
     parts, stack = attribution.residual_components(
@@ -198,18 +204,18 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
         [weights.params.get(f"blocks.{layer}.attn.b_O") for layer in range(layers)],
         [gather.mlp[layer] for layer in range(layers)] if config.arch == "gpt2" else None)
     dla = attribution.attribute(parts, stack, attribution.direction(W_U, target, versus), norm)
-    positions = list(range(length)) if a.all_positions else [position]
-    resid = np.stack([gather.resid[layer] if a.all_positions else gather.resid[layer][None]
+    positions = list(range(count)) if a.all_positions else [position]
+    resid = np.stack([gather.resid[layer][real] if a.all_positions else gather.resid[layer][None]
                       for layer in range(layers)])
     lens = logit_lens.logit_lens(resid, positions, W_U, norm_params, position, target)
     result = Result(trace, weights.trained, position, target, versus, before, dla, lens,
-                    all_positions=a.all_positions)
+                    all_positions=a.all_positions, batch_position=at)
     if a.rollout:
         patterns = np.stack([gather.patterns[layer] for layer in range(layers)])
-        result.rollout = rollout.rollout(patterns, prepared.batch.valid[0])
+        result.rollout = rollout.rollout(patterns, valid)
     if heads:
         with runner.progress_display(f"ablating {', '.join(ablation.names(heads))}") as advance:
-            final_only = Gather(engine, config, position, final_only=True)
+            final_only = Gather(engine, config, at, final_only=True)
             hooks = {**final_only.hooks(),
                      **ablation_hooks(engine, config, heads, gather.means if means else None)}
             run(texts, config, engine, weights, _SELECT_NOTHING, prepared=prepared,
@@ -252,8 +258,10 @@ class Gather:
 
     def __init__(self, engine, config, position: int, all_positions: bool = False,
                  rollout: bool = False, means: dict[int, list[int]] | None = None,
-                 final_only: bool = False) -> None:
-        self.engine, self.config, self.p = engine, config, position
+                 valid: np.ndarray | None = None, final_only: bool = False) -> None:
+        # `position` is the batch position (after any --pad-to padding); `valid` [len] marks
+        # the real tokens, over which mean-ablation averages.
+        self.engine, self.config, self.p, self.valid = engine, config, position, valid
         self.all_positions, self.rollout, self.mean_heads = all_positions, rollout, means or {}
         self.final_only = final_only
         self.embed: np.ndarray | None = None
@@ -297,7 +305,8 @@ class Gather:
     def _z(self, layer: int, z) -> None:  # z [batch, heads, len, d_head]
         self.z[layer] = self._host(z[0, :, self.p, :])
         for h in self.mean_heads.get(layer, []):
-            self.means[layer, h] = self._host(self.engine.xp.mean(z[0, h], axis=0))
+            rows = self._host(z[0, h])  # [len, d_head]
+            self.means[layer, h] = (rows if self.valid is None else rows[self.valid]).mean(0)
 
     def _resid(self, layer: int, x) -> None:
         self.resid[layer] = self._host(x[0] if self.all_positions else x[0, self.p])

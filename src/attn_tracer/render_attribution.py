@@ -20,6 +20,7 @@ from rich.text import Text
 from attn_tracer import __version__
 from attn_tracer.analysis import attribution as dla
 from attn_tracer.render_heatmaps import (
+    PAD_LABEL,
     column_labels,
     heatmap,
     legend,
@@ -29,7 +30,7 @@ from attn_tracer.render_heatmaps import (
 from attn_tracer.render_json import array_json, config_json, input_json, token_json
 from attn_tracer.render_layout import GAP, cell_style, fit, flow, grid, plural
 from attn_tracer.render_terminal import header, show, token_strip
-from attn_tracer.tokens import VOCAB, token
+from attn_tracer.tokens import ENDOFTEXT_ID, VOCAB, token
 
 SCHEMA = "attn-attribute/1"
 # A diverging scale (ColorBrewer RdBu's ends): readable with the common color blindnesses,
@@ -99,7 +100,12 @@ def render(result, console: Console, *, top_k: int = 5, components: int = 10) ->
     trace = result.trace
     show(console, header(trace, width, title="attn attribute"))
     console.print()
-    show(console, token_strip(trace.inputs[0], "tokens", width))
+    inp = trace.inputs[0]
+    show(console, token_strip(inp, "tokens", width))
+    if inp.padding:  # --pad-to: the heatmap's pad rows and columns need their key
+        console.print(Text(f"  + {plural(inp.padding, PAD_LABEL)} ({inp.side}): <|endoftext|>, "
+                           f"id {ENDOFTEXT_ID}, masked out as a key; positions count the real "
+                           "tokens", style="dim"))
     console.print()
     show(console, prediction(result, width, top_k))
     console.print()
@@ -486,6 +492,7 @@ def document(result) -> bytes:
         "inputs": [input_json(i) for i in trace.inputs],
         "trained": result.trained,
         "position": result.position,
+        "batch_position": result.batch_position,
         "token": token_json(trace.inputs[0].tokens[result.position]),
         "target": _token(result.target),
         "versus": None if result.versus is None else _token(result.versus),
