@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from rich.cells import cell_len
 from attn_tracer import render_heatmaps, tokens
 from attn_tracer.cli import app
 
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_texts"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SMALL = ["--d-model", "16", "--heads", "2", "--layers", "1"]
 COUNTING = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
@@ -218,3 +220,23 @@ def test_views_fit_any_width_and_say_what_they_leave_out(runner):
         assert "attn layer 0 head 0" in plain
 
     check()
+
+
+def test_a_pattern_too_wide_to_print_is_drawn_whole_downsampled(runner):
+    from attn_tracer import render_heatmaps as rh
+
+    text = (SAMPLE_DIR / "long.txt").read_text(encoding="utf-8")
+    n = len(tokens.tokenize(text.removesuffix("\n")))
+    out = view(runner, ["--file", str(SAMPLE_DIR / "long.txt"), *SMALL, "--head", "0"],
+               columns=100)
+    assert f"the whole pattern, {n} queries × {n} keys in" in " ".join(out.split())
+    lines = out.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("the whole pattern")) + 2
+    body = [x for x in lines[start:start + 40] if re.match(r"^\s*\d+ [▁▂▃▄▅▆▇█ ]+$", x)]
+    # Query positions run down the left from 0; every line fits; the causal triangle shows.
+    assert int(body[0].split()[0]) == 0 and len(body) >= 10
+    marks = [len(x.split(" ", 1)[1].rstrip()) if " " in x.strip() else 0 for x in body]
+    assert marks == sorted(marks) and marks[0] < marks[-1]
+    assert max(cell_len(x) for x in lines) <= 100
+    assert n > rh.LISTED_ROWS  # the strongest-keys list follows it, for the last rows
+    assert "strongest keys of each query" in " ".join(out.split())

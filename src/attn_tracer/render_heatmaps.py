@@ -141,7 +141,7 @@ def numbered(names: list[str], positions: range, always: bool = False) -> list[s
 
 def heatmap(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
             max_width: int, marks: np.ndarray, queries: range | None = None,
-            keys: range | None = None) -> RenderableType:
+            keys: range | None = None, color: bool = True) -> RenderableType:
     """One attention pattern [q_len, k_len]: the rows `queries` and the columns `keys` of it.
 
     `marks` (mask_marks) says which cells a mask forbids; an allowed weight that rounds to 0 is
@@ -157,7 +157,7 @@ def heatmap(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
     label_width = min(max(cell_len(r) for r in row_names), MAX_LABEL, max(max_width // 4, 4))
     room = max_width - label_width - 1
     if len(keys) * MIN_CELL > room:
-        return topk_view(weights, rows, cols, title, max_width, marks, queries, keys)
+        return topk_view(weights, rows, cols, title, max_width, marks, queries, keys, color)
     # Columns as wide as their longest label needs, within the width there is.
     cell = max(MIN_CELL, min(MAX_CELL, max(cell_len(c) for c in col_names) + 1,
                              room // len(keys)))
@@ -210,9 +210,42 @@ def _fmt01(w: float) -> str:
     return f"{w:.2f}"[1:]  # ".42": two decimals in three characters
 
 
+def overview(weights: np.ndarray, marks: np.ndarray, queries: range, keys: range,
+             max_width: int, color: bool) -> list[Text]:
+    """The whole pattern (its `queries` × `keys`), downsampled to fit the width: the thumbnail
+    renderer of `attn heads`, with query positions down the left and key positions below."""
+    from attn_tracer.render_thumbnails import edges, pixels, thumbnail
+
+    q_index, k_index = np.asarray(queries), np.asarray(keys)
+    sub = weights[np.ix_(q_index, k_index)]
+    allowed = marks[np.ix_(q_index, k_index)] == ""
+    axis = len(str(queries.stop - 1)) + 1
+    cols = max(1, min(len(keys), max_width - axis - 1))
+    height = max(2, min(24, cols // 2 if color else cols // 4, len(queries)))
+    drawn = thumbnail(sub, cols, height, allowed, color)
+    q_edges = edges(len(queries), pixels(height, color))
+    step = 2 if color else 1
+    out = [Text(f"the whole pattern, {len(queries)} queries × {len(keys)} keys in "
+                f"{len(drawn)} lines × {cols} cells (a cell: the weight a query gives a block of "
+                "keys, averaged over the block's queries)", style="dim italic")]
+    for line, t in enumerate(drawn):
+        first = queries.start + int(q_edges[min(line * step, len(q_edges) - 1)])
+        row = Text(f"{first:>{axis - 1}} ", style="dim")
+        row.append_text(t)
+        out.append(row)
+    k_edges = edges(len(keys), cols)
+    ticks = [" "] * cols
+    for c in range(0, cols, 12):
+        label = str(keys.start + int(k_edges[c]))
+        if c + len(label) <= cols:
+            ticks[c:c + len(label)] = list(label)
+    out.append(Text(" " * axis + "".join(ticks).rstrip(), style="dim"))
+    return out
+
+
 def topk_view(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
-              max_width: int, marks: np.ndarray, queries: range, keys: range
-              ) -> RenderableType:
+              max_width: int, marks: np.ndarray, queries: range, keys: range,
+              color: bool = True) -> RenderableType:
     """For a key axis too wide to draw: each query's strongest keys, in order.
 
     Keys below 0.005 are not listed (they would all read .00). Without --query, the last
@@ -253,6 +286,7 @@ def topk_view(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
         out.rstrip()
         out.append("\n")
     parts: list[RenderableType] = [Text(title, style="bold", no_wrap=True, overflow="ellipsis"),
+                                   *overview(weights, marks, queries, keys, max_width, color),
                                    note, out]
     if len(listed) < len(queries):
         first = listed.start
@@ -288,7 +322,7 @@ def legend(padded: bool = False, width: int = 120, *, causal: bool = True,
 
 def attention_maps(trace: Trace, width: int, kind: str = "attn",
                    batch_rows: list[int] | None = None, queries: range | None = None,
-                   keys: range | None = None) -> list[RenderableType]:
+                   keys: range | None = None, color: bool = True) -> list[RenderableType]:
     out: list[RenderableType] = []
     heads = trace.selection.heads
     keys_from = trace.cross if kind == "cross_attn" else trace.inputs
@@ -301,7 +335,7 @@ def attention_maps(trace: Trace, width: int, kind: str = "attn",
             for i, h in enumerate(heads):
                 where = f" · text {b}" if len(trace.inputs) > 1 else ""
                 items.append(heatmap(pattern[b, i], rows, cols, f"{kind} layer {layer} head {h}"
-                                     f"{where}", width, marks, queries, keys))
+                                     f"{where}", width, marks, queries, keys, color))
             drawn = all(isinstance(item, Text) for item in items)  # not the strongest-keys view
             out.append(grid(items, width) if drawn else Group(*items))  # type: ignore[arg-type]
             q_len, k_len = len(q_inp.valid), len(k_inp.valid)

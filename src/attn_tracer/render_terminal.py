@@ -196,7 +196,7 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
                                    style="dim"))
             show(console, stages(trace, layer, head, width, row, kind))
     maps = [m for kind in kinds
-            for m in attention_maps(trace, width, kind, batch_rows, queries, keys)]
+            for m in attention_maps(trace, width, kind, batch_rows, queries, keys, colored)]
     if maps:
         console.print(Text("attention patterns (rows: queries, columns: keys)", style="bold"))
         for m in maps:
