@@ -31,18 +31,17 @@ import pytest
 from rich.console import Console
 from rich.text import Text
 
-from attn_tracer.cli import app as cli
-from attn_tracer.explore import command, panels
-from attn_tracer.explore.data import STAGES, Section
-from attn_tracer.render_heatmaps import _fmt01
-from attn_tracer.run import Request
-from explore_setup import SENTENCE, SMALL, drive, explore_data, reference
+textual = pytest.importorskip("textual")  # the `explore` extra; CI's torch-free run has none
 
-textual = pytest.importorskip("textual")
-
+from attn_tracer.cli import app as cli  # noqa: E402  (after the importorskip guard)
+from attn_tracer.explore import command, panels  # noqa: E402
 from attn_tracer.explore.app import ExploreApp  # noqa: E402
+from attn_tracer.explore.data import STAGES, Section  # noqa: E402
 from attn_tracer.explore.head_view import HeadScreen, HeatmapView  # noqa: E402
 from attn_tracer.explore.overview import MODES, OverviewGrid, OverviewScreen  # noqa: E402
+from attn_tracer.render_heatmaps import _fmt01  # noqa: E402
+from attn_tracer.run import Request  # noqa: E402
+from explore_setup import SENTENCE, SMALL, drive, explore_data, reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 U = 2.0**-24  # float32's unit roundoff

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from explore_setup import SENTENCE, SMALL, explore_data
-
-pytest.importorskip("pytest_textual_snapshot")
+pytest.importorskip("pytest_textual_snapshot")  # the test extra's; CI's torch-free run has none
 
 from attn_tracer.explore.app import ExploreApp
 from attn_tracer.explore.head_view import HeatmapView
+from explore_setup import SENTENCE, SMALL, explore_data
 
 ROOT = Path(__file__).resolve().parent.parent
 CHINESE = "今天天气很好，我们去公园散步吧"
