@@ -20,9 +20,9 @@ from rich.text import Text
 from attn_tracer import __version__, render_thumbnails
 from attn_tracer.analysis.head_definitions import DEFINITIONS, SCORES
 from attn_tracer.render_json import config_json, input_json
-from attn_tracer.render_layout import cell_style, flow, grid, plural
+from attn_tracer.render_layout import cell_style, flow, grid
 from attn_tracer.render_layout import color as viridis
-from attn_tracer.render_terminal import show, token_strip
+from attn_tracer.render_terminal import header, show, token_strip
 
 SCHEMA = "attn-heads/1"
 GAP_CELLS = 1  # between two thumbnails of a row
@@ -57,27 +57,6 @@ def view_box(width: int, heads: int, color: bool, layers: int = 100) -> tuple[in
 
 
 # ── the view ──────────────────────────────────────────────────────────────────────────────────
-
-def header(result, width: int) -> Text:
-    trace = result.trace
-    c = trace.config
-    inputs = trace.inputs
-    lengths = ", ".join(str(i.length) for i in inputs)
-    tokens = plural(inputs[0].length, "token") if len(inputs) == 1 else f"{lengths} tokens"
-    items = [plural(len(inputs), "text"), tokens,
-             f"{plural(c.layers, 'layer')} × {plural(c.heads, 'head')}", f"d_model {c.d_model}",
-             c.arch, f"mask {c.mask}"]
-    first = Text("attn heads", style="bold")
-    first.append("  ")
-    t = flow([Text(i, style="dim") for i in items], width, first=first)
-    t.append("\n")
-    what = (f"GPT-2 weights from {c.weights}" if c.weights
-            else f"random weights, seed {c.seed} (untrained)")
-    e = trace.engine
-    t.append_text(flow([Text(i, style="dim") for i in
-                        (what, f"{e['engine']} on {e['device']}", e["dtype"])], width))
-    return t
-
 
 def input_lines(result, width: int) -> list[Text]:
     o = result.options
@@ -241,7 +220,7 @@ def table_title(result) -> Text:
 def render(result, console: Console) -> None:
     width = console.width
     color = colored(console)
-    show(console, header(result, width))
+    show(console, header(result.trace, width, title="attn heads"))
     console.print()
     for line in input_lines(result, width):
         show(console, line)
