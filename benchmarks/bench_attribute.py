@@ -65,7 +65,7 @@ def measure(reps: int = 3, lengths: tuple[int, ...] = (1024,),
             engines: tuple[str, ...] = ("auto", "numpy", "torch")) -> list[dict]:
     import torch
 
-    from attn_tracer import tokens
+    from attn_tracer.model import tokens
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,9 +109,9 @@ def ablation_cost(directory: Path, text: Path, length: int, reps: int) -> dict:
     The value is (the whole run with --ablate − without) ÷ the run's first forward; loading the
     checkpoint is in both runs and cancels, but its noise stays, so the time of the ablated
     forward itself (the second pipeline.run) ÷ the first is reported beside it."""
-    from attn_tracer import attribute as attr
-    from attn_tracer import pipeline
-    from attn_tracer.run import Request
+    from attn_tracer.commands import attribute as attr
+    from attn_tracer.commands.run import Request
+    from attn_tracer.model import pipeline
 
     forwards: list[float] = []
     real = pipeline.run

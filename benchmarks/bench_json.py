@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from attn_tracer.render_json import array_json
+from attn_tracer.render.json_doc import array_json
 
 SIZE = 1024
 TARGET_S = 1.0

@@ -183,8 +183,8 @@ def bench_startup(reps: int) -> list[dict]:
 
 def gpt2_small(n_ctx: int = 1024):
     """GPT-2-small shape with seeded random weights; the full embedding tables drawn once."""
-    from attn_tracer.config import Config
-    from attn_tracer.weights import random_weights
+    from attn_tracer.model.config import Config
+    from attn_tracer.model.weights import random_weights
 
     config = Config(d_model=768, heads=12, layers=12, n_ctx=n_ctx, pos="learned", arch="gpt2")
     weights = random_weights(config)
@@ -194,7 +194,7 @@ def gpt2_small(n_ctx: int = 1024):
 
 
 def token_ids(text: str, length: int) -> np.ndarray:
-    from attn_tracer import tokens
+    from attn_tracer.model import tokens
 
     ids = [t.id for t in tokens.tokenize(text)][:length]
     if len(ids) < length:
@@ -238,7 +238,7 @@ def reference_forward(P: dict, ids, config):
 
 
 def traced_forward(text: str, length: int, config, weights, engine, selection):
-    from attn_tracer import pipeline
+    from attn_tracer.model import pipeline
 
     trace, _ = pipeline.run([text], config, engine, weights, selection, max_length=length)
     return trace
@@ -281,8 +281,8 @@ def hf_model(weights, config):
 def bench_forward(reps: int, have_hf: bool) -> list[dict]:
     import torch
 
-    from attn_tracer.engine import Engine
-    from attn_tracer.trace import Selection
+    from attn_tracer.model.engine import Engine
+    from attn_tracer.model.trace import Selection
 
     length = 1024
     start = time.perf_counter()
@@ -348,8 +348,8 @@ def bench_cuda(reps: int) -> list[dict]:
         why = "CPU-only build of torch" if torch.version.cuda is None else "no GPU visible"
         return [row(f"g. CUDA {n:,} tok, one head captured ÷ untraced SDPA", None, 1.2,
                     note=f"skipped: {why}") for n in (1024, 4096)]
-    from attn_tracer.engine import Engine
-    from attn_tracer.trace import Selection
+    from attn_tracer.model.engine import Engine
+    from attn_tracer.model.trace import Selection
 
     rows = []
     for length in (1024, 4096):
@@ -395,8 +395,8 @@ def memory_child(mode: str) -> None:
 
     import torch
 
-    from attn_tracer.engine import Engine
-    from attn_tracer.trace import Selection
+    from attn_tracer.model.engine import Engine
+    from attn_tracer.model.trace import Selection
 
     config, weights = gpt2_small()
     length = 1024
@@ -502,7 +502,7 @@ def bench_crossover(lengths: tuple[int, ...], reps: int) -> list[dict]:
         rows.append(row(f"f. attn trace {n:>4} tok: torch ÷ numpy", ratio, None,
                         note=f"numpy {table[n]['numpy']:.2f} s, torch {table[n]['torch']:.2f} s",
                         numpy_seconds=table[n]["numpy"], torch_seconds=table[n]["torch"]))
-    from attn_tracer.engine import TORCH_FROM_LEN
+    from attn_tracer.model.engine import TORCH_FROM_LEN
 
     rows.append(row("f. torch wins from (engine.TORCH_FROM_LEN)", first_torch, None,
                     unit="tokens",
@@ -533,8 +533,8 @@ def explore_child(mode: str) -> None:
     import asyncio
 
     from attn_tracer.analysis import heads as heads_module
+    from attn_tracer.commands.run import Request
     from attn_tracer.explore import data as explore_data
-    from attn_tracer.run import Request
 
     text = long_text(1024)
     r = Request(texts=[text], arch="gpt2", layers=12, max_length=1024)
@@ -554,7 +554,7 @@ def explore_child(mode: str) -> None:
             return both
 
         heads_module.HeadScorer.hook = keeping
-    from attn_tracer import pipeline  # noqa: F401 - imported before the high-water mark resets
+    from attn_tracer.model import pipeline  # noqa: F401 - imported before the high-water mark resets
 
     before = _status_kb("VmRSS")
     try:

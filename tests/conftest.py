@@ -53,7 +53,7 @@ def one_line_error():
 @pytest.fixture
 def fresh_encoding():
     """Forget the cached GPT-2 encoding before and after, so the test really builds it."""
-    from attn_tracer import tokens
+    from attn_tracer.model import tokens
 
     tokens.encoding.cache_clear()
     yield

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from attn_tracer import pipeline
-from attn_tracer.engine import Engine
+from attn_tracer.commands.run import Request, build_config
 from attn_tracer.explore.data import Explore, compute
-from attn_tracer.run import Request, build_config
-from attn_tracer.trace import Selection, Trace
-from attn_tracer.weights import random_weights
+from attn_tracer.model import pipeline
+from attn_tracer.model.engine import Engine
+from attn_tracer.model.trace import Selection, Trace
+from attn_tracer.model.weights import random_weights
 
 SMALL = {"d_model": 64, "heads": 4, "layers": 2}  # fast, and still several heads and layers
 SENTENCE = "The cat sat on the mat"

@@ -30,13 +30,13 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from attn_tracer import attribute as attr  # noqa: E402  (after the importorskip guards)
-from attn_tracer import pipeline, tokens  # noqa: E402
 from attn_tracer.analysis import rollout as rollout_module  # noqa: E402
 from attn_tracer.analysis.decompose import head_outputs  # noqa: E402
-from attn_tracer.engine import select_engine  # noqa: E402
-from attn_tracer.run import Request, build_config  # noqa: E402
-from attn_tracer.trace import Selection  # noqa: E402
+from attn_tracer.commands import attribute as attr  # noqa: E402  after the importorskip guards
+from attn_tracer.commands.run import Request, build_config  # noqa: E402
+from attn_tracer.model import pipeline, tokens  # noqa: E402
+from attn_tracer.model.engine import select_engine  # noqa: E402
+from attn_tracer.model.trace import Selection  # noqa: E402
 
 TOL = 1e-5  # the issue's bound for what is read off one float32 forward
 SUM_TOL = 1e-4  # the issue's bound for Σ components against HF's logit
@@ -374,8 +374,8 @@ def test_rollout_normalises_rows_over_the_keys():
 
 def test_rollout_with_padding_is_the_unpadded_rollout():
     """A padded batch row: its real block rolls out as the text alone does; pad rows are 0."""
-    from attn_tracer.config import Config
-    from attn_tracer.weights import random_weights
+    from attn_tracer.model.config import Config
+    from attn_tracer.model.weights import random_weights
 
     config = Config(d_model=16, heads=4, layers=3)
     weights = random_weights(config)

@@ -16,10 +16,10 @@ from rich.cells import cell_len
 from rich.console import Console
 from typer.testing import CliRunner
 
-from attn_tracer import attribute as attr
-from attn_tracer import render_attribution
 from attn_tracer.cli import app
-from attn_tracer.run import Request
+from attn_tracer.commands import attribute as attr
+from attn_tracer.commands.run import Request
+from attn_tracer.render import attribution as render_attribution
 
 jsonschema = pytest.importorskip("jsonschema")
 

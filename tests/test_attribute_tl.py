@@ -35,9 +35,9 @@ transformer_lens = pytest.importorskip("transformer_lens")
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights  # noqa: E402
 
-from attn_tracer import attribute as attr  # noqa: E402
-from attn_tracer import tokens  # noqa: E402
-from attn_tracer.run import Request  # noqa: E402
+from attn_tracer.commands import attribute as attr  # noqa: E402
+from attn_tracer.commands.run import Request  # noqa: E402
+from attn_tracer.model import tokens  # noqa: E402
 
 # TransformerLens 3 says HookedTransformer will give way to TransformerBridge in 4.0.
 pytestmark = pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated")

@@ -18,12 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from attn_tracer import pipeline, render_heatmaps, render_terminal, tokens
 from attn_tracer.cli import app
-from attn_tracer.config import Config
-from attn_tracer.engine import select_engine
-from attn_tracer.trace import Selection
-from attn_tracer.weights import random_weights
+from attn_tracer.model import pipeline, tokens
+from attn_tracer.model.config import Config
+from attn_tracer.model.engine import select_engine
+from attn_tracer.model.trace import Selection
+from attn_tracer.model.weights import random_weights
+from attn_tracer.render import heatmaps as render_heatmaps
+from attn_tracer.render import terminal as render_terminal
 from tolerance import assert_close, step_tolerances
 
 SMALL = Config(d_model=32, heads=4, layers=2, n_ctx=64, seed=3)
@@ -123,7 +125,7 @@ def test_pad_query_rows_and_pad_key_columns_are_zero():
 
 def test_fused_path_zeroes_pad_queries_like_the_explicit_path():
     torch = pytest.importorskip("torch")
-    from attn_tracer.torch_ops import fused_attention
+    from attn_tracer.model.torch_ops import fused_attention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 8, generator=gen) for _ in range(3))

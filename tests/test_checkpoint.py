@@ -24,13 +24,13 @@ st_numpy = pytest.importorskip("safetensors.numpy")
 st_torch = pytest.importorskip("safetensors.torch")
 safetensors = pytest.importorskip("safetensors")
 
-from attn_tracer.checkpoint import (  # noqa: E402  (after the importorskip guards)
+from attn_tracer.model.checkpoint import (  # noqa: E402  (after the importorskip guards)
     Checkpoint,
     CheckpointError,
     hf_cache_dir,
     load_checkpoint,
 )
-from attn_tracer.safetensors_io import read_safetensors, write_safetensors  # noqa: E402
+from attn_tracer.model.safetensors_io import read_safetensors, write_safetensors  # noqa: E402
 from tolerance import assert_close, step_tolerances  # noqa: E402
 
 D_MODEL, HEADS, LAYERS, N_CTX, VOCAB = 64, 4, 2, 32, 50257
@@ -269,7 +269,7 @@ def test_importing_checkpoint_does_not_import_torch() -> None:
         "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
     }
     code = (
-        "import sys, attn_tracer.checkpoint, attn_tracer.safetensors_io\n"
+        "import sys, attn_tracer.model.checkpoint, attn_tracer.model.safetensors_io\n"
         "heavy = {'torch', 'transformers', 'safetensors'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )
@@ -546,11 +546,11 @@ def test_config_switches_that_change_the_math_are_refused(tmp_path: Path, switch
 
 
 def test_n_inner_is_honoured_and_matches_hugging_face(tmp_path: Path) -> None:
-    from attn_tracer.engine import select_engine
-    from attn_tracer.pipeline import run
-    from attn_tracer.run import Request, build_config
-    from attn_tracer.tokens import encode
-    from attn_tracer.trace import Selection
+    from attn_tracer.commands.run import Request, build_config
+    from attn_tracer.model.engine import select_engine
+    from attn_tracer.model.pipeline import run
+    from attn_tracer.model.tokens import encode
+    from attn_tracer.model.trace import Selection
 
     model = _tiny_gpt2(tmp_path, n_inner=48)  # not 4·n_embd
     config, weights = build_config(Request(weights=str(tmp_path)))

@@ -14,12 +14,12 @@ import jsonschema
 import numpy as np
 import pytest
 
-from attn_tracer import pipeline
 from attn_tracer.cli import app
-from attn_tracer.config import Config
-from attn_tracer.engine import select_engine
-from attn_tracer.trace import Selection
-from attn_tracer.weights import random_weights
+from attn_tracer.model import pipeline
+from attn_tracer.model.config import Config
+from attn_tracer.model.engine import select_engine
+from attn_tracer.model.trace import Selection
+from attn_tracer.model.weights import random_weights
 from tolerance import assert_close, magnitude, softmax_gain, step_tolerances, tolerance
 
 torch = pytest.importorskip("torch")

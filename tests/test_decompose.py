@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from attn_tracer import pipeline
 from attn_tracer.analysis.decompose import head_outputs
-from attn_tracer.config import Config
-from attn_tracer.engine import select_engine
-from attn_tracer.trace import Selection
-from attn_tracer.weights import random_weights
+from attn_tracer.model import pipeline
+from attn_tracer.model.config import Config
+from attn_tracer.model.engine import select_engine
+from attn_tracer.model.trace import Selection
+from attn_tracer.model.weights import random_weights
 
 
 def test_head_outputs_sum_to_the_blocks_output_plus_bias():

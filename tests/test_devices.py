@@ -16,9 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from attn_tracer import engine as engine_module
-from attn_tracer import run as run_module
 from attn_tracer.cli import app
+from attn_tracer.commands import run as run_module
+from attn_tracer.model import engine as engine_module
 
 SMALL = ["--d-model", "64", "--heads", "4"]
 SENTENCE = "The cat sat on the mat"
@@ -162,11 +162,11 @@ def test_no_progress_or_other_noise_on_stderr_when_it_is_not_a_terminal(runner):
 
 
 def test_the_pipeline_reports_each_layer():
-    from attn_tracer import pipeline
-    from attn_tracer.config import Config
-    from attn_tracer.engine import Engine
-    from attn_tracer.trace import Selection
-    from attn_tracer.weights import random_weights
+    from attn_tracer.model import pipeline
+    from attn_tracer.model.config import Config
+    from attn_tracer.model.engine import Engine
+    from attn_tracer.model.trace import Selection
+    from attn_tracer.model.weights import random_weights
 
     config = Config(d_model=16, heads=2, layers=3)
     calls = []

@@ -447,7 +447,7 @@ def _fill(args: list[str], tmp: Path, hostile: Path | None = None) -> list[str]:
 
 
 def _cuda_available() -> bool:
-    from attn_tracer.engine import cuda_present
+    from attn_tracer.model.engine import cuda_present
 
     return cuda_present()
 
@@ -583,7 +583,7 @@ def test_debug_shows_the_traceback_of_a_user_error(where: str, runner: CliRunner
 
 
 def _break_the_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
-    from attn_tracer import pipeline
+    from attn_tracer.model import pipeline
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")

@@ -34,13 +34,13 @@ from rich.text import Text
 textual = pytest.importorskip("textual")  # the `explore` extra; CI's torch-free run has none
 
 from attn_tracer.cli import app as cli  # noqa: E402  (after the importorskip guard)
+from attn_tracer.commands.run import Request  # noqa: E402
 from attn_tracer.explore import command, panels  # noqa: E402
 from attn_tracer.explore.app import ExploreApp  # noqa: E402
 from attn_tracer.explore.data import STAGES, Section  # noqa: E402
 from attn_tracer.explore.head_view import HeadScreen, HeatmapView  # noqa: E402
 from attn_tracer.explore.overview import MODES, OverviewGrid, OverviewScreen  # noqa: E402
-from attn_tracer.render_heatmaps import _fmt01  # noqa: E402
-from attn_tracer.run import Request  # noqa: E402
+from attn_tracer.render.heatmaps import _fmt01  # noqa: E402
 from explore_setup import SENTENCE, SMALL, drive, explore_data, reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,8 +105,8 @@ def test_only_q_and_k_are_kept():
 
 
 def test_the_scores_are_attn_heads_scores():
-    from attn_tracer.heads_command import HeadsOptions
-    from attn_tracer.heads_command import compute as heads
+    from attn_tracer.commands.heads import HeadsOptions
+    from attn_tracer.commands.heads import compute as heads
 
     texts = ["The cat sat on the mat and the cat sat", "A dog and a dog"]
     data = explore_data(texts, **SMALL)

@@ -24,15 +24,15 @@ st_numpy = pytest.importorskip("safetensors.numpy")
 
 from typer.testing import CliRunner  # noqa: E402  (after the importorskip guards)
 
-from attn_tracer import tokens  # noqa: E402
-from attn_tracer.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from attn_tracer.cli import app  # noqa: E402
-from attn_tracer.config import Config  # noqa: E402
-from attn_tracer.engine import select_engine  # noqa: E402
 from attn_tracer.errors import AttnError  # noqa: E402
-from attn_tracer.pipeline import run  # noqa: E402
-from attn_tracer.trace import Selection  # noqa: E402
-from attn_tracer.weights import random_weights  # noqa: E402
+from attn_tracer.model import tokens  # noqa: E402
+from attn_tracer.model.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from attn_tracer.model.config import Config  # noqa: E402
+from attn_tracer.model.engine import select_engine  # noqa: E402
+from attn_tracer.model.pipeline import run  # noqa: E402
+from attn_tracer.model.trace import Selection  # noqa: E402
+from attn_tracer.model.weights import random_weights  # noqa: E402
 from conftest import check_one_line_error  # noqa: E402
 
 VOCAB = 50257

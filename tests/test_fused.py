@@ -13,11 +13,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from attn_tracer import pipeline  # noqa: E402  (after the importorskip guard)
-from attn_tracer.config import Config  # noqa: E402
-from attn_tracer.engine import select_engine  # noqa: E402
-from attn_tracer.trace import Selection  # noqa: E402
-from attn_tracer.weights import random_weights  # noqa: E402
+from attn_tracer.model import pipeline  # noqa: E402  after the importorskip guard
+from attn_tracer.model.config import Config  # noqa: E402
+from attn_tracer.model.engine import select_engine  # noqa: E402
+from attn_tracer.model.trace import Selection  # noqa: E402
+from attn_tracer.model.weights import random_weights  # noqa: E402
 from tolerance import assert_close, step_tolerances  # noqa: E402
 
 SMALL = {"d_model": 64, "heads": 4, "layers": 2}

@@ -25,14 +25,14 @@ transformers = pytest.importorskip("transformers")
 
 from typer.testing import CliRunner  # noqa: E402  (after the importorskip guards)
 
-from attn_tracer import tokens  # noqa: E402
 from attn_tracer.cli import app  # noqa: E402
-from attn_tracer.engine import select_engine  # noqa: E402
+from attn_tracer.commands.run import Request, build_config  # noqa: E402
 from attn_tracer.errors import AttnError  # noqa: E402
-from attn_tracer.pipeline import run  # noqa: E402
-from attn_tracer.run import Request, build_config  # noqa: E402
-from attn_tracer.safetensors_io import CheckpointError  # noqa: E402
-from attn_tracer.trace import Selection  # noqa: E402
+from attn_tracer.model import tokens  # noqa: E402
+from attn_tracer.model.engine import select_engine  # noqa: E402
+from attn_tracer.model.pipeline import run  # noqa: E402
+from attn_tracer.model.safetensors_io import CheckpointError  # noqa: E402
+from attn_tracer.model.trace import Selection  # noqa: E402
 from conftest import check_one_line_error as assert_error  # noqa: E402
 from tolerance import assert_close, step_tolerances  # noqa: E402
 

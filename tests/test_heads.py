@@ -24,9 +24,9 @@ jsonschema = pytest.importorskip("jsonschema")
 from typer.testing import CliRunner  # noqa: E402
 
 import heads_model  # noqa: E402
-from attn_tracer import tokens  # noqa: E402
 from attn_tracer.analysis.head_definitions import DEFINITIONS, NOTES, SCORES  # noqa: E402
 from attn_tracer.cli import app  # noqa: E402
+from attn_tracer.model import tokens  # noqa: E402
 
 # Our patterns match HF's within 1e-5 in float32 (test_gpt2.py; measured ≤ 1e-6). Each score is a
 # weighted sum of pattern entries whose weights add up to at most 1 per query row, averaged over

@@ -10,9 +10,9 @@ import tracemalloc
 
 import pytest
 
-from attn_tracer import heads_command
-from attn_tracer.engine import torch_installed
-from attn_tracer.run import Request
+from attn_tracer.commands import heads as heads_command
+from attn_tracer.commands.run import Request
+from attn_tracer.model.engine import torch_installed
 
 TEXT = " ".join(["the cat sat on the mat and looked at the dog"] * 30)  # 330 tokens
 

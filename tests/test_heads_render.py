@@ -19,10 +19,12 @@ from rich.console import Console
 from rich.style import Style
 
 import heads_model
-from attn_tracer import heads_command, render_heads, render_thumbnails
 from attn_tracer.analysis.head_definitions import SCORES
-from attn_tracer.render_layout import color as viridis
-from attn_tracer.run import Request
+from attn_tracer.commands import heads as heads_command
+from attn_tracer.commands.run import Request
+from attn_tracer.render import heads as render_heads
+from attn_tracer.render import thumbnails as render_thumbnails
+from attn_tracer.render.layout import color as viridis
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = ROOT / "sample_texts" / "long.txt"

@@ -25,8 +25,8 @@ from transformer_lens.head_detector import detect_head  # noqa: E402
 from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from attn_tracer import tokens  # noqa: E402
 from attn_tracer.cli import app  # noqa: E402
+from attn_tracer.model import tokens  # noqa: E402
 
 # Both run float32 GPT-2 on the same weights; test_heads.py bounds the scores' difference
 # between two such implementations by 1e-5 (patterns within a few ulps, weights summing to ≤ 1).

@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from attn_tracer import pipeline
-from attn_tracer.config import Config
-from attn_tracer.engine import select_engine, torch_installed
-from attn_tracer.trace import Selection
-from attn_tracer.weights import random_weights
+from attn_tracer.model import pipeline
+from attn_tracer.model.config import Config
+from attn_tracer.model.engine import select_engine, torch_installed
+from attn_tracer.model.trace import Selection
+from attn_tracer.model.weights import random_weights
 
 CONFIG = Config(d_model=16, heads=4, layers=2)
 TEXT = ["The cat sat on the mat"]

@@ -16,13 +16,14 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from attn_tracer import render_json, tokens
 from attn_tracer.cli import app
-from attn_tracer.config import Config
-from attn_tracer.engine import Engine
-from attn_tracer.pipeline import run as pipeline_run
-from attn_tracer.trace import Selection
-from attn_tracer.weights import random_weights
+from attn_tracer.model import tokens
+from attn_tracer.model.config import Config
+from attn_tracer.model.engine import Engine
+from attn_tracer.model.pipeline import run as pipeline_run
+from attn_tracer.model.trace import Selection
+from attn_tracer.model.weights import random_weights
+from attn_tracer.render import json_doc as render_json
 from tolerance import assert_close, softmax_rtol, step_tolerances
 
 jsonschema = pytest.importorskip("jsonschema")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from rich.cells import cell_len
 
-from attn_tracer import tokens, weights
 from attn_tracer.cli import app
+from attn_tracer.model import tokens, weights
 from attn_tracer.text import read_file
 
 SMALL_ARGS = ["--d-model", "64", "--heads", "4", "--layers", "2"]
@@ -74,11 +74,11 @@ def test_absurd_sizes_are_refused_from_the_estimate(runner, no_weights, args, on
 
 PROBE = """
 import json, sys
-from attn_tracer import memory, pipeline
-from attn_tracer.config import Config
-from attn_tracer.engine import select_engine
-from attn_tracer.trace import Selection
-from attn_tracer.weights import random_weights
+from attn_tracer.model import memory, pipeline
+from attn_tracer.model.config import Config
+from attn_tracer.model.engine import select_engine
+from attn_tracer.model.trace import Selection
+from attn_tracer.model.weights import random_weights
 
 
 def status(field):  # kB → bytes
@@ -150,11 +150,11 @@ def test_long_text_traces_and_stays_readable(runner, tmp_path):
 
 DEEP_PROBE = """
 import json, sys
-from attn_tracer import memory, pipeline
-from attn_tracer.config import Config
-from attn_tracer.engine import select_engine
-from attn_tracer.trace import Selection
-from attn_tracer.weights import random_weights
+from attn_tracer.model import memory, pipeline
+from attn_tracer.model.config import Config
+from attn_tracer.model.engine import select_engine
+from attn_tracer.model.trace import Selection
+from attn_tracer.model.weights import random_weights
 
 
 def status(field):  # kB → bytes

@@ -23,13 +23,13 @@ st_torch = pytest.importorskip("safetensors.torch")
 
 from typer.testing import CliRunner  # noqa: E402  (after the importorskip guards)
 
-from attn_tracer import tokens  # noqa: E402
-from attn_tracer.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from attn_tracer.cli import app  # noqa: E402
-from attn_tracer.engine import select_engine  # noqa: E402
-from attn_tracer.pipeline import run  # noqa: E402
-from attn_tracer.run import Request, build_config  # noqa: E402
-from attn_tracer.trace import Selection  # noqa: E402
+from attn_tracer.commands.run import Request, build_config  # noqa: E402
+from attn_tracer.model import tokens  # noqa: E402
+from attn_tracer.model.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from attn_tracer.model.engine import select_engine  # noqa: E402
+from attn_tracer.model.pipeline import run  # noqa: E402
+from attn_tracer.model.trace import Selection  # noqa: E402
 
 # README's bound for real GPT-2 against transformers in float32, logits included.
 TOL = 1e-5

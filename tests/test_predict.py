@@ -21,12 +21,12 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from typer.testing import CliRunner  # noqa: E402  (after the importorskip guards)
 
-from attn_tracer import tokens  # noqa: E402
 from attn_tracer.cli import app  # noqa: E402
-from attn_tracer.engine import select_engine  # noqa: E402
-from attn_tracer.pipeline import run  # noqa: E402
-from attn_tracer.run import Request, build_config  # noqa: E402
-from attn_tracer.trace import Selection  # noqa: E402
+from attn_tracer.commands.run import Request, build_config  # noqa: E402
+from attn_tracer.model import tokens  # noqa: E402
+from attn_tracer.model.engine import select_engine  # noqa: E402
+from attn_tracer.model.pipeline import run  # noqa: E402
+from attn_tracer.model.trace import Selection  # noqa: E402
 from tolerance import assert_close, prob_rtol, softmax_rtol, step_tolerances  # noqa: E402
 
 VOCAB = 50257

@@ -16,12 +16,13 @@ import pytest
 from rich.cells import cell_len
 from rich.console import Console
 
-from attn_tracer import render_heatmaps, render_terminal
-from attn_tracer.config import Config
-from attn_tracer.engine import select_engine
-from attn_tracer.pipeline import run
-from attn_tracer.trace import Selection
-from attn_tracer.weights import random_weights
+from attn_tracer.model.config import Config
+from attn_tracer.model.engine import select_engine
+from attn_tracer.model.pipeline import run
+from attn_tracer.model.trace import Selection
+from attn_tracer.model.weights import random_weights
+from attn_tracer.render import heatmaps as render_heatmaps
+from attn_tracer.render import terminal as render_terminal
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_texts"
 ENGLISH = "The cat sat on the mat"
@@ -542,7 +543,7 @@ def prediction_rows(plain: str, batch: int) -> list[list[str]]:
 
 def bar_eighths(row: str) -> int:
     """The length of a prediction row's bar, in eighths of a cell."""
-    from attn_tracer.render_numbers import EIGHTHS
+    from attn_tracer.render.numbers import EIGHTHS
 
     return 8 * row.count("█") + sum(EIGHTHS.index(c) for c in row if c in EIGHTHS[1:])
 
@@ -570,7 +571,7 @@ def test_predictions_position_bars_and_rows():
 def test_random_logits_are_unit_scale_and_temperature_shows():
     """Random weights: logits N(0, 3²) (not the input token's own, hundreds above the rest), so
     T = 0.5, 1, 2 visibly sharpen and flatten the distribution; the bars stay visible."""
-    from attn_tracer.weights import LOGIT_STD
+    from attn_tracer.model.weights import LOGIT_STD
 
     tops = {}
     for temperature in (0.5, 1.0, 2.0):

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from rich.cells import cell_len
 
-from attn_tracer import memory
 from attn_tracer.analysis.circuits import value_circuit
 from attn_tracer.cli import app
-from attn_tracer.config import Config
-from attn_tracer.engine import select_engine
-from attn_tracer.pipeline import run
-from attn_tracer.trace import Selection
-from attn_tracer.weights import random_weights
+from attn_tracer.model import memory
+from attn_tracer.model.config import Config
+from attn_tracer.model.engine import select_engine
+from attn_tracer.model.pipeline import run
+from attn_tracer.model.trace import Selection
+from attn_tracer.model.weights import random_weights
 
 NOTES = ["--d-model", "4", "--heads", "8", "--d-head", "3", "--layers", "1"]
 TEXT = "AI me"  # two GPT-2 tokens, as the notes' X has two rows ("LLM me" is three: LL, M, ␣me)
@@ -268,7 +268,7 @@ def test_circuits_section_lists_every_shown_head(runner):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_head_changes_sum_to_out(dtype):
-    from attn_tracer.render_numbers import head_change_rows
+    from attn_tracer.render.numbers import head_change_rows
 
     config = Config(d_model=16, heads=4, d_head=8, layers=2)
     weights = random_weights(config)

@@ -21,15 +21,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attn_tracer import tokens
 from attn_tracer.cli import app
 from attn_tracer.errors import AttnError
+from attn_tracer.model import tokens
 
 tiktoken = pytest.importorskip("tiktoken")
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_texts"
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
-PACKAGED = Path(tokens.__file__).parent / "data" / tokens.RANKS_FILE
+PACKAGED = Path(tokens.__file__).parents[1] / "data" / tokens.RANKS_FILE  # attn_tracer/data
 HEX_LABEL = re.compile(r"<[0-9a-f]{2}(?: [0-9a-f]{2})*>")
 
 CHINESE_SHORT = "今天天气很好"

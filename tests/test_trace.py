@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from attn_tracer import pipeline
-from attn_tracer.config import Config
-from attn_tracer.engine import select_engine
-from attn_tracer.trace import Selection
-from attn_tracer.weights import random_weights
+from attn_tracer.model import pipeline
+from attn_tracer.model.config import Config
+from attn_tracer.model.engine import select_engine
+from attn_tracer.model.trace import Selection
+from attn_tracer.model.weights import random_weights
 from tolerance import assert_close, softmax_rtol, step_tolerances
 
 SMALL = {"d_model": 64, "heads": 4, "layers": 2}

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from rich.cells import cell_len
 
-from attn_tracer import render_heatmaps, tokens
 from attn_tracer.cli import app
+from attn_tracer.model import tokens
+from attn_tracer.render import heatmaps as render_heatmaps
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_texts"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -223,7 +224,7 @@ def test_views_fit_any_width_and_say_what_they_leave_out(runner):
 
 
 def test_a_pattern_too_wide_to_print_is_drawn_whole_downsampled(runner):
-    from attn_tracer import render_heatmaps as rh
+    from attn_tracer.render import heatmaps as rh
 
     text = (SAMPLE_DIR / "long.txt").read_text(encoding="utf-8")
     n = len(tokens.tokenize(text.removesuffix("\n")))

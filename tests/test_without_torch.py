@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from attn_tracer.cli import app
-from attn_tracer.safetensors_io import write_safetensors
+from attn_tracer.model.safetensors_io import write_safetensors
 
 TINY = ["--d-model", "8", "--heads", "2", "--layers", "1"]
 INSTALL = 'pip install "attn-tracer[torch]"'
@@ -72,7 +72,7 @@ def test_safetensors_checkpoints_need_no_torch(runner, no_torch, tmp_path):
 
 
 def test_auto_stays_on_numpy_for_long_texts(no_torch):
-    from attn_tracer.engine import TORCH_FROM_LEN, select_engine
+    from attn_tracer.model.engine import TORCH_FROM_LEN, select_engine
 
     # From TORCH_FROM_LEN tokens on, auto would pick torch; without it, NumPy runs them.
     assert select_engine("auto", "auto", "float32", TORCH_FROM_LEN * 2).name == "numpy"

@@ -270,13 +270,13 @@ def tokens(
     debug: Debug = False,
 ) -> None:
     """Show how GPT-2's tokenizer splits a text: position, id, readable label, raw bytes."""
-    from attn_tracer import tokens as tok
+    from attn_tracer.model import tokens as tok
     from attn_tracer.text import read_text
 
     source = read_text(text, file, keep_newline)
     toks = tok.tokenize(source, allow_special=allow_special)
     if json_:
-        from attn_tracer.render_json import tokens_document
+        from attn_tracer.render.json_doc import tokens_document
 
         sys.stdout.buffer.write(tokens_document(toks))
         sys.stdout.flush()
@@ -374,7 +374,7 @@ def trace(
     debug: Debug = False,
 ) -> None:
     """Run a text through a multi-head attention stack and show every step with its shape."""
-    from attn_tracer import run as runner
+    from attn_tracer.commands import run as runner
 
     request = runner.Request(
         **opts, layer=layer or [], head=head or [], batch_index=batch_index, stages=stages,
@@ -423,8 +423,8 @@ def heads(
                                rich_help_panel="Output")] = False,
     debug: Debug = False,
 ) -> None:
-    from attn_tracer import heads_command
-    from attn_tracer.run import Request
+    from attn_tracer.commands import heads as heads_command
+    from attn_tracer.commands.run import Request
 
     options = heads_command.HeadsOptions(
         sort=sort.value, top=top, repeat=repeat, bos=bos, json=json_, thumbnails=thumbnails,
@@ -475,8 +475,8 @@ def attribute(
 
     Of the prediction at the last token (or --position), for one text: each part's logit share.
     """
-    from attn_tracer import attribute as attr
-    from attn_tracer import run as runner
+    from attn_tracer.commands import attribute as attr
+    from attn_tracer.commands import run as runner
 
     request = attr.AttributeRequest(
         base=runner.Request(**opts), target=target, versus=versus, position=position,
@@ -500,8 +500,8 @@ def explore(
                                       ] = False,  # the start-up benchmark's stop
     debug: Debug = False,
 ) -> int:
+    from attn_tracer.commands.run import Request
     from attn_tracer.explore import command
-    from attn_tracer.run import Request
 
     return command.execute(Request(**opts), notice=_notice,
                            exit_after_first_frame=exit_after_first_frame)

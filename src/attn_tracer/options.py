@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from attn_tracer.config import ARCHS, DTYPES, ENGINES, MASKS, POSITIONS
+from attn_tracer.model.config import ARCHS, DTYPES, ENGINES, MASKS, POSITIONS
 
 Opt = typer.Option
 

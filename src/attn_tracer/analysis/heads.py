@@ -142,7 +142,7 @@ class HeadScorer:
                        for name in ("previous", "duplicate", "induction", "first", "diagonal")}
         self._queries = e.asarray(t.queries.astype(np.float32))
         self._norm = e.asarray(t.norm.astype(np.float32))
-        from attn_tracer.render_thumbnails import batch_blocks
+        from attn_tracer.render.thumbnails import batch_blocks
 
         self._blocks = {}
         self._kept: dict[str, list[np.ndarray]] = {}
@@ -206,7 +206,7 @@ WORD = re.compile(rb" [a-z]{3,}")  # " cat", " the": a space and three or more A
 
 def word_ids() -> np.ndarray:
     """Ids of GPT-2's ordinary word tokens (19,383 of them), in id order."""
-    from attn_tracer import tokens
+    from attn_tracer.model import tokens
 
     enc = tokens.encoding()
     ranks = getattr(enc, "_mergeable_ranks", None)  # bytes → id, without decoding 50k tokens
@@ -222,7 +222,7 @@ PROBE_STREAM = 5  # a random stream of its own (weights.py uses 1-4), so --seed 
 def repeat_probe(n: int, seed: int, bos: bool) -> list[int]:
     """N distinct word tokens drawn with the seed, then the same N again; <|endoftext|> first
     with `bos`. Distinct, so that the second half's copies are the only duplicates."""
-    from attn_tracer.tokens import ENDOFTEXT_ID
+    from attn_tracer.model.tokens import ENDOFTEXT_ID
 
     words = word_ids()
     drawn = np.random.default_rng([seed, PROBE_STREAM]).choice(words, n, replace=False)

@@ -62,8 +62,8 @@ class ExploreApp(App):
             side.display = not side.display
 
     def action_save(self) -> None:
-        from attn_tracer.render_terminal import offline_svg
-        from attn_tracer.save import write_atomic
+        from attn_tracer.commands.save import write_atomic
+        from attn_tracer.render.terminal import offline_svg
 
         path = next_free(self.save_to)
         try:

@@ -16,8 +16,8 @@ import threading
 from collections.abc import Callable
 from importlib.util import find_spec
 
+from attn_tracer.commands.run import Request
 from attn_tracer.errors import AttnError, UsageError
-from attn_tracer.run import Request
 
 INSTALL = 'pip install "attn-tracer[explore]"'
 SERIAL_IMPORT = "ATTN_EXPLORE_SERIAL_IMPORT"  # benchmarks/run.py, figure i

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from attn_tracer.render_heatmaps import mask_marks
-from attn_tracer.run import Request
-from attn_tracer.trace import Input, Trace
+from attn_tracer.commands.run import Request
+from attn_tracer.model.trace import Input, Trace
+from attn_tracer.render.heatmaps import mask_marks
 
 STAGES = ("scores", "scaled", "masked", "pattern")  # the order of layers.pattern_steps
 STAGE_NAMES = {"scores": "raw", "scaled": "scaled", "masked": "masked", "pattern": "softmax"}
@@ -122,8 +122,8 @@ class Explore:
         return self._cache[layer, head, batch, kind][1][stage]
 
     def _compute(self, layer: int, head: int, batch: int, kind: str):
-        from attn_tracer import layers
-        from attn_tracer.pipeline import cross_mask, self_mask
+        from attn_tracer.model import layers
+        from attn_tracer.model.pipeline import cross_mask, self_mask
 
         prefix = f"blocks.{layer}.{kind}"
         t = self.trace.tensors
@@ -151,11 +151,12 @@ def compute(r: Request, notice: Callable[[str], None], width: int, color: bool =
 
     `width`: the terminal's columns, which size the overview's thumbnails.
     """
-    from attn_tracer import memory, run
     from attn_tracer.analysis.heads import HeadScorer, targets
+    from attn_tracer.commands import run
     from attn_tracer.explore.layout import thumbnail_box
-    from attn_tracer.pipeline import prepare
-    from attn_tracer.trace import Selection
+    from attn_tracer.model import memory
+    from attn_tracer.model.pipeline import prepare
+    from attn_tracer.model.trace import Selection
 
     run.validate(r)
     for message in run.ignored_options(r):

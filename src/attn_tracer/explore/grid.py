@@ -16,7 +16,7 @@ from textual.geometry import Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from attn_tracer.render_layout import cell_style
+from attn_tracer.render.layout import cell_style
 
 
 def cells(segments: list[Segment], x0: int, x1: int, origin: int, fill: Style) -> Strip:

@@ -32,7 +32,7 @@ from attn_tracer.explore import panels
 from attn_tracer.explore.data import STAGE_NAMES, Explore
 from attn_tracer.explore.grid import CYAN, DIM, REVERSE, FrozenGrid, cells, weight_style
 from attn_tracer.explore.layout import panel_shown
-from attn_tracer.render_heatmaps import (
+from attn_tracer.render.heatmaps import (
     MAX_LABEL,
     PADDED,
     _fmt01,
@@ -40,8 +40,8 @@ from attn_tracer.render_heatmaps import (
     reading_labels,
     shaded_text,
 )
-from attn_tracer.render_layout import fit
-from attn_tracer.render_numbers import _decimals, _fmt
+from attn_tracer.render.layout import fit
+from attn_tracer.render.numbers import _decimals, _fmt
 
 CELL = {"pattern": 4, "stage": 6, "colors": 2}  # a key's columns: ".42 ", "-1.23 ", or a block
 NARROW_LABEL = 10  # the widest a row label's token grows below 120 columns

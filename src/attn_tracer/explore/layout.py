@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from attn_tracer import render_thumbnails
+from attn_tracer.render import thumbnails as render_thumbnails
 
 PANEL_WIDTH = 46  # the side panel: the widest shape of GPT-2's steps and its dims fit
 PANEL_FROM = 120  # terminals at least this wide show the side panel from the start

@@ -20,14 +20,14 @@ from textual.screen import Screen
 from textual.strip import Strip
 from textual.widgets import Static
 
-from attn_tracer import render_thumbnails
 from attn_tracer.analysis.head_definitions import DEFINITIONS, SCORES
 from attn_tracer.explore import panels
 from attn_tracer.explore.data import Explore
 from attn_tracer.explore.grid import BOLD, CYAN, DIM, REVERSE, FrozenGrid, cells, weight_style
 from attn_tracer.explore.layout import PAD, label_width, panel_shown
-from attn_tracer.render_layout import color as viridis
-from attn_tracer.render_layout import flow
+from attn_tracer.render import thumbnails as render_thumbnails
+from attn_tracer.render.layout import color as viridis
+from attn_tracer.render.layout import flow
 
 CURSOR = Style(color="yellow", bold=True)
 MODES = (None, *SCORES)  # what the cells show: the thumbnails, or one score

@@ -20,8 +20,8 @@ from textual.widgets import Static
 from attn_tracer.analysis.head_definitions import DEFINITIONS, SCORES
 from attn_tracer.explore.data import STAGE_NAMES, Explore
 from attn_tracer.explore.layout import PANEL_WIDTH
-from attn_tracer.render_layout import cell_style, flow, plural
-from attn_tracer.render_shapes import shape_table
+from attn_tracer.render.layout import cell_style, flow, plural
+from attn_tracer.render.shapes import shape_table
 
 # Every key, by where it works: the help screen and the README's table are this list.
 KEYS: dict[str, list[tuple[str, str]]] = {
@@ -171,7 +171,7 @@ def shapes_panel(data: Explore, width: int) -> RenderableType:
 def predictions_panel(data: Explore, batch: int, width: int) -> RenderableType:
     """The next-token predictions of this text (--predict), then the sections of other
     analyses (data.sections)."""
-    from attn_tracer.render_numbers import predictions
+    from attn_tracer.render.numbers import predictions
 
     items: list[RenderableType] = [Text("")]
     if data.trace.predictions:

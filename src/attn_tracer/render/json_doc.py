@@ -17,8 +17,8 @@ import numpy as np
 import orjson
 
 from attn_tracer import __version__
-from attn_tracer.tokens import ENDOFTEXT_ID, Token
-from attn_tracer.trace import Input, Trace
+from attn_tracer.model.tokens import ENDOFTEXT_ID, Token
+from attn_tracer.model.trace import Input, Trace
 
 SCHEMA = "attn-trace/1"
 TOKENS_SCHEMA = "attn-tokens/1"

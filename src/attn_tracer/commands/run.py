@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attn_tracer import memory
-from attn_tracer.config import Config
 from attn_tracer.errors import UsageError
-from attn_tracer.tokens import VOCAB
+from attn_tracer.model import memory
+from attn_tracer.model.config import Config
+from attn_tracer.model.tokens import VOCAB
 
 VALUES_LIMIT = 16  # --values prints every number: beyond this, nobody reads them
 SAVED_WIDTH = 120  # columns of --svg/--html when neither a terminal nor COLUMNS says
@@ -128,7 +128,7 @@ def build_config(r: Request, notice: Callable[[str], None] = lambda message: Non
                  max_bytes: int | None = None):
     """The Config, and the checkpoint's parameters when --weights is given (refused from its
     header, before a tensor is read, if they would need more than `max_bytes`)."""
-    from attn_tracer.weights import Weights
+    from attn_tracer.model.weights import Weights
 
     arch = r.arch
     if arch is not None and arch not in ("attn", "gpt2"):
@@ -144,7 +144,7 @@ def build_config(r: Request, notice: Callable[[str], None] = lambda message: Non
             raise UsageError("GPT-2 weights come with learned positions; drop --pos")
         if not r.bias:
             raise UsageError("--no-bias conflicts with --weights: GPT-2 has biases")
-        from attn_tracer.checkpoint import load_checkpoint
+        from attn_tracer.model.checkpoint import load_checkpoint
 
         ck = load_checkpoint(r.weights, r.heads, max_bytes)
         if ck.head_untied_against_config:
@@ -212,7 +212,7 @@ def validate(r: Request) -> None:
     if not (math.isfinite(r.temperature) and r.temperature > 0):
         raise UsageError(f"--temperature must be a positive number (it divides the logits); "
                          f"got {r.temperature:g}")
-    from attn_tracer.engine import check_choices, check_torch
+    from attn_tracer.model.engine import check_choices, check_torch
 
     check_torch(r.engine, check_choices(r.engine, r.device, r.dtype))
     if r.width is not None and not 40 <= r.width <= 1000:
@@ -226,7 +226,7 @@ def validate(r: Request) -> None:
                          "cross-attention")
     if r.weights is not None and (r.cross or r.cross_file):
         raise UsageError("--cross conflicts with --weights: GPT-2 has no cross-attention")
-    from attn_tracer.save import TENSOR_SUFFIXES, check_target
+    from attn_tracer.commands.save import TENSOR_SUFFIXES, check_target
 
     if r.save is not None:
         check_target(r.save, r.force, "--save", TENSOR_SUFFIXES)
@@ -282,7 +282,7 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
     trace, weights = compute(r, said.append)
     for message in said:
         notice(message)
-    from attn_tracer.save import staged
+    from attn_tracer.commands.save import staged
 
     with staged():  # --save, --svg and --html are kept only if stdout is written too
         write_outputs(r, trace, weights, console)
@@ -315,10 +315,10 @@ def compute(r: Request, notice: Callable[[str], None]):
                              list(range(config.layers)) if r.json or r.save else [0])
     heads = parse_selection(r.head, config.heads, "--head", list(range(config.heads)))
     capture = "all" if (r.values or r.save) else ("stages" if r.stages else "patterns")
-    from attn_tracer.trace import Selection
+    from attn_tracer.model.trace import Selection
 
     selection = Selection(layers, heads, capture)
-    from attn_tracer.pipeline import prepare
+    from attn_tracer.model.pipeline import prepare
 
     prepared = prepare(texts, config, cross_texts=cross or None, padding=r.padding,
                        max_length=r.max_length, allow_special=r.allow_special, pad_to=r.pad_to)
@@ -356,7 +356,7 @@ def load_model(r: Request, notice: Callable[[str], None], limit: int | None = No
 
 def checked_engine(r: Request, needed: int, limit: int, length: int):
     """The engine for this run, once the estimate `needed` fits the host (and a GPU) limit."""
-    from attn_tracer.engine import free_memory, select_engine
+    from attn_tracer.model.engine import free_memory, select_engine
 
     memory.check(needed, limit)
     engine = select_engine(r.engine, r.device, r.dtype, length)
@@ -367,7 +367,7 @@ def checked_engine(r: Request, needed: int, limit: int, length: int):
 
 def forward(r: Request, config, weights, engine, prepared, selection, hooks=None):
     """The run itself, behind a progress bar; random weights are drawn only now."""
-    from attn_tracer.pipeline import run
+    from attn_tracer.model.pipeline import run
 
     texts = [inp.text for inp in prepared.batch.inputs]
     cross = [inp.text for inp in prepared.cross.inputs] if prepared.cross else None
@@ -386,7 +386,7 @@ def ensure_weights(config: Config, weights, cross: bool = False):
     """The checkpoint's weights, or random ones drawn now (after every check has passed)."""
     if weights is not None:
         return weights
-    from attn_tracer.weights import random_weights
+    from attn_tracer.model.weights import random_weights
 
     return random_weights(config, cross=cross)
 
@@ -420,7 +420,8 @@ def progress_display(description: str, show: bool = True) -> Iterator[Callable[[
 
 
 def write_outputs(r: Request, trace, weights, console: Callable) -> None:
-    from attn_tracer import render_json, save
+    from attn_tracer.commands import save
+    from attn_tracer.render import json_doc as render_json
 
     if r.save is not None:
         save.save_tensors(trace, r.save, render_json.config_json(trace))
@@ -428,7 +429,7 @@ def write_outputs(r: Request, trace, weights, console: Callable) -> None:
     if not r.json or r.svg or r.html:
         view = render_view(r, trace, weights, console())
         if r.svg is not None:
-            from attn_tracer.render_terminal import export_svg
+            from attn_tracer.render.terminal import export_svg
 
             save.write_atomic(r.svg, export_svg(view, "attn trace").encode())
         if r.html is not None:
@@ -442,7 +443,7 @@ def write_outputs(r: Request, trace, weights, console: Callable) -> None:
 
 def render_view(r: Request, trace, weights, target):
     """Render into memory with the target console's settings; printed only once it is whole."""
-    from attn_tracer import render_terminal
+    from attn_tracer.render import terminal as render_terminal
 
     width = r.width or (target.width if target.is_terminal or "COLUMNS" in os.environ
                         or not (r.svg or r.html) else SAVED_WIDTH)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from attn_tracer.config import Config
+from attn_tracer.model.config import Config
 
 # Separate random streams, so that adding a layer or a cross-attention block changes nothing else.
 _TOKENS, _POSITIONS, _LAYER, _CROSS, _UNEMBED = 1, 2, 3, 4, 5

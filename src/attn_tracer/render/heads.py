@@ -17,12 +17,13 @@ from rich.console import Console
 from rich.style import Style
 from rich.text import Text
 
-from attn_tracer import __version__, render_thumbnails
+from attn_tracer import __version__
 from attn_tracer.analysis.head_definitions import DEFINITIONS, SCORES
-from attn_tracer.render_json import config_json, input_json
-from attn_tracer.render_layout import cell_style, flow, grid
-from attn_tracer.render_layout import color as viridis
-from attn_tracer.render_terminal import header, show, token_strip
+from attn_tracer.render import thumbnails as render_thumbnails
+from attn_tracer.render.json_doc import config_json, input_json
+from attn_tracer.render.layout import cell_style, flow, grid
+from attn_tracer.render.layout import color as viridis
+from attn_tracer.render.terminal import header, show, token_strip
 
 SCHEMA = "attn-heads/1"
 GAP_CELLS = 1  # between two thumbnails of a row

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from attn_tracer import memory
-from attn_tracer import run as runner
 from attn_tracer.analysis import ablation, attribution, logit_lens, rollout
 from attn_tracer.analysis.decompose import head_outputs
+from attn_tracer.commands import run as runner
 from attn_tracer.errors import UsageError
-from attn_tracer.tokens import VOCAB
-from attn_tracer.trace import Selection, Trace
+from attn_tracer.model import memory
+from attn_tracer.model.tokens import VOCAB
+from attn_tracer.model.trace import Selection, Trace
 
 _VISIBLE = {"␣": " ", "↵": "\n", "⇥": "\t"}  # the labels' marks, read back as what they mark
 # The forward keeps no tensor through the selection: the hooks keep what is needed.
@@ -74,7 +74,7 @@ class Result:
 
 def parse_token(value: str, vocab: int, flag: str) -> int:
     """A token given as its text (`" Paris"`, or the label `␣Paris`) or as `#id`."""
-    from attn_tracer import tokens
+    from attn_tracer.model import tokens
     from attn_tracer.text import check_argument
 
     value = check_argument(value, flag)
@@ -116,7 +116,7 @@ def execute(a: AttributeRequest, notice: Callable[[str], None], console: Callabl
     for message in said:
         notice(message)
     if a.json:
-        from attn_tracer import render_attribution
+        from attn_tracer.render import attribution as render_attribution
 
         sys.stdout.buffer.write(render_attribution.document(result))
         sys.stdout.buffer.flush()
@@ -127,7 +127,7 @@ def execute(a: AttributeRequest, notice: Callable[[str], None], console: Callabl
 
 
 def render(a: AttributeRequest, result: Result, target):
-    from attn_tracer import render_attribution
+    from attn_tracer.render import attribution as render_attribution
 
     buffer = runner.buffer_like(target)
     render_attribution.render(result, buffer, top_k=a.top_k, components=a.components)
@@ -155,7 +155,7 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
         raise UsageError("--versus is the same token as --target: their logit difference is 0; "
                          "give another token")
     heads = ablation.parse_heads(a.ablate, config.layers, config.heads)
-    from attn_tracer.pipeline import prepare
+    from attn_tracer.model.pipeline import prepare
 
     prepared = prepare(texts, config, padding=r.padding, max_length=r.max_length,
                        allow_special=r.allow_special, pad_to=r.pad_to)
@@ -175,7 +175,7 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
     lens_rows = length if a.all_positions else 1
     needed += layers * lens_rows * config.d_model * 8 + 3 * logit_lens.CHUNK * config.vocab * 4
     engine = runner.checked_engine(r, needed, limit, length)
-    from attn_tracer.pipeline import run
+    from attn_tracer.model.pipeline import run
 
     with runner.progress_display(f"{length} tokens through {layers} layers") as advance:
         weights = runner.ensure_weights(config, weights)

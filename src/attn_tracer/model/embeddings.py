@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from attn_tracer.config import Config
-from attn_tracer.weights import Weights
+from attn_tracer.model.config import Config
+from attn_tracer.model.weights import Weights
 
 
 def sinusoidal(positions: np.ndarray, d_model: int) -> np.ndarray:

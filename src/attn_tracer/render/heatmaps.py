@@ -18,9 +18,9 @@ from rich.console import Group, RenderableType
 from rich.style import Style
 from rich.text import Text
 
-from attn_tracer.render_layout import cell_style, color, fit, flow, grid
-from attn_tracer.tokens import split_characters
-from attn_tracer.trace import Input, Trace
+from attn_tracer.model.tokens import split_characters
+from attn_tracer.model.trace import Input, Trace
+from attn_tracer.render.layout import cell_style, color, fit, flow, grid
 
 MASKED = "·"  # the causal mask: a key after the query
 PADDED = "×"  # the padding mask: a pad key, or every key of a pad query
@@ -214,7 +214,7 @@ def overview(weights: np.ndarray, marks: np.ndarray, queries: range, keys: range
              max_width: int, color: bool) -> list[Text]:
     """The whole pattern (its `queries` × `keys`), downsampled to fit the width: the thumbnail
     renderer of `attn heads`, with query positions down the left and key positions below."""
-    from attn_tracer.render_thumbnails import edges, pixels, thumbnail
+    from attn_tracer.render.thumbnails import edges, pixels, thumbnail
 
     q_index, k_index = np.asarray(queries), np.asarray(keys)
     sub = weights[np.ix_(q_index, k_index)]

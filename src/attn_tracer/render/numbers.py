@@ -12,7 +12,9 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from attn_tracer.render_heatmaps import (
+from attn_tracer.model.trace import Trace
+from attn_tracer.model.weights import LOGIT_STD
+from attn_tracer.render.heatmaps import (
     LABEL_WIDTH,
     MASKED,
     allowed_mask,
@@ -20,9 +22,7 @@ from attn_tracer.render_heatmaps import (
     labels,
     numbered,
 )
-from attn_tracer.render_layout import cell_style, fit, grid, wrap_words
-from attn_tracer.trace import Trace
-from attn_tracer.weights import LOGIT_STD
+from attn_tracer.render.layout import cell_style, fit, grid, wrap_words
 
 BAR = 30  # cells of a probability-1 bar in the predictions
 

@@ -10,8 +10,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from attn_tracer.config import Config
 from attn_tracer.errors import UsageError
+from attn_tracer.model.config import Config
 
 BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 

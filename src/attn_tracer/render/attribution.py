@@ -19,7 +19,8 @@ from rich.text import Text
 
 from attn_tracer import __version__
 from attn_tracer.analysis import attribution as dla
-from attn_tracer.render_heatmaps import (
+from attn_tracer.model.tokens import ENDOFTEXT_ID, VOCAB, token
+from attn_tracer.render.heatmaps import (
     PAD_LABEL,
     column_labels,
     heatmap,
@@ -27,10 +28,9 @@ from attn_tracer.render_heatmaps import (
     mask_marks,
     reading_labels,
 )
-from attn_tracer.render_json import array_json, config_json, input_json, token_json
-from attn_tracer.render_layout import GAP, cell_style, fit, flow, grid, plural
-from attn_tracer.render_terminal import header, show, token_strip
-from attn_tracer.tokens import ENDOFTEXT_ID, VOCAB, token
+from attn_tracer.render.json_doc import array_json, config_json, input_json, token_json
+from attn_tracer.render.layout import GAP, cell_style, fit, flow, grid, plural
+from attn_tracer.render.terminal import header, show, token_strip
 
 SCHEMA = "attn-attribute/1"
 # A diverging scale (ColorBrewer RdBu's ends): readable with the common color blindnesses,

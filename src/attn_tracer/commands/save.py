@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from attn_tracer.errors import AttnError, UsageError
-from attn_tracer.trace import Trace
+from attn_tracer.model.trace import Trace
 
 TENSOR_SUFFIXES = (".npz", ".safetensors")
 
@@ -190,6 +190,6 @@ def save_tensors(trace: Trace, path: Path, config_json: dict) -> None:
         np.savez_compressed(buffer, **tensors, config=np.array(meta))
         write_atomic(path, buffer.getvalue())
     else:
-        from attn_tracer.safetensors_io import write_safetensors
+        from attn_tracer.model.safetensors_io import write_safetensors
 
         _atomic(path, lambda tmp: write_safetensors(tmp, tensors, {"config": meta}))

@@ -25,7 +25,7 @@ from rich.color import Color
 from rich.style import Style
 from rich.text import Text
 
-from attn_tracer.render_layout import color as viridis
+from attn_tracer.render.layout import color as viridis
 
 UPPER, LOWER = "▀", "▄"
 RAMP = "▁▂▃▄▅▆▇█"  # the heatmap legend's ramp: heights carry the scale where colors are off

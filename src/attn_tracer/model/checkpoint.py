@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from attn_tracer.memory import human
-from attn_tracer.safetensors_io import (
+from attn_tracer.model.memory import human
+from attn_tracer.model.safetensors_io import (
     CheckpointError,
     CheckpointUsageError,
     json_problem,
@@ -498,7 +498,7 @@ def _read_torch(path: Path, max_bytes: int | None = None) -> dict[str, Any]:
     try:
         import torch
     except ImportError as e:
-        from attn_tracer.engine import INSTALL_TORCH
+        from attn_tracer.model.engine import INSTALL_TORCH
 
         raise CheckpointError(
             f"reading {path} needs PyTorch, which is not installed: {INSTALL_TORCH}, or use "

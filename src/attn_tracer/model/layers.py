@@ -19,8 +19,8 @@ import math
 
 import numpy as np
 
-from attn_tracer.config import Config
-from attn_tracer.engine import Engine, namespace
+from attn_tracer.model.config import Config
+from attn_tracer.model.engine import Engine, namespace
 
 # Dimension names of the recorded steps (config.py's vocabulary).
 BLD = ("batch", "len", "d_model")
@@ -32,7 +32,7 @@ def _torch(x) -> bool:
 
 def linear(x, W, b=None):
     if b is not None and _torch(x):  # torch: x·W + b in one addmm
-        from attn_tracer.torch_ops import linear as fused_linear
+        from attn_tracer.model.torch_ops import linear as fused_linear
 
         return fused_linear(x, W, b)
     y = x @ W
@@ -79,7 +79,7 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, engine: Engine, la
         index = xp.asarray(shown, dtype=xp.int64, device=q.device)
         pattern_steps(xp.take(q, index, axis=1), xp.take(k, index, axis=1), config, allowed,
                       rec, prefix, all_heads=heads)
-        from attn_tracer.torch_ops import fused_attention
+        from attn_tracer.model.torch_ops import fused_attention
 
         scale = 1 / math.sqrt(d_head) if config.scale else 1.0
         z = fused_attention(q, k, v, allowed, scale, causal)
@@ -131,7 +131,7 @@ def softmax(x):
     """
     xp = namespace(x)
     if _torch(x):  # torch: the same softmax in one kernel instead of eight passes
-        from attn_tracer.torch_ops import softmax as fused_softmax
+        from attn_tracer.model.torch_ops import softmax as fused_softmax
 
         return fused_softmax(x)
     dtype = x.dtype
@@ -149,7 +149,7 @@ def softmax(x):
 def layer_norm(x, w, b, eps: float):
     xp = namespace(x)
     if _torch(x):  # torch: the same formula in one kernel instead of nine passes
-        from attn_tracer.torch_ops import layer_norm as fused_layer_norm
+        from attn_tracer.model.torch_ops import layer_norm as fused_layer_norm
 
         return fused_layer_norm(x, w, b, eps)
     dtype = x.dtype
@@ -168,7 +168,7 @@ def gelu_new(x):
     """GPT-2's GELU, the tanh approximation."""
     xp = namespace(x)
     if _torch(x):  # torch: the same formula in one kernel instead of eight passes
-        from attn_tracer.torch_ops import gelu_new as fused_gelu
+        from attn_tracer.model.torch_ops import gelu_new as fused_gelu
 
         return fused_gelu(x)
     return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))

@@ -9,8 +9,8 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from attn_tracer.render_layout import GAP, wrap_words
-from attn_tracer.trace import Step
+from attn_tracer.model.trace import Step
+from attn_tracer.render.layout import GAP, wrap_words
 
 MIN_FORMULA = 24  # the shape trace changes layout rather than give a formula less room
 
@@ -259,7 +259,7 @@ def cost_table(steps: list[Step], costs: list, width: int = 120) -> Table:
 def cost_summary(costs: list, length: int, peak: int, peak_doubled: int) -> Text:
     """One line: the totals, and what doubling the text does to them (each step's figure times
     2^power)."""
-    from attn_tracer.memory import human
+    from attn_tracer.model.memory import human
 
     size = sum(c.bytes for c in costs)
     macs = sum(c.multiply_adds for c in costs)

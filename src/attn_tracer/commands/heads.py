@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from attn_tracer import memory
 from attn_tracer.analysis.head_definitions import SORTS
+from attn_tracer.commands.run import Request
 from attn_tracer.errors import UsageError
-from attn_tracer.run import Request
+from attn_tracer.model import memory
 
 JSON_BOX = (16, 16)  # --thumbnails: pattern rows × key columns of each head's thumbnail
 
@@ -51,7 +51,7 @@ class HeadsResult:
 
 
 def validate(r: Request, h: HeadsOptions) -> None:
-    from attn_tracer import run
+    from attn_tracer.commands import run
 
     run.validate(r)
     if h.sort not in SORTS:
@@ -66,7 +66,7 @@ def validate(r: Request, h: HeadsOptions) -> None:
             raise UsageError("--repeat builds its own input (random tokens, then the same "
                              "again): give it without a TEXT, --file or --lines")
     if h.svg is not None:
-        from attn_tracer.save import check_target
+        from attn_tracer.commands.save import check_target
 
         check_target(h.svg, h.force, "--svg", (".svg",))
 
@@ -110,7 +110,7 @@ def ignored(r: Request, h: HeadsOptions) -> list[str]:
 def execute(r: Request, h: HeadsOptions, notice: Callable[[str], None],
             console: Callable) -> None:
     target = console()
-    from attn_tracer import render_heads
+    from attn_tracer.render import heads as render_heads
 
     color = render_heads.colored(target)
     said: list[str] = []
@@ -119,8 +119,8 @@ def execute(r: Request, h: HeadsOptions, notice: Callable[[str], None],
     if not h.json or h.svg is not None:
         view = render_view(result, target, record=h.svg is not None)
     if h.svg is not None:
-        from attn_tracer.render_terminal import export_svg
-        from attn_tracer.save import write_atomic
+        from attn_tracer.commands.save import write_atomic
+        from attn_tracer.render.terminal import export_svg
 
         write_atomic(h.svg, export_svg(view, "attn heads").encode())
     for message in said:
@@ -137,7 +137,7 @@ def render_view(result: HeadsResult, target, record: bool = False):
     """Render into memory with the target console's settings; printed only once it is whole."""
     from rich.console import Console
 
-    from attn_tracer import render_heads
+    from attn_tracer.render import heads as render_heads
 
     buffer = Console(file=io.StringIO(), width=target.width, color_system=target.color_system,
                      force_terminal=target.is_terminal, no_color=target.no_color,
@@ -152,12 +152,12 @@ def compute(r: Request, h: HeadsOptions, notice: Callable[[str], None], width: i
 
     `width` and `color`: the console the view will be drawn on, which sizes the thumbnails.
     """
-    from attn_tracer import run
     from attn_tracer.analysis.heads import HeadScorer, repeat_probe, targets
-    from attn_tracer.pipeline import Prepared, make_batch, prepare
-    from attn_tracer.render_heads import view_box
-    from attn_tracer.tokens import token
-    from attn_tracer.trace import Selection
+    from attn_tracer.commands import run
+    from attn_tracer.model.pipeline import Prepared, make_batch, prepare
+    from attn_tracer.model.tokens import token
+    from attn_tracer.model.trace import Selection
+    from attn_tracer.render.heads import view_box
 
     validate(r, h)
     for message in ignored(r, h):

@@ -16,8 +16,10 @@ from rich.cells import cell_len, set_cell_size
 from rich.console import Console, RenderableType
 from rich.text import Text
 
-from attn_tracer.memory import step_costs
-from attn_tracer.render_heatmaps import (
+from attn_tracer.model.memory import step_costs
+from attn_tracer.model.tokens import ENDOFTEXT_ID
+from attn_tracer.model.trace import Input, Trace
+from attn_tracer.render.heatmaps import (
     PAD_LABEL,
     PIECE,
     attention_maps,
@@ -28,11 +30,9 @@ from attn_tracer.render_heatmaps import (
     reading_labels,
     shaded_text,
 )
-from attn_tracer.render_layout import GAP, flow, plural
-from attn_tracer.render_numbers import predictions, stages, values
-from attn_tracer.render_shapes import circuits_table, cost_summary, cost_table, shape_table
-from attn_tracer.tokens import ENDOFTEXT_ID
-from attn_tracer.trace import Input, Trace
+from attn_tracer.render.layout import GAP, flow, plural
+from attn_tracer.render.numbers import predictions, stages, values
+from attn_tracer.render.shapes import circuits_table, cost_summary, cost_table, shape_table
 
 STRIP_HEAD, STRIP_TAIL = 48, 16  # tokens listed before and after the … of a long text
 

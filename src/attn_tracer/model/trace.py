@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from attn_tracer.config import Config
-from attn_tracer.tokens import Token
+from attn_tracer.model.config import Config
+from attn_tracer.model.tokens import Token
 
 # What is captured for the selected layers: the pattern only; the pattern and the three score
 # stages before it; or every step (for --values and --save).

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
-from attn_tracer.config import DTYPES, ENGINES, HALF
 from attn_tracer.errors import AttnError, UsageError
+from attn_tracer.model.config import DTYPES, ENGINES, HALF
 
 # `--engine auto` on the CPU: NumPy below this many tokens, torch from it on. Measured by
 # benchmarks/run.py (figure f, BENCHMARKS.md) for the default stack (2 layers, d_model 768),

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attn_tracer import embeddings, layers, memory, tokens
-from attn_tracer.config import Config
-from attn_tracer.engine import Engine, namespace
 from attn_tracer.errors import AttnError, UsageError
-from attn_tracer.trace import Hook, Input, Prediction, Recorder, Selection, Trace
-from attn_tracer.weights import Weights
+from attn_tracer.model import embeddings, layers, memory, tokens
+from attn_tracer.model.config import Config
+from attn_tracer.model.engine import Engine, namespace
+from attn_tracer.model.trace import Hook, Input, Prediction, Recorder, Selection, Trace
+from attn_tracer.model.weights import Weights
 
 PAD_ID = tokens.ENDOFTEXT_ID  # GPT-2 has no pad token; its <|endoftext|> is the usual stand-in
 

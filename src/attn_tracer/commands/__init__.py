@@ -1,0 +1,1 @@
+"""Each command from its request to its outputs: validate, compute, write."""

@@ -1,0 +1,1 @@
+"""text → tokens → embeddings → layers → trace: the model and its run."""

@@ -1,0 +1,1 @@
+"""Renderers: the terminal view, JSON documents; they read plain data."""
