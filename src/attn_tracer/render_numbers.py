@@ -17,6 +17,9 @@ from attn_tracer.render_layout import cell_style, fit, grid
 from attn_tracer.trace import Trace
 
 BAR = 30  # cells of a probability-1 bar in the predictions
+# Rows of a prediction table drawn at most: beyond a few screens nobody reads them, and a Rich
+# table costs milliseconds a row (--top-k 50257 took minutes). --json and --save have them all.
+TOP_SHOWN = 100
 
 
 def stages(trace: Trace, layer: int, head: int, width: int, batch: int = 0) -> RenderableType:
@@ -173,9 +176,10 @@ def predictions(trace: Trace, width: int = 120,
         if items:
             items.append(Text(""))
         items.append(title)  # above the table: a table's title is only as wide as the table
-        cols = [[str(len(p.top))], [t["text"] for t in p.top], [str(t["id"]) for t in p.top],
-                [_prob(t["prob"]) for t in p.top], [f"{t['logit']:.3f}" for t in p.top]]
-        numbers = sum(max(cell_len(c) for c in col) for col in cols) if p.top else 0
+        top = p.top[:TOP_SHOWN]
+        cols = [[str(len(top))], [t["text"] for t in top], [str(t["id"]) for t in top],
+                [_prob(t["prob"]) for t in top], [f"{t['logit']:.3f}" for t in top]]
+        numbers = sum(max(cell_len(c) for c in col) for col in cols) if top else 0
         # The bar gives way to the numbers: BAR cells at probability 1 where they fit (a Rich
         # column takes 3 more cells: its padding and the blank rule between columns).
         bar = min(BAR, width - numbers - 3 * len(cols))
@@ -188,12 +192,15 @@ def predictions(trace: Trace, width: int = 120,
         table.add_column("logit", justify="right", style="dim", no_wrap=True)
         if bar:
             table.add_column("", no_wrap=True, overflow="crop")
-        for rank, t in enumerate(p.top):
+        for rank, t in enumerate(top):
             # Rounded half up: no bar at all below 1/(2·BAR) = 1/60 at full size.
             cells = ["█" * int(t["prob"] * bar + 0.5)] if bar else []
             table.add_row(str(rank + 1), Text(t["text"]), str(t["id"]), _prob(t["prob"]),
                           f"{t['logit']:.3f}", *(Text(c, style="green") for c in cells))
         items.append(table)
+        if len(top) < len(p.top):
+            items.append(Text(f"showing the top {len(top)} of {len(p.top)} (--top-k); --json "
+                              f"lists all {len(p.top)}", style="dim"))
     if not trace.config.weights:
         items.append(Text("These weights are random: the model is untrained, so these predictions"
                           " mean nothing. Use --weights for a real GPT-2.", style="yellow"))
