@@ -249,15 +249,16 @@ def tokens(
 
 @app.command(epilog=f"Example: {EXAMPLES['schema']}")
 def schema(
-    which: Annotated[str, typer.Argument(help="trace (attn trace --json) or tokens "
+    which: Annotated[str, typer.Argument(help="trace (attn trace --json), trace-lines "
+                                              "(attn trace --json-lines) or tokens "
                                               "(attn tokens --json).")] = "trace",
     debug: Debug = False,
 ) -> None:
     """Print the JSON Schema (draft 2020-12) of the --json output."""
     from importlib.resources import files
 
-    if which not in ("trace", "tokens"):
-        raise UsageError(f"no schema named {which!r}: choose trace or tokens")
+    if which not in ("trace", "trace-lines", "tokens"):
+        raise UsageError(f"no schema named {which!r}: choose trace, trace-lines or tokens")
     sys.stdout.write(files("attn_tracer.data").joinpath(f"{which}.schema.json").read_text("utf-8"))
     sys.stdout.flush()
 
@@ -292,10 +293,18 @@ def trace(
                                       "--predict.", rich_help_panel="View")] = 1.0,
     json_: Annotated[bool, Opt("--json", help="Write the trace as JSON (schema: attn schema).",
                                rich_help_panel="Output")] = False,
+    json_lines: Annotated[bool, Opt("--json-lines", help="Write the trace as JSON Lines: a "
+                                    "header, then one line per layer × batch row × head "
+                                    "(schema: attn schema trace-lines).",
+                                    rich_help_panel="Output")] = False,
     precision: Annotated[int | None, Opt("--precision", help="Round JSON floats to N decimals.",
                                          rich_help_panel="Output")] = None,
     save: Annotated[Path | None, Opt("--save", help="Save every step's tensor of the shown layers"
                                      " (.npz or .safetensors).", rich_help_panel="Output")] = None,
+    steps: Annotated[list[str] | None, Opt("--steps", help="With --save: only these steps, by "
+                                           "their name in a layer (pattern,z or attn.out,mlp.in;"
+                                           " repeatable).", rich_help_panel="Output",
+                                           show_default=False)] = None,
     svg: Annotated[Path | None, Opt("--svg", help="Save the terminal view as SVG.",
                                     rich_help_panel="Output")] = None,
     html: Annotated[Path | None, Opt("--html", help="Save the terminal view as HTML.",
@@ -310,7 +319,8 @@ def trace(
     request = runner.Request(
         **opts, layer=layer or [], head=head or [], batch_index=batch_index, stages=stages,
         values=values, predict=predict, top_k=top_k, temperature=temperature, json=json_,
-        precision=precision, save=save, svg=svg, html=html, force=force,
+        json_lines=json_lines, precision=precision, save=save, steps=steps or [], svg=svg,
+        html=html, force=force,
     )
     runner.execute(request, notice=_notice, console=_stdout_console)
 
