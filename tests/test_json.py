@@ -4,11 +4,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
+import threading
+import time
 from importlib.resources import files
 
 import numpy as np
@@ -39,6 +43,7 @@ def schema(which: str = "trace") -> dict:
 
 
 TRACE_VALIDATOR = jsonschema.Draft202012Validator(schema("trace"))
+LINES_VALIDATOR = jsonschema.Draft202012Validator(schema("trace-lines"))
 TOKENS_VALIDATOR = jsonschema.Draft202012Validator(schema("tokens"))
 
 
@@ -92,7 +97,7 @@ def steps_of(trace) -> list[dict]:
 
 # ── the schemas ────────────────────────────────────────────────────────────────────────────────
 
-@pytest.mark.parametrize("which", ["trace", "tokens"])
+@pytest.mark.parametrize("which", ["trace", "trace-lines", "tokens"])
 def test_schema_is_valid_2020_12_and_printed_by_attn_schema(which):
     s = schema(which)
     jsonschema.Draft202012Validator.check_schema(s)
@@ -116,6 +121,7 @@ def test_every_schema_property_is_described():
                 walk(sub, f"{path}[{i}]")
 
     walk(schema("trace"), "trace")
+    walk(schema("trace-lines"), "trace-lines")
     walk(schema("tokens"), "tokens")
 
 
@@ -425,3 +431,158 @@ def test_output_of_the_pipe_case_is_megabytes():
     assert len(result.stdout_bytes) > 1_000_000
     assert re.match(r'\{"schema":"attn-trace/1"', result.stdout)
     orjson.loads(result.stdout_bytes)
+
+
+def _no_constant(name: str):
+    raise AssertionError(f"{name} in the JSON output")
+
+
+# ── --json-lines ──────────────────────────────────────────────────────────────────────────────
+
+def trace_lines(*args: str) -> list[dict]:
+    """Run `attn trace ARGS --json-lines`: every line one JSON object, each valid on its own."""
+    result = runner.invoke(app, ["trace", *args, "--json-lines"])
+    assert result.exit_code == 0, result.stderr
+    raw = result.stdout_bytes
+    assert raw.endswith(b"\n")
+    # NaN, Infinity and -Infinity literals raise (a token's text may spell "NaN": that is fine).
+    records = [json.loads(line, parse_constant=_no_constant) for line in raw.split(b"\n")[:-1]]
+    for n, record in enumerate(records):
+        errors = list(LINES_VALIDATOR.iter_errors(record))
+        assert not errors, (n, [f"{list(e.path)}: {e.message}" for e in errors[:3]])
+    return records
+
+
+LINE_CASES = {
+    "one text": [ENGLISH, *SMALL],
+    "padded batch, stages": [ENGLISH, "A dog", *SMALL, "--padding", "left", "--stages"],
+    "cross": ["The cat", *SMALL, "--cross", "Le chat est assis"],
+    "predict, precision": [ENGLISH, *SMALL, "--predict", "--top-k", "3", "--precision", "3"],
+    "one head of layer 1": [ENGLISH, *SMALL, "--layer", "1", "--head", "2"],
+}
+
+
+@pytest.mark.parametrize("case", list(LINE_CASES))
+def test_json_lines_are_the_document_line_by_line(case):
+    args = LINE_CASES[case]
+    doc = trace_json(*args)
+    records = trace_lines(*args)
+    header, rest = records[0], records[1:]
+    assert header["record"] == "header" and header["schema"] == "attn-trace-lines/1"
+    for key in ("version", "config", "inputs", "cross_inputs", "steps"):
+        assert header.get(key) == doc.get(key), key
+    kinds = [r["record"] for r in rest]
+    assert kinds == sorted(kinds)  # attention lines first, then predictions
+    strip = [{k: v for k, v in r.items() if k != "record"} for r in rest]
+    assert [e for e, k in zip(strip, kinds, strict=True) if k == "attention"] == doc["attention"]
+    assert [e for e, k in zip(strip, kinds, strict=True) if k == "prediction"] == doc.get(
+        "predictions", [])
+
+
+def test_json_lines_weights_are_the_engines_float32_bit_for_bit():
+    records = trace_lines(ENGLISH, "A dog", *SMALL, "--padding", "left")
+    trace = engine_trace([ENGLISH, "A dog"], padding="left")
+    assert_patterns_equal({"attention": [r for r in records if r["record"] == "attention"]},
+                          trace)
+
+
+def test_json_lines_stream_through_jq():
+    if shutil.which("jq") is None:
+        pytest.skip("jq is not installed")
+    attn = subprocess.run([sys.executable, "-m", "attn_tracer", "trace", ENGLISH, *SMALL,
+                           "--json-lines"], capture_output=True, check=True)
+    jq = subprocess.run(["jq", "-c", 'select(.record == "attention") | [.layer, .head, '
+                         '(.weights[-1] | add)]'], input=attn.stdout, capture_output=True,
+                        check=True)
+    rows = [json.loads(line) for line in jq.stdout.splitlines()]
+    assert [r[:2] for r in rows] == [[layer, head] for layer in (0, 1) for head in range(4)]
+    assert all(abs(r[2] - 1) < 1e-5 for r in rows)  # the last query's row is a distribution
+
+
+def test_json_lines_read_by_pandas():
+    pandas = pytest.importorskip("pandas")
+    result = runner.invoke(app, ["trace", ENGLISH, *SMALL, "--json-lines"])
+    frame = pandas.read_json(io.StringIO(result.stdout), lines=True)
+    attention = frame[frame.record == "attention"]
+    assert len(frame) == 1 + 8 and len(attention) == 8
+    assert attention.layer.tolist() == [0] * 4 + [1] * 4
+
+
+def test_lines_schema_shares_the_documents_definitions():
+    lines, document = schema("trace-lines"), schema("trace")
+    for name, definition in document["$defs"].items():
+        assert lines["$defs"][name] == definition, name
+    for key in ("config", "inputs", "cross_inputs", "steps", "version"):
+        assert lines["$defs"]["headerLine"]["properties"][key] == document["properties"][key]
+
+
+def test_lines_schema_rejects_what_the_contract_forbids():
+    entry = {"record": "attention", "layer": 0, "head": 0, "batch": 0, "block": "attn",
+             "weights": [[1.0, 0.0], [0.5, 0.5]]}
+    assert LINES_VALIDATOR.is_valid(entry)
+    for bad in ({**entry, "record": "heads"}, {k: v for k, v in entry.items() if k != "record"},
+                {**entry, "weights": [[None, 0.0]]}, {**entry, "weights": [[1.5]]},
+                {"record": "header", "schema": "attn-trace/1"}):
+        assert not LINES_VALIDATOR.is_valid(bad), bad
+
+
+@pytest.mark.parametrize("flag", ["--json", "--json-lines"])
+def test_closed_pipe_ends_quietly_while_the_next_matrix_is_made(flag):
+    text = "the cat sat on the mat " * 35
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attn_tracer", "trace", text, *SMALL, "--layer", "all", flag],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = proc.stdout.read(100)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, stderr
+    assert head.startswith(b'{"schema":"attn-trace/1"' if flag == "--json" else
+                           b'{"record":"header","schema":"attn-trace-lines/1"')
+    assert stderr == ""
+
+
+def test_the_writer_raises_what_the_serializer_raised():
+    def pieces():
+        yield b"a"
+        raise ValueError("a bug in a serializer")
+
+    sink = io.BytesIO()
+    with pytest.raises(ValueError, match="a bug"):
+        render_json._write_all(pieces(), sink)
+    assert sink.getvalue() == b"a"
+
+
+def test_the_helper_thread_stops_when_the_writer_does():
+    made = []
+
+    def pieces():
+        for n in range(10_000):
+            made.append(n)
+            yield b"x"
+
+    stream = render_json.ahead(pieces(), depth=2)
+    next(stream)
+    stream.close()  # the writer failed (a closed pipe) or was interrupted
+    deadline = time.monotonic() + 5
+    while any(t.name == "attn-json" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the helper thread is still running"
+        time.sleep(0.01)
+    assert len(made) < 10  # it stopped at once, not after making everything
+
+
+def test_the_whole_vocabulary_is_in_the_json():
+    """--top-k 50257: the terminal draws 100 rows, JSON and JSON Lines have every token."""
+    result = runner.invoke(app, ["trace", "The cat", *SMALL, "--layer", "0", "--predict",
+                                 "--top-k", "50257", "--json"])
+    assert result.exit_code == 0, result.stderr
+    # Not trace_json: its substring check for "NaN" would find GPT-2's token "NaN" itself.
+    doc = json.loads(result.stdout, parse_constant=_no_constant)
+    assert TRACE_VALIDATOR.is_valid(doc)
+    (prediction,) = doc["predictions"]
+    assert sorted(t["id"] for t in prediction["top"]) == list(range(50257))
+    probs = [t["prob"] for t in prediction["top"]]
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
+    result = runner.invoke(app, ["trace", "The cat", *SMALL, "--layer", "0", "--predict",
+                                 "--top-k", "50257", "--json-lines"])
+    last = json.loads(result.stdout_bytes.splitlines()[-1], parse_constant=_no_constant)
+    assert last["record"] == "prediction" and last["top"] == prediction["top"]

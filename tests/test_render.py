@@ -521,11 +521,11 @@ def test_stages_say_which_head_of_several():
     assert "choose another with --head" not in one
 
 
-def predict_trace(padding: str = "right", texts=(ENGLISH, "Hi")):
+def predict_trace(padding: str = "right", texts=(ENGLISH, "Hi"), top_k: int = 10):
     cfg = Config(d_model=64, heads=4, layers=2)
     engine = select_engine("numpy", "cpu", "float32", 8)
     trace, _ = run(list(texts), cfg, engine, random_weights(cfg), Selection((0,), (0,)),
-                   padding=padding, predict_top_k=10)
+                   padding=padding, predict_top_k=top_k)
     return trace
 
 
@@ -596,3 +596,24 @@ def _single_rows(plain: str) -> list[str]:
     lines = plain.splitlines()
     start = next(i for i, x in enumerate(lines) if x.startswith("next token after"))
     return [x for x in lines[start + 3:start + 13] if x.split() and x.split()[0].isdigit()]
+
+
+@pytest.mark.parametrize("top_k", [100, 101, 50257])
+def test_a_long_top_k_draws_the_first_rows_and_says_so(top_k):
+    """--top-k up to the whole vocabulary: the table stops at TOP_SHOWN rows (a Rich table costs
+    milliseconds a row; 50,257 took minutes), says what it left out, and the trace keeps all."""
+    from attn_tracer.render.numbers import TOP_SHOWN
+
+    trace = predict_trace(texts=(ENGLISH,), top_k=top_k)
+    assert len(trace.predictions[0].top) == top_k
+    plain = ANSI.sub("", render(trace, 100, False))
+    lines = plain.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("next token after"))
+    ranks = [x.split()[0] for x in lines[start + 3:] if x.strip() and x.split()[0].isdigit()]
+    assert ranks == [str(n) for n in range(1, min(top_k, TOP_SHOWN) + 1)]
+    notice = [x for x in lines if x.startswith("showing the top")]
+    if top_k > TOP_SHOWN:
+        assert notice == [f"showing the top {TOP_SHOWN} of {top_k} (--top-k); --json lists all "
+                          f"{top_k}"]
+    else:
+        assert notice == []

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from attn_tracer.cli import app
@@ -27,16 +31,33 @@ def invoke(*args: str):
     return runner.invoke(app, ["trace", TEXT, *SMALL, *args])
 
 
+def _readme_loader():
+    """The README's own `load_trace`, run as written: what a user copies must work."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8")
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+               if "def load_trace" in block]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    return scope["load_trace"]
+
+
+load_trace = _readme_loader()
+
+
 def load(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """The saved tensors and config, through the reference readers only."""
+    """The saved tensors (views rebuilt) and config, through the README's reader: numpy.load and
+    the safetensors package only."""
+    return load_trace(path)
+
+
+def stored(path: Path) -> tuple[set[str], dict]:
+    """The names of the tensors really stored in the file, and its views."""
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as f:
-            tensors = {name: f[name] for name in f.files}
-        return tensors, json.loads(str(tensors.pop("config")))
-    tensors = st_numpy.load_file(str(path))
+            names = set(f.files) - {"config", "views"}
+            return names, json.loads(str(f["views"]))
     with safetensors.safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata()
-    return tensors, json.loads(meta["config"])
+        return set(f.keys()), json.loads(f.metadata()["views"])
 
 
 def layer_of(name: str) -> int | None:
@@ -226,3 +247,167 @@ def test_svg_with_json_keeps_stdout_pure_json(tmp_path):
     doc = json.loads(result.stdout)
     assert doc["schema"] == "attn-trace/1"
     assert svg.read_text("utf-8").lstrip().startswith("<svg")
+
+
+# ── each distinct tensor once; --steps ────────────────────────────────────────────────────────
+
+VIEW_STEPS = ("q.split", "q.heads", "k.split", "k.heads", "v.split", "v.heads", "z",
+              "z.transpose")
+
+
+def engine_trace(texts, *, layers=(0, 1), heads=(0, 1, 2, 3), capture="all", arch="attn",
+                 cross=None, padding="right", hooks=None, predict=None):
+    """The run the command line makes of SMALL, straight through pipeline.run."""
+    from attn_tracer.model import pipeline
+    from attn_tracer.model.config import Config
+    from attn_tracer.model.engine import Engine
+    from attn_tracer.model.trace import Selection
+    from attn_tracer.model.weights import random_weights
+
+    config = Config(d_model=64, heads=4, arch=arch,
+                    pos="learned" if arch == "gpt2" else "sinusoidal")
+    trace, _ = pipeline.run(texts, config, Engine("numpy", "cpu", "float32"),
+                            random_weights(config, cross=bool(cross)),
+                            Selection(tuple(layers), tuple(heads), capture), cross_texts=cross,
+                            padding=padding, hooks=hooks, predict_top_k=predict)
+    return trace
+
+
+def assert_same_tensors(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(want)
+    for name, x in want.items():
+        x = x.astype(np.uint8) if x.dtype == np.bool_ else x
+        assert got[name].dtype == x.dtype and got[name].shape == x.shape, name
+        np.testing.assert_array_equal(got[name], x, err_msg=name)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+@pytest.mark.parametrize("heads", ["all", "0,3"])
+def test_each_distinct_tensor_is_stored_once(tmp_path, suffix, heads):
+    out = tmp_path / f"trace{suffix}"
+    result = invoke("--layer", "all", "--head", heads, "--save", str(out))
+    assert result.exit_code == 0, result.stderr
+    names, views = stored(out)
+    expected_views = {f"blocks.{layer}.attn.{s}" for layer in (0, 1) for s in VIEW_STEPS}
+    assert set(views) == expected_views
+    assert not names & expected_views  # not stored a second time
+    for v in views.values():
+        assert v["of"] in names and v["of"].rsplit(".", 1)[-1] in ("q", "k", "v", "merge")
+        assert ("take" in v) == (heads != "all")
+    # Rebuilt from the views, the file holds every step the engine recorded, bit for bit.
+    selected = (0, 1, 2, 3) if heads == "all" else (0, 3)
+    trace = engine_trace([TEXT], heads=selected)
+    tensors, config = load(out)
+    assert_same_tensors(tensors, trace.tensors)
+    assert config["steps_saved"] == sorted(trace.tensors)
+
+
+def test_npz_is_stored_uncompressed(tmp_path):
+    out = tmp_path / "trace.npz"
+    assert invoke("--save", str(out)).exit_code == 0
+    with zipfile.ZipFile(out) as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_STORED}
+
+
+def test_a_step_that_is_not_a_view_is_stored_whole():
+    """The views are checked, not assumed: a hook that changes q.split (an ablation) makes it a
+    tensor of its own, while the untouched k.split stays a view."""
+    from attn_tracer.commands import save
+    from attn_tracer.render import json_doc as render_json
+
+    trace = engine_trace([TEXT], layers=(0,),
+                         hooks={"blocks.0.attn.q.split": lambda x: x * 2})
+    tensors, _, views = save.tensors_of(trace, render_json.config_json(trace))
+    views = json.loads(views)
+    assert "blocks.0.attn.q.split" in tensors and "blocks.0.attn.q.split" not in views
+    assert "blocks.0.attn.k.split" in views and "blocks.0.attn.k.split" not in tensors
+    np.testing.assert_array_equal(tensors["blocks.0.attn.q.split"],
+                                  trace.tensors["blocks.0.attn.q.split"])
+
+
+STEP_CASES = {
+    # --steps, extra options, the stored names of layer L, names outside the layers
+    "pattern,z": ("pattern,z", [], {"attn.pattern", "attn.z"}, set()),
+    "q and its heads": ("q,q.heads", [], {"attn.q"}, set()),  # q.heads: a view of q
+    "z and z.merge": ("z,z.merge", [], {"attn.z.merge"}, set()),
+    "out is the attention's": ("out", [], {"attn.out"}, set()),
+    "attn.out": ("attn.out", [], {"attn.out"}, set()),
+    "gpt2 mlp.out": ("mlp.out,ln_1", ["--arch", "gpt2"], {"mlp.out", "ln_1"}, set()),
+    "outside the layers": ("embed,logits", ["--arch", "gpt2", "--predict"], set(),
+                           {"embed", "logits"}),
+    "pattern with cross": ("pattern", ["--cross", "Le chat"], {"attn.pattern",
+                                                               "cross_attn.pattern"}, set()),
+    "cross_attn.pattern": ("cross_attn.pattern", ["--cross", "Le chat"],
+                           {"cross_attn.pattern"}, set()),
+    "repeated and spaced": (" pattern , pattern", [], {"attn.pattern"}, set()),
+}
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_steps_chooses_what_is_saved(tmp_path, suffix, case):
+    steps, extra, inner, outer = STEP_CASES[case]
+    out = tmp_path / f"trace{suffix}"
+    result = invoke("--save", str(out), "--steps", steps, *extra)
+    assert result.exit_code == 0, result.stderr
+    names, _ = stored(out)
+    tokens = {"tokens"} | ({"cross.tokens"} if "--cross" in extra else set())
+    assert names == tokens | outer | {f"blocks.{layer}.{s}" for layer in (0, 1) for s in inner}
+    # The numbers are the engine's, views rebuilt.
+    cross = ["Le chat"] if "--cross" in extra else None
+    trace = engine_trace([TEXT], arch="gpt2" if "gpt2" in extra else "attn", cross=cross,
+                         predict=10 if "--predict" in extra else None)
+    tensors, config = load(out)
+    assert_same_tensors(tensors, {n: trace.tensors[n] for n in config["steps_saved"]})
+
+
+def test_steps_keep_only_what_is_asked_for_in_memory(tmp_path):
+    """--steps pattern keeps the patterns, not every step: the run captures what it saves."""
+    from attn_tracer.commands import run
+
+    r = run.Request(texts=[TEXT], d_model=64, heads=4, engine="numpy",
+                    save=tmp_path / "x.npz", steps=["pattern"])
+    trace, _ = run.compute(r, lambda message: None)
+    assert set(trace.tensors) == {"tokens", "blocks.0.attn.pattern", "blocks.1.attn.pattern"}
+
+
+def test_steps_without_save_is_said(tmp_path):
+    result = invoke("--steps", "pattern")
+    assert result.exit_code == 0, result.stderr
+    assert "--steps chooses what --save writes" in result.stderr
+
+
+def test_step_names_are_every_step_a_run_records():
+    """save.LAYER_STEPS and OUTER_STEPS (what --steps accepts) against real runs of both
+    architectures, with cross-attention, padding and predictions."""
+    from attn_tracer.commands import save
+
+    runs = [engine_trace([TEXT, "A dog"], arch="gpt2", predict=3, capture="patterns"),
+            engine_trace([TEXT, "A dog"], cross=["Le chat", "Un chien"], capture="patterns")]
+    recorded = {s.name for trace in runs for s in trace.steps}
+    inner = {n.split(".", 2)[2] for n in recorded if n.startswith("blocks.")}
+    outer = {n for n in recorded if not n.startswith("blocks.")}
+    assert inner == set(save.LAYER_STEPS)
+    assert outer == set(save.OUTER_STEPS)
+    for name in recorded:
+        assert save.step_kinds(name) <= set(save.STEP_NAMES), name
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(heads=st.sets(st.integers(0, 3), min_size=1), layers=st.sets(st.integers(0, 1), min_size=1),
+       texts=st.sampled_from([[TEXT], [TEXT, "A dog"], ["a", "b c d e f"]]),
+       padding=st.sampled_from(["right", "left"]), suffix=st.sampled_from([".npz", ".safetensors"]),
+       arch=st.sampled_from(["attn", "gpt2"]))
+def test_saved_files_round_trip(tmp_path_factory, heads, layers, texts, padding, suffix, arch):
+    """Any selection, batch and format: the file read back (views rebuilt) is the engine's trace."""
+    out = tmp_path_factory.mktemp("save") / f"trace{suffix}"
+    heads, layers = sorted(heads), sorted(layers)
+    result = runner.invoke(app, ["trace", *texts, *SMALL, "--arch", arch, "--padding", padding,
+                                 "--head", ",".join(map(str, heads)),
+                                 "--layer", ",".join(map(str, layers)), "--save", str(out)])
+    assert result.exit_code == 0, result.stderr
+    trace = engine_trace(texts, layers=layers, heads=heads, arch=arch, padding=padding)
+    tensors, config = load(out)
+    assert_same_tensors(tensors, trace.tensors)
+    assert config["heads_saved"] == heads and config["layers_saved"] == layers

@@ -299,13 +299,14 @@ def tokens(
 
 # ── attn schema ───────────────────────────────────────────────────────────────────────────────
 
-SCHEMAS = ("trace", "heads", "attribute", "tokens")  # data/NAME.schema.json
+SCHEMAS = ("trace", "trace-lines", "heads", "attribute", "tokens")  # data/NAME.schema.json
 
 @app.command(epilog=f"Example: {EXAMPLES['schema']}")
 def schema(
-    which: Annotated[str, typer.Argument(help="trace (attn trace --json), heads (attn heads "
-                                              "--json), attribute (attn attribute --json) or "
-                                              "tokens (attn tokens --json).")] = "trace",
+    which: Annotated[str, typer.Argument(help="trace (attn trace --json), trace-lines (attn "
+                                              "trace --json-lines), heads (attn heads --json), "
+                                              "attribute (attn attribute --json) or tokens "
+                                              "(attn tokens --json).")] = "trace",
     debug: Debug = False,
 ) -> None:
     """Print the JSON Schema (draft 2020-12) of the --json output."""
@@ -357,11 +358,19 @@ def trace(
                                   rich_help_panel="View")] = False,
     json_: Annotated[bool, Opt("--json", help="Write the trace as JSON (schema: attn schema).",
                                rich_help_panel="Output")] = False,
+    json_lines: Annotated[bool, Opt("--json-lines", help="Write the trace as JSON Lines: a "
+                                    "header, then one line per layer × batch row × head "
+                                    "(schema: attn schema trace-lines).",
+                                    rich_help_panel="Output")] = False,
     precision: Annotated[int | None, Opt("--precision", help="Round JSON floats to N decimals.",
                                          rich_help_panel="Output")] = None,
     save: Annotated[Path | None, Opt("--save", help="Save every step's tensor of the --layer "
                                      "layers (default: all) (.npz or .safetensors).",
                                      rich_help_panel="Output")] = None,
+    steps: Annotated[list[str] | None, Opt("--steps", help="With --save: only these steps, by "
+                                           "their name in a layer (pattern,z or attn.out,mlp.in;"
+                                           " repeatable).", rich_help_panel="Output",
+                                           show_default=False)] = None,
     svg: Annotated[Path | None, Opt("--svg", help="Save the terminal view as SVG.",
                                     rich_help_panel="Output")] = None,
     html: Annotated[Path | None, Opt("--html", help="Save the terminal view as HTML.",
@@ -379,8 +388,8 @@ def trace(
     request = runner.Request(
         **opts, layer=layer or [], head=head or [], batch_index=batch_index, stages=stages,
         query=query, keys=keys, numbers=numbers, width=width,
-        values=values, cost=cost, circuits=circuits, json=json_, precision=precision, save=save,
-        svg=svg, html=html, force=force,
+        values=values, cost=cost, circuits=circuits, json=json_, json_lines=json_lines,
+        precision=precision, save=save, steps=steps or [], svg=svg, html=html, force=force,
     )
     runner.execute(request, notice=_notice, console=_stdout_console)
 

@@ -67,8 +67,10 @@ class Request:
     top_k: int = 10
     temperature: float = 1.0
     json: bool = False
+    json_lines: bool = False
     precision: int | None = None
     save: Path | None = None
+    steps: list[str] = field(default_factory=list)
     svg: Path | None = None
     html: Path | None = None
     force: bool = False
@@ -219,15 +221,19 @@ def validate(r: Request) -> None:
         raise UsageError(f"--width must be between 40 and 1000 columns; got {r.width}")
     if r.precision is not None and not 0 <= r.precision <= 12:
         raise UsageError(f"--precision must be between 0 and 12 decimals; got {r.precision}")
-    if r.values and r.json:
-        raise UsageError("--values prints numbers in the terminal view; with --json use --save")
+    if r.json and r.json_lines:
+        raise UsageError("--json and --json-lines are two forms of the same output; choose one")
+    if r.values and (r.json or r.json_lines):
+        flag = "--json" if r.json else "--json-lines"
+        raise UsageError(f"--values prints numbers in the terminal view; with {flag} use --save")
     if r.arch == "gpt2" and (r.cross or r.cross_file):
         raise UsageError("--cross needs --arch attn: GPT-2 is decoder-only, it has no "
                          "cross-attention")
     if r.weights is not None and (r.cross or r.cross_file):
         raise UsageError("--cross conflicts with --weights: GPT-2 has no cross-attention")
-    from attn_tracer.commands.save import TENSOR_SUFFIXES, check_target
+    from attn_tracer.commands.save import TENSOR_SUFFIXES, check_target, parse_steps
 
+    parse_steps(r.steps)
     if r.save is not None:
         check_target(r.save, r.force, "--save", TENSOR_SUFFIXES)
     if r.svg is not None:
@@ -273,6 +279,8 @@ def ignored_options(r: Request) -> list[str]:
     if r.keep_newline and not reads_a_file:
         out.append("--keep-newline keeps the final line ending of --file, --cross-file or "
                    "standard input; TEXT arguments are always exact, --lines splits at it")
+    if r.steps and r.save is None:
+        out.append("--steps chooses what --save writes; without --save it changes nothing")
     return out
 
 
@@ -290,9 +298,11 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
 
 def estimate(config: Config, r: Request, batch: int, length: int, k_len: int,
              selection, cross: bool) -> int:
-    """memory.estimate of this run; --cost asks it again for a text twice as long."""
+    """memory.estimate of this run (what it keeps: `captures`); --cost asks it again for a
+    text twice as long."""
+    counted = captures(r, selection.layers)[2]
     return memory.estimate(config, r.dtype, batch, length, k_len, len(selection.layers),
-                           len(selection.heads), selection.capture, cross, predict=r.predict)
+                           len(selection.heads), counted, cross, predict=r.predict)
 
 
 def compute(r: Request, notice: Callable[[str], None]):
@@ -311,13 +321,13 @@ def compute(r: Request, notice: Callable[[str], None]):
         raise UsageError(f"--values prints every number: use it with heads·d_head ≤ "
                          f"{VALUES_WIDTH}; this run has {config.heads}·{config.d_head} = "
                          f"{config.d_attn} (lower --heads or --d-head)")
-    layers = parse_selection(r.layer, config.layers, "--layer",
-                             list(range(config.layers)) if r.json or r.save else [0])
+    layers = parse_selection(r.layer, config.layers, "--layer", list(range(config.layers))
+                             if r.json or r.json_lines or r.save else [0])
     heads = parse_selection(r.head, config.heads, "--head", list(range(config.heads)))
-    capture = "all" if (r.values or r.save) else ("stages" if r.stages else "patterns")
+    capture, extra, _ = captures(r, layers)
     from attn_tracer.model.trace import Selection
 
-    selection = Selection(layers, heads, capture)
+    selection = Selection(layers, heads, capture, extra)
     from attn_tracer.model.pipeline import prepare
 
     prepared = prepare(texts, config, cross_texts=cross or None, padding=r.padding,
@@ -419,14 +429,29 @@ def progress_display(description: str, show: bool = True) -> Iterator[Callable[[
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+def captures(r: Request, layers: tuple[int, ...]) -> tuple[str, tuple[str, ...], str]:
+    """What the run keeps: (Selection.capture, Selection.extra, the capture the memory
+    estimate counts). --save keeps every step, or with --steps only those, beside the view's."""
+    from attn_tracer.commands.save import captured_steps, estimate_capture, parse_steps
+
+    shown = "stages" if r.stages else "patterns"
+    steps = parse_steps(r.steps) if r.save is not None else None
+    if r.values or (r.save is not None and steps is None):
+        return "all", (), "all"
+    if steps is None:
+        return shown, (), shown
+    return shown, captured_steps(steps, layers), estimate_capture(steps, shown)
+
+
 def write_outputs(r: Request, trace, weights, console: Callable) -> None:
     from attn_tracer.commands import save
     from attn_tracer.render import json_doc as render_json
 
     if r.save is not None:
-        save.save_tensors(trace, r.save, render_json.config_json(trace))
+        save.save_tensors(trace, r.save, render_json.config_json(trace), save.parse_steps(r.steps))
     view = None
-    if not r.json or r.svg or r.html:
+    stream = r.json or r.json_lines
+    if not stream or r.svg or r.html:
         view = render_view(r, trace, weights, console())
         if r.svg is not None:
             from attn_tracer.render.terminal import export_svg
@@ -436,6 +461,8 @@ def write_outputs(r: Request, trace, weights, console: Callable) -> None:
             save.write_atomic(r.html, view.export_html(clear=False).encode())
     if r.json:
         render_json.write(trace, sys.stdout.buffer, r.precision, r.stages)
+    elif r.json_lines:
+        render_json.write_lines(trace, sys.stdout.buffer, r.precision, r.stages)
     else:
         sys.stdout.write(view.file.getvalue())
         sys.stdout.flush()

@@ -7,16 +7,21 @@ A file is written to a temporary name beside its target and renamed into place, 
 never leaves half a file, and an existing file is replaced only with --force.
 
 --save writes, under its step name, every tensor captured for the selected layers (and the
-steps outside the layers: tokens, embeddings, logits), the token ids (step `tokens`), and the
-config as JSON: an `.npz` entry `config` (a 0-d unicode array, loadable without pickle) or the
-`.safetensors` metadata key `config`. Tensors with a `heads` axis hold only the selected heads
-(`heads_saved` in the config); boolean tensors are stored as uint8.
+steps outside the layers: tokens, embeddings, logits), or with --steps only the steps named
+there; the token ids (step `tokens`) always. Each distinct tensor is stored once: a step that
+is another one's numbers rearranged (q.split, q.heads, z, z.transpose, …) is listed in `views`
+with the reshape, head selection and transpose that rebuild it (see `view`). Beside the tensors,
+two JSON texts: `config` (the run's config, heads_saved, layers_saved, steps_saved: every step
+name the file holds, views included) and `views`: in an `.npz` as 0-d unicode arrays (loadable
+without pickle), in a `.safetensors` file as metadata keys. Tensors with a `heads` axis hold only
+the selected heads; boolean tensors are stored as uint8. Nothing is compressed: the write runs
+at the disk's speed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
+import difflib
 import json
 import os
 import signal
@@ -170,26 +175,174 @@ def write_atomic(path: Path, data: bytes) -> None:
     _atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
-def tensors_of(trace: Trace, config_json: dict) -> tuple[dict[str, np.ndarray], str]:
-    """Every captured step tensor under its step name, the token ids, and the config as JSON."""
-    out = {name: np.ascontiguousarray(x) for name, x in trace.tensors.items()}
-    for name in list(out):
-        if out[name].dtype == np.bool_:
-            out[name] = out[name].astype(np.uint8)
+# ── what --save writes ────────────────────────────────────────────────────────────────────────
+
+# Every step a run can record (layers.py, embeddings.py, pipeline.py), by its name inside a
+# layer (after `blocks.L.`) or outside the layers. tests/test_save.py checks this list against
+# the steps of real runs of both architectures, with cross-attention and predictions.
+ATTENTION_STEPS = ("q", "q.split", "q.heads", "k", "k.split", "k.heads", "v", "v.split",
+                   "v.heads", "scores", "scaled", "masked", "pattern", "z", "z.transpose",
+                   "z.merge", "out")
+LAYER_STEPS = ("ln_1", *(f"attn.{s}" for s in ATTENTION_STEPS), "resid_mid",
+               *(f"cross_attn.{s}" for s in ATTENTION_STEPS), "ln_2", "mlp.in", "mlp.gelu",
+               "mlp.out", "resid_post")
+OUTER_STEPS = ("tokens", "embed", "pos_embed", "resid_pre", "cross.tokens", "cross.embed",
+               "cross.pos_embed", "cross.resid_pre", "ln_f", "logits", "probs")
+ALWAYS_SAVED = ("tokens", "cross.tokens")  # the token ids label every other tensor's axes
+
+
+def step_kinds(name: str) -> set[str]:
+    """The --steps names that select step `name`: its name inside the layer (`attn.pattern`,
+    `mlp.out`), for attention steps also their name inside the attention (`pattern`, which
+    matches self- and cross-attention alike), and outside the layers the name itself (and for
+    the cross text's steps, the name without `cross.`)."""
+    if name.startswith("blocks."):
+        inner = name.split(".", 2)[2]
+        kinds = {inner}
+        block, _, step = inner.partition(".")
+        if block in ("attn", "cross_attn") and step:
+            kinds.add(step)
+        return kinds
+    return {name, name.removeprefix("cross.")}
+
+
+STEP_NAMES = tuple(sorted(set().union(*(step_kinds(f"blocks.0.{s}") for s in LAYER_STEPS),
+                                      *(step_kinds(s) for s in OUTER_STEPS))))
+
+
+def parse_steps(values: list[str]) -> tuple[str, ...] | None:
+    """--steps pattern,z (repeatable) → the step kinds to save; None: every step."""
+    if not values:
+        return None
+    chosen = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip()
+            if part not in STEP_NAMES:
+                close = difflib.get_close_matches(part, STEP_NAMES, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                outer = [s for s in OUTER_STEPS if not s.startswith("cross.")]
+                layer = [s for s in LAYER_STEPS if not s.startswith(("attn.", "cross_attn."))]
+                raise UsageError(
+                    f"--steps: no step named {part!r}{hint}; choose from "
+                    f"{', '.join(ATTENTION_STEPS)} (each also as attn.NAME or cross_attn.NAME), "
+                    f"{', '.join(layer)}, {', '.join(outer)} (cross.NAME for the cross text's)")
+            chosen.append(part)
+    return tuple(dict.fromkeys(chosen))
+
+
+def selected(name: str, steps: tuple[str, ...] | None) -> bool:
+    """Whether --steps `steps` saves step `name` (None: every step is saved)."""
+    return steps is None or name in ALWAYS_SAVED or bool(step_kinds(name) & set(steps))
+
+
+def captured_steps(steps: tuple[str, ...], layers: tuple[int, ...]) -> tuple[str, ...]:
+    """The full step names that --steps needs kept, for Selection.extra."""
+    names = [*OUTER_STEPS, *(f"blocks.{layer}.{s}" for layer in layers for s in LAYER_STEPS)]
+    return tuple(n for n in names if selected(n, steps))
+
+
+def estimate_capture(steps: tuple[str, ...] | None, capture: str) -> str:
+    """The capture level whose memory estimate covers `capture` plus the steps --save keeps."""
+    if steps is None:
+        return "all"
+    order = ("patterns", "stages", "all")
+    stage = {s.rpartition(".")[2] if s.startswith(("attn.", "cross_attn.")) else s
+             for s in steps} - set(ALWAYS_SAVED)
+    need = ("patterns" if stage <= {"pattern"} else
+            "stages" if stage <= {"scores", "scaled", "masked", "pattern"} else "all")
+    return max(capture, need, key=order.index)
+
+
+# A step that is only another step's numbers rearranged (Q split into heads, then transposed;
+# Z transposed and merged) is stored once, as the tensor without a heads axis: that one holds
+# every head, while a tensor with a heads axis holds only the saved heads. The others are
+# recorded in the file's `views` as how to get them back from it:
+#   x = tensors[of].reshape(reshape); x = x.take(take.index, take.axis); x = x.transpose(permute)
+# (take only when not every head was saved, permute only for a transposed step).
+_VIEWS = {"q.split": ("q", False), "q.heads": ("q", True), "k.split": ("k", False),
+          "k.heads": ("k", True), "v.split": ("v", False), "v.heads": ("v", True),
+          "z.transpose": ("z.merge", False), "z": ("z.merge", True)}
+
+
+def view(base: np.ndarray, recipe: dict) -> np.ndarray:
+    """A step rebuilt from the tensor it is a view of, by its entry in the file's `views`."""
+    x = base.reshape(recipe["reshape"])
+    if "take" in recipe:
+        x = x.take(recipe["take"]["index"], axis=recipe["take"]["axis"])
+    return x.transpose(recipe["permute"]) if "permute" in recipe else x
+
+
+def views_of(trace: Trace, tensors: dict[str, np.ndarray]) -> dict[str, dict]:
+    """The steps of `tensors` that are views of another one kept there, with their recipe.
+
+    Each candidate is compared with its recipe's result before it is dropped: a step that a
+    hook replaced, or any other surprise, is simply stored whole.
+    """
+    heads, d_head = trace.config.heads, trace.config.d_head
+    saved_heads = list(trace.selection.heads)
+    views = {}
+    for name in tensors:
+        prefix, _, step = name.partition(".attn.")
+        if not step:
+            prefix, _, step = name.partition(".cross_attn.")
+            block = "cross_attn"
+        else:
+            block = "attn"
+        if step not in _VIEWS or not prefix.startswith("blocks."):
+            continue
+        of, transposed = _VIEWS[step]
+        of = f"{prefix}.{block}.{of}"
+        if of not in tensors or tensors[of].ndim != 3:
+            continue
+        batch, length, _ = tensors[of].shape
+        recipe: dict = {"of": of, "reshape": [batch, length, heads, d_head]}
+        if saved_heads != list(range(heads)):
+            recipe["take"] = {"axis": 2, "index": saved_heads}
+        if transposed:
+            recipe["permute"] = [0, 2, 1, 3]
+        x = tensors[name]
+        rebuilt = view(tensors[of], recipe)
+        if rebuilt.shape == x.shape and rebuilt.dtype == x.dtype and np.array_equal(rebuilt, x):
+            views[name] = recipe
+    return views
+
+
+def tensors_of(trace: Trace, config_json: dict, steps: tuple[str, ...] | None = None
+               ) -> tuple[dict[str, np.ndarray], str, str]:
+    """The tensors to write (each distinct one once), the config as JSON, and the views as JSON.
+
+    `steps`: the --steps kinds to save (None: every captured step).
+    """
+    kept = {name: x for name, x in trace.tensors.items() if selected(name, steps)}
+    views = views_of(trace, kept)
+    out = {}
+    for name, x in kept.items():
+        if name in views:
+            continue
+        # One contiguous little-endian block per tensor, written as it is: a copy only where
+        # the recorded array is not one already.
+        out[name] = np.ascontiguousarray(x.astype(np.uint8) if x.dtype == np.bool_ else x)
     meta = dict(config_json)
     meta["heads_saved"] = list(trace.selection.heads)
     meta["layers_saved"] = list(trace.selection.layers)
-    return out, json.dumps(meta)
+    meta["steps_saved"] = sorted(kept)
+    return out, json.dumps(meta), json.dumps(views)
 
 
-def save_tensors(trace: Trace, path: Path, config_json: dict) -> None:
-    tensors, meta = tensors_of(trace, config_json)
+def save_tensors(trace: Trace, path: Path, config_json: dict,
+                 steps: tuple[str, ...] | None = None) -> None:
+    tensors, meta, views = tensors_of(trace, config_json, steps)
     if path.suffix.lower() == ".npz":
-        buffer = io.BytesIO()
-        # The config as a plain unicode array: loadable without allow_pickle.
-        np.savez_compressed(buffer, **tensors, config=np.array(meta))
-        write_atomic(path, buffer.getvalue())
+        # Stored, not deflated: zlib runs at 10-20 MB/s and float32 noise hardly compresses.
+        # The config and views as plain unicode arrays: loadable without allow_pickle.
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **tensors, config=np.array(meta), views=np.array(views))
+
+        _atomic(path, write)
     else:
         from attn_tracer.model.safetensors_io import write_safetensors
 
-        _atomic(path, lambda tmp: write_safetensors(tmp, tensors, {"config": meta}))
+        _atomic(path, lambda tmp: write_safetensors(tmp, tensors, {"config": meta,
+                                                                   "views": views}))

@@ -130,7 +130,8 @@ def write_safetensors(
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
         for array in arrays.values():
-            f.write(array.tobytes())
+            # The array's own memory, not a tobytes() copy of it: one pass at the disk's speed.
+            f.write(array.reshape(-1).view(np.uint8).data)
 
 
 def _read_header(path: Path) -> tuple[dict, int, int]:

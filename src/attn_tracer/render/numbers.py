@@ -25,6 +25,9 @@ from attn_tracer.render.heatmaps import (
 from attn_tracer.render.layout import cell_style, fit, grid, wrap_words
 
 BAR = 30  # cells of a probability-1 bar in the predictions
+# Rows of a prediction table drawn at most: beyond a few screens nobody reads them, and a Rich
+# table costs milliseconds a row (--top-k 50257 took minutes). --json and --save have them all.
+TOP_SHOWN = 100
 
 
 def stages(trace: Trace, layer: int, head: int, width: int, batch: int = 0,
@@ -472,11 +475,12 @@ def predictions(trace: Trace, width: int = 120,
         if items:
             items.append(Text(""))
         items.append(title)  # above the table: a table's title is only as wide as the table
-        digits = prob_decimals([t["prob"] for t in p.top])
-        probs = [f"{t['prob']:.{digits}f}" for t in p.top]
-        cols = [[str(len(p.top))], [t["text"] for t in p.top], [str(t["id"]) for t in p.top],
-                probs, [f"{t['logit']:.3f}" for t in p.top]]
-        numbers = sum(max(cell_len(c) for c in col) for col in cols) if p.top else 0
+        shown = p.top[:TOP_SHOWN]
+        digits = prob_decimals([t["prob"] for t in shown])
+        probs = [f"{t['prob']:.{digits}f}" for t in shown]
+        cols = [[str(len(shown))], [t["text"] for t in shown], [str(t["id"]) for t in shown],
+                probs, [f"{t['logit']:.3f}" for t in shown]]
+        numbers = sum(max(cell_len(c) for c in col) for col in cols) if shown else 0
         # The bar gives way to the numbers: BAR cells for the top token where they fit (a Rich
         # column takes 3 more cells: its padding and the blank rule between columns). Bars are
         # relative to the top token, so that they show the distribution's shape at every
@@ -492,11 +496,14 @@ def predictions(trace: Trace, width: int = 120,
         if bar:
             table.add_column("÷ #1" if bar >= 4 else "", no_wrap=True, overflow="crop")
         top = p.top[0]["prob"] if p.top else 0.0
-        for rank, t in enumerate(p.top):
+        for rank, t in enumerate(shown):
             cells = [bar_text(t["prob"] / top if top > 0 else 0.0, bar)] if bar else []
             table.add_row(str(rank + 1), Text(t["text"]), str(t["id"]), probs[rank],
                           f"{t['logit']:.3f}", *(Text(c, style="green") for c in cells))
         items.append(table)
+        if len(shown) < len(p.top):
+            items.append(Text(f"showing the top {len(shown)} of {len(p.top)} (--top-k); --json "
+                              f"lists all {len(p.top)}", style="dim"))
     if items:
         items.append(Text("prob: softmax(logits / T); the bars are each probability ÷ the top "
                           "token's (#1), the shape of the distribution at any T", style="dim"))
