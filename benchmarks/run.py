@@ -26,6 +26,9 @@ Figures (issue 7):
      `attn trace` wall time, --engine numpy vs --engine torch, at 16 … 2,048 tokens (2,048 with
      --n-ctx 2048). Sets engine.TORCH_FROM_LEN (the `--engine auto` rule).
   g  on CUDA (skipped without a GPU): 1,024 and 4,096 tokens, one head captured ÷ untraced SDPA.
+  h  outputs that scale (issue 12): --save, --json and --json-lines of every head of the
+     GPT-2-small shape at 1,024 tokens, MB/s of the writers alone and of whole processes, and
+     `--save --steps pattern` wall time: benchmarks/bench_outputs.py's rows().
 
 Repetitions (medians of): a 7 rounds; b and c 3 each after one warm-up call; d one forward per
 subprocess; e bench_json's own 5; f 2 rounds up to 256 tokens, 1 above; g 10. --quick: a 3, b/c 1,
@@ -447,6 +450,16 @@ def bench_json_figure() -> list[dict]:
     return [row(name, seconds, 1.0, unit="s", note=note, details=result)]
 
 
+# ── h: outputs that scale ─────────────────────────────────────────────────────────────────────
+
+def bench_outputs_figure(quick: bool) -> list[dict]:
+    path = Path(__file__).with_name("bench_outputs.py")
+    spec = importlib.util.spec_from_file_location("bench_outputs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [{**r, "figure": f"h. {r['figure']}"} for r in module.rows(quick)]
+
+
 # ── f: NumPy / torch crossover ────────────────────────────────────────────────────────────────
 
 def bench_crossover(lengths: tuple[int, ...], reps: int) -> list[dict]:
@@ -496,8 +509,9 @@ def show(rows: list[dict], header: bool = True) -> None:
         print("─" * len(title))
     for r in rows:
         verdict = {True: "pass", False: "MISS", None: ""}[r["pass"]]
+        at_least = "≥" if r.get("higher_is_better") else "≤"
         target = "" if r["target"] is None else (
-            "no" if r["unit"] == "bool" else f"≤ {fmt(r['target'], r['unit'])}")
+            "no" if r["unit"] == "bool" else f"{at_least} {fmt(r['target'], r['unit'])}")
         print(f"{r['figure']:<66} {fmt(r['value'], r['unit']):>10} {target:>9} {verdict:>5}  "
               f"{r['note']}", flush=True)
 
@@ -505,7 +519,7 @@ def show(rows: list[dict], header: bool = True) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and lengths")
-    parser.add_argument("--only", default="abcdefg", help="which figures, e.g. --only ab")
+    parser.add_argument("--only", default="abcdefgh", help="which figures, e.g. --only ab")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--memory-child", choices=("traced", "untraced"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -523,7 +537,8 @@ def main() -> None:
              "d": bench_memory,
              "e": bench_json_figure,
              "f": lambda: bench_crossover(lengths, reps["crossover"]),
-             "g": lambda: bench_cuda(reps["cuda"])}
+             "g": lambda: bench_cuda(reps["cuda"]),
+             "h": lambda: bench_outputs_figure(args.quick)}
     for key, step in steps.items():
         if key in args.only or (key == "b" and "c" in args.only):
             start = time.perf_counter()
