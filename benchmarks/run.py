@@ -42,6 +42,9 @@ Figures (issue 7):
   k  attn explore start-up: `attn explore "<short>" --exit-after-first-frame` minus `attn trace
      "<short>"`, both whole processes on a pseudo-terminal (160 × 50); also with Textual imported
      after the run instead of in a thread beside it, and `python -c "import textual.app"`.
+  l  outputs that scale (issue 12): --save, --json and --json-lines of every head of the
+     GPT-2-small shape at 1,024 tokens, MB/s of the writers alone and of whole processes, and
+     `--save --steps pattern` wall time: benchmarks/bench_outputs.py's rows().
 
 Repetitions (medians of): a 7 rounds; b and c 3 each after one warm-up call; d one forward per
 subprocess; e bench_json's own 5; f 2 rounds up to 256 tokens, 1 above; g 10; h 3; i 3; j one run
@@ -480,6 +483,16 @@ def bench_attribute_figure(reps: int) -> list[dict]:
     return out
 
 
+# ── l: outputs that scale ─────────────────────────────────────────────────────────────────────
+
+def bench_outputs_figure(quick: bool) -> list[dict]:
+    path = Path(__file__).with_name("bench_outputs.py")
+    spec = importlib.util.spec_from_file_location("bench_outputs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [{**r, "figure": f"l. {r['figure']}"} for r in module.rows(quick)]
+
+
 # ── f: NumPy / torch crossover ────────────────────────────────────────────────────────────────
 
 def bench_crossover(lengths: tuple[int, ...], reps: int) -> list[dict]:
@@ -730,8 +743,9 @@ def show(rows: list[dict], header: bool = True) -> None:
         print("─" * len(title))
     for r in rows:
         verdict = {True: "pass", False: "MISS", None: ""}[r["pass"]]
+        at_least = "≥" if r.get("higher_is_better") else "≤"
         target = "" if r["target"] is None else (
-            "no" if r["unit"] == "bool" else f"≤ {fmt(r['target'], r['unit'])}")
+            "no" if r["unit"] == "bool" else f"{at_least} {fmt(r['target'], r['unit'])}")
         print(f"{r['figure']:<66} {fmt(r['value'], r['unit']):>10} {target:>9} {verdict:>5}  "
               f"{r['note']}", flush=True)
 
@@ -739,8 +753,7 @@ def show(rows: list[dict], header: bool = True) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and lengths")
-    parser.add_argument("--only", default="abcdefgh", help="which figures, e.g. --only ab")
-    parser.add_argument("--only", default="abcdefghi", help="which figures, e.g. --only ab")
+    parser.add_argument("--only", default="abcdefghijkl", help="which figures, e.g. --only ab")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--memory-child", choices=("traced", "untraced"), help=argparse.SUPPRESS)
     parser.add_argument("--explore-child", choices=EXPLORE_MODES, help=argparse.SUPPRESS)
@@ -767,7 +780,8 @@ def main() -> None:
              "h": lambda: bench_heads_figure(reps["heads"]),
              "i": lambda: bench_attribute_figure(reps["forward"]),
              "j": bench_explore_memory,
-             "k": lambda: bench_explore_startup(reps["explore"])}
+             "k": lambda: bench_explore_startup(reps["explore"]),
+             "l": lambda: bench_outputs_figure(args.quick)}
     for key, step in steps.items():
         if key in args.only or (key == "b" and "c" in args.only):
             start = time.perf_counter()
