@@ -444,6 +444,14 @@ def bench_memory() -> list[dict]:
                      f"({out['traced']['method']})", children=out)]
 
 
+def _sibling(name: str):
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # ── e: JSON ───────────────────────────────────────────────────────────────────────────────────
 
 def bench_json_figure() -> list[dict]:
@@ -451,9 +459,7 @@ def bench_json_figure() -> list[dict]:
     name = "e. one 1024×1024 pattern written as JSON"
     if not path.exists():
         return [row(name, None, 1.0, unit="s", note="skipped: benchmarks/bench_json.py is missing")]
-    spec = importlib.util.spec_from_file_location("bench_json", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _sibling("bench_json")
     if not hasattr(module, "measure"):
         return [row(name, None, 1.0, unit="s", note="skipped: bench_json.py has no measure()")]
     result = module.measure()
@@ -470,10 +476,7 @@ def bench_json_figure() -> list[dict]:
 # ── h: attn attribute ─────────────────────────────────────────────────────────────────────────
 
 def bench_attribute_figure(reps: int) -> list[dict]:
-    path = Path(__file__).with_name("bench_attribute.py")
-    spec = importlib.util.spec_from_file_location("bench_attribute", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _sibling("bench_attribute")
     out = []
     for r in module.measure(reps):
         details = {k: v for k, v in r.items() if k not in ("figure", "value", "target")}
@@ -486,10 +489,7 @@ def bench_attribute_figure(reps: int) -> list[dict]:
 # ── l: outputs that scale ─────────────────────────────────────────────────────────────────────
 
 def bench_outputs_figure(quick: bool) -> list[dict]:
-    path = Path(__file__).with_name("bench_outputs.py")
-    spec = importlib.util.spec_from_file_location("bench_outputs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _sibling("bench_outputs")
     return [{**r, "figure": f"l. {r['figure']}"} for r in module.rows(quick)]
 
 
@@ -527,10 +527,7 @@ def bench_crossover(lengths: tuple[int, ...], reps: int) -> list[dict]:
 # ── h: attn heads ─────────────────────────────────────────────────────────────────────────────
 
 def bench_heads_figure(reps: int) -> list[dict]:
-    path = Path(__file__).with_name("bench_heads.py")
-    spec = importlib.util.spec_from_file_location("bench_heads", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _sibling("bench_heads")
     result = module.measure(reps)
     return [row(r["figure"], r["value"], r["target"], unit=r["unit"], note=r["note"])
             for r in module.rows(result)]
