@@ -335,10 +335,10 @@ def test_degenerate_columns(columns: str):
     (signal.SIGINT, 130, "interrupted")], ids=["TERM", "HUP", "INT"])
 def test_a_signal_while_save_is_written_leaves_nothing(tmp_path, suffix, signum, code, word):
     target = tmp_path / f"big{suffix}"
-    # npz compresses in memory first and writes in one go: a smaller run, so the wait for the
-    # write is short, still long enough a write to be caught.
+    # The write runs at the disk's speed (one copy of each tensor, uncompressed): enough layers
+    # that it lasts long enough to be caught.
     size = ["--d-model", "64", "--layers", "4"] if suffix == ".npz" else [
-        "--d-model", "256", "--layers", "24"]
+        "--d-model", "256", "--layers", "48"]
     proc = subprocess.Popen(
         [*ATTN, "trace", " ".join(["word"] * 400), *size, "--heads", "4", "--engine", "numpy",
          "--save", str(target)],
@@ -346,8 +346,8 @@ def test_a_signal_while_save_is_written_leaves_nothing(tmp_path, suffix, signum,
     deadline, writing = time.monotonic() + 120, False
     while time.monotonic() < deadline and proc.poll() is None and not writing:
         # The temporary file with bytes in it (the target's probe before the run is empty).
-        writing = any(p.name.startswith(f".{target.name}.") and p.stat().st_size > 0
-                      for p in tmp_path.iterdir() if p.exists())
+        writing = any(p.name.startswith(f".{target.name}.") and _size(p) > 0
+                      for p in tmp_path.iterdir())
         time.sleep(0.002)
     assert writing, "the save was never caught being written; make the run bigger"
     proc.send_signal(signum)
@@ -355,6 +355,14 @@ def test_a_signal_while_save_is_written_leaves_nothing(tmp_path, suffix, signum,
     assert proc.returncode == code, err
     assert out == b"" and err.decode().splitlines() == [f"attn: error: {word}"]
     assert list(tmp_path.iterdir()) == [], "a temporary file was left behind"
+
+
+def _size(path) -> int:
+    """The file's size, 0 if it is gone already (renamed to its target between two looks)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143),
