@@ -24,7 +24,6 @@ from attn_tracer.render.heatmaps import (
     PIECE,
     attention_maps,
     column_labels,
-    labels,
     legend,
     mask_marks,
     reading_labels,
@@ -225,13 +224,13 @@ def query_texts(trace: Trace, kind: str, query: int, width: int,
             marks = mask_marks(trace, kind, b)
             for i, h in enumerate(trace.selection.heads):
                 where = f" · text {b}" if len(trace.inputs) > 1 else ""
-                title = Text(f"{kind} layer {layer} head {h}{where}: what query {query} "
-                             f"({labels(trace.inputs[b])[query]}) attends to", style="bold")
-                title.append("\n")
-                title.append_text(shaded_text(pattern[b, i], reading_labels(inp), marks, query,
-                                              width,
-                                              numbers))
-                out.append(title)
+                block = Text()
+                block.append(f"{kind} layer {layer} head {h}{where}: what query {query} "
+                             f"({reading_labels(trace.inputs[b])[query]}) attends to\n",
+                             style="bold")  # the title alone: the shaded tokens keep their own
+                block.append_text(shaded_text(pattern[b, i], reading_labels(inp), marks, query,
+                                              width, numbers))
+                out.append(block)
     return out
 
 
