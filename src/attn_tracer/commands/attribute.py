@@ -320,7 +320,4 @@ class Gather:
     def final_logits(self, W_U: np.ndarray, rms: bool = False) -> np.ndarray:
         """The model's logits [vocab] at the position: what the unembedding reads, ·W_Uᵀ
         (`rms`: divided by its RMS first, as random attention-only weights do)."""
-        h = self.final.astype(np.float64)
-        if rms:
-            h = h / (np.sqrt(np.mean(h * h)) or 1.0)
-        return W_U @ h.astype(W_U.dtype)
+        return logit_lens.logits_of(self.final, W_U, logit_lens.RMS if rms else None)

@@ -244,16 +244,22 @@ def _snapshot(model_id: str, repo: Path) -> Path:
     return candidates[0]
 
 
+def _read_small(path: Path, limit: int, too_long: str) -> bytes:
+    """A small metadata file whole, reading at most `limit` + 1 bytes whatever its size."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise CheckpointError(too_long)
+    return data
+
+
 def _read_ref(ref: Path) -> str:
     """The commit refs/main names: one short line of a hash, never a path out of the cache."""
-    try:
-        with open(ref, "rb") as f:
-            data = f.read(_MAX_REF + 1)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {ref}: {e.strerror or e}") from None
-    if len(data) > _MAX_REF:
-        raise CheckpointError(f"{ref} is over {_MAX_REF} bytes long; it should hold one commit "
-                              "hash: download the model again")
+    data = _read_small(ref, _MAX_REF, f"{ref} is over {_MAX_REF} bytes long; it should hold "
+                       "one commit hash: download the model again")
     commit = data.decode("ascii", errors="replace").strip()
     if not re.fullmatch(r"[A-Za-z0-9_-][\w.-]*", commit):
         raise CheckpointError(f"{ref} does not hold a commit hash (it holds {data[:40]!r}); "
@@ -286,14 +292,8 @@ def _read_config(directory: Path) -> _Dims:
             f"{directory} is not a model directory: config.json is missing "
             "(pass a .safetensors/.bin file directly, or a save_pretrained folder)"
         )
-    try:
-        with open(config_path, "rb") as f:
-            data = f.read(_MAX_CONFIG + 1)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {config_path}: {e.strerror or e}") from e
-    if len(data) > _MAX_CONFIG:
-        raise CheckpointError(f"{config_path} is over {human(_MAX_CONFIG)}: not a model config "
-                              "(a GPT-2 config.json is about 1 KB)")
+    data = _read_small(config_path, _MAX_CONFIG, f"{config_path} is over {human(_MAX_CONFIG)}: "
+                       "not a model config (a GPT-2 config.json is about 1 KB)")
     try:
         config = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
