@@ -21,6 +21,7 @@ from attn_tracer.analysis.decompose import head_outputs
 from attn_tracer.commands import run as runner
 from attn_tracer.errors import UsageError
 from attn_tracer.model import memory
+from attn_tracer.model.arch import family
 from attn_tracer.model.tokens import VOCAB
 from attn_tracer.model.trace import Selection, Trace
 
@@ -158,7 +159,8 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
     from attn_tracer.model.pipeline import prepare
 
     prepared = prepare(texts, config, padding=r.padding, max_length=r.max_length,
-                       allow_special=r.allow_special, pad_to=r.pad_to)
+                       allow_special=r.allow_special, pad_to=r.pad_to,
+                       ids=runner.input_ids(r, config))
     valid = prepared.batch.valid[0]  # --pad-to may pad the one text, on either side
     real = np.flatnonzero(valid)  # the batch position of each real token
     count = len(real)
@@ -196,13 +198,16 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
     norm_params = _final_norm_params(weights, config)
     final = gather.residual(layers - 1, at)
     norm = (attribution.rms_norm(final) if norm_params is logit_lens.RMS
+            else attribution.rms_norm(final, norm_params.w, norm_params.eps)
+            if isinstance(norm_params, logit_lens.RMSNorm)
             else attribution.final_norm(final, *norm_params) if norm_params is not None else None)
     parts, stack = attribution.residual_components(
         gather.embed, gather.pos_embed,
         [head_outputs(gather.z[layer], weights.params[f"blocks.{layer}.attn.W_O"]
                       .astype(np.float64)) for layer in range(layers)],
         [weights.params.get(f"blocks.{layer}.attn.b_O") for layer in range(layers)],
-        [gather.mlp[layer] for layer in range(layers)] if config.arch == "gpt2" else None)
+        [gather.mlp[layer] for layer in range(layers)] if family(config).has_mlp(config)
+        else None)
     dla = attribution.attribute(parts, stack, attribution.direction(W_U, target, versus), norm)
     positions = list(range(count)) if a.all_positions else [position]
     resid = np.stack([gather.resid[layer][real] if a.all_positions else gather.resid[layer][None]
@@ -229,9 +234,10 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
 def _final_norm_params(weights, config):
     """(w, b, eps) of the final LayerNorm; for the attn architecture (none there) RMS when the
     random weights divide h by its RMS before W_U (as pipeline.predict does), else None."""
-    if config.arch != "gpt2":
+    norm = family(config).final_norm(weights.params, config)
+    if norm is None:
         return logit_lens.RMS if weights.normalizes_logits else None
-    return weights.params["ln_f.w"], weights.params["ln_f.b"], config.ln_eps
+    return norm
 
 
 def ablation_hooks(engine, config, heads: list[tuple[int, int]],
@@ -279,9 +285,8 @@ class Gather:
 
     def hooks(self) -> dict:
         c, p = self.config, self.p
-        last = f"blocks.{c.layers - 1}.resid_post"
         # What the unembedding reads: ln_f's output, or (attn arch, no ln_f) the last residual.
-        hooks = {"ln_f" if c.arch == "gpt2" else last: self._final}
+        hooks = {family(c).final_step(c): self._final}
         if self.final_only:
             return hooks
         hooks["embed"] = lambda x: setattr(self, "embed", self._host(x[0, p]))
@@ -290,7 +295,7 @@ class Gather:
         for layer in range(c.layers):
             b = f"blocks.{layer}"
             hooks[f"{b}.attn.z"] = lambda x, layer=layer: self._z(layer, x)
-            if c.arch == "gpt2":
+            if family(c).has_mlp(c):
                 hooks[f"{b}.mlp.out"] = lambda x, layer=layer: self.mlp.__setitem__(
                     layer, self._host(x[0, p]))
             hooks[f"{b}.resid_post"] = lambda x, layer=layer: self._resid(layer, x)
@@ -310,7 +315,7 @@ class Gather:
 
     def _resid(self, layer: int, x) -> None:
         self.resid[layer] = self._host(x[0] if self.all_positions else x[0, self.p])
-        if layer == self.config.layers - 1 and self.config.arch != "gpt2":
+        if family(self.config).final_step(self.config) == f"blocks.{layer}.resid_post":
             self.final = self.residual(layer, self.p)
 
     def residual(self, layer: int, position: int) -> np.ndarray:

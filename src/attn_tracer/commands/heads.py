@@ -172,8 +172,11 @@ def compute(r: Request, h: HeadsOptions, notice: Callable[[str], None], width: i
         text = b"".join(t.bytes for t in toks).decode("utf-8", "replace")
         prepared = Prepared(make_batch([toks], [text], "right"), None)
     else:
+        from attn_tracer.commands.run import input_ids
+
         prepared = prepare(texts, config, padding=r.padding, max_length=r.max_length,
-                           allow_special=r.allow_special, pad_to=r.pad_to, bos=bos)
+                           allow_special=r.allow_special, pad_to=r.pad_to, bos=bos,
+                           ids=input_ids(r, config))
     batch = prepared.batch
     rows, length = batch.ids.shape
     boxes = {}

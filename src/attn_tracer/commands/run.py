@@ -40,6 +40,7 @@ class Request:
     padding: str = "right"
     max_length: int | None = None
     pad_to: int | None = None
+    ids: list[str] = field(default_factory=list)  # --ids: token ids instead of texts
     d_model: int | None = None
     heads: int | None = None
     d_head: int | None = None
@@ -51,6 +52,14 @@ class Request:
     bias: bool = True
     seed: int = 0
     arch: str | None = None
+    kv_heads: int | None = None
+    window: int | None = None
+    norm: str | None = None
+    mlp: str | None = None
+    d_mlp: int | None = None
+    rotary_dims: int | None = None
+    rope_theta: float | None = None
+    rotary_style: str | None = None
     weights: str | None = None
     layer: list[str] = field(default_factory=list)
     head: list[str] = field(default_factory=list)
@@ -86,6 +95,10 @@ def read_inputs(r: Request, notice: Callable[[str], None]) -> tuple[list[str], l
     sources = sum([bool(r.texts), r.file is not None, r.lines is not None])
     if sources > 1:
         raise UsageError("give the text one way: TEXT arguments, --file, or --lines")
+    if r.ids:  # token ids: read against the model's vocabulary once it is known (input_ids)
+        if sources:
+            raise UsageError("give the input one way: TEXT arguments, --file, --lines or --ids")
+        return list(r.ids), []
     if r.lines is not None:
         # Kept: the split below treats a final line ending as the end of the last line.
         raw = read_file(r.lines, "--lines file", keep_newline=True)
@@ -130,50 +143,28 @@ def build_config(r: Request, notice: Callable[[str], None] = lambda message: Non
                  max_bytes: int | None = None):
     """The Config, and the checkpoint's parameters when --weights is given (refused from its
     header, before a tensor is read, if they would need more than `max_bytes`)."""
-    from attn_tracer.model.weights import Weights
+    from attn_tracer.model.arch import family
+    from attn_tracer.model.config import ARCHS
 
     arch = r.arch
-    if arch is not None and arch not in ("attn", "gpt2"):
-        raise UsageError(f"--arch must be attn or gpt2; got {arch!r}")
+    if arch is not None and arch not in ARCHS:
+        raise UsageError(f"--arch must be {', '.join(ARCHS[:-1])} or {ARCHS[-1]}; got {arch!r}")
     if r.weights is not None:
-        if arch == "attn":
-            raise UsageError("--weights loads a GPT-2, which needs --arch gpt2 (or no --arch)")
-        for flag, value in (("--d-model", r.d_model), ("--layers", r.layers),
-                            ("--n-ctx", r.n_ctx)):
-            if value is not None:
-                raise UsageError(f"{flag} conflicts with --weights: the checkpoint sets the sizes")
-        if r.pos not in (None, "learned"):
-            raise UsageError("GPT-2 weights come with learned positions; drop --pos")
-        if not r.bias:
-            raise UsageError("--no-bias conflicts with --weights: GPT-2 has biases")
-        from attn_tracer.model.checkpoint import load_checkpoint
+        from attn_tracer.commands.model_options import load_weights
 
-        ck = load_checkpoint(r.weights, r.heads, max_bytes)
-        if ck.head_untied_against_config:
-            notice(f"{r.weights}: config.json ties the output head to wte, but lm_head.weight "
-                   "differs from it; the logits use lm_head.weight, as transformers does")
-        if ck.heads_guessed:
-            notice(f"{r.weights} has no config.json: assuming GPT-2's 64-dimensional heads, "
-                   f"{ck.heads} head{'s' if ck.heads > 1 else ''}; say otherwise with --heads")
-        if r.heads is not None and r.heads != ck.heads:
-            raise UsageError(f"--heads {r.heads} conflicts with the checkpoint's {ck.heads} heads")
-        if r.d_head is not None and r.d_head != ck.d_head:
-            raise UsageError(f"--d-head {r.d_head} conflicts with the checkpoint's "
-                             f"{ck.d_head}-dimensional heads")
-        config = Config(d_model=ck.d_model, heads=ck.heads, layers=ck.layers, n_ctx=ck.n_ctx,
-                        pos="learned", mask=r.mask, scale=r.scale, bias=True, seed=r.seed,
-                        arch="gpt2", vocab=ck.vocab, ln_eps=ck.ln_eps, weights=r.weights,
-                        d_mlp=ck.d_mlp, d_head=ck.d_head)
-        return config, Weights(config, dict(ck.params), trained=True)
+        return load_weights(r, notice, max_bytes)
     arch = arch or "attn"
+    from attn_tracer.commands.model_options import modern
+
     config = Config(
         d_model=768 if r.d_model is None else r.d_model,
         heads=12 if r.heads is None else r.heads,
         d_head=r.d_head,
         layers=2 if r.layers is None else r.layers,
         n_ctx=1024 if r.n_ctx is None else r.n_ctx,
-        pos=r.pos or ("learned" if arch == "gpt2" else "sinusoidal"),
-        mask=r.mask, scale=r.scale, bias=r.bias, seed=r.seed, arch=arch,
+        pos=r.pos or family(arch).defaults.get("pos", "sinusoidal"),
+        mask=r.mask, scale=r.scale, bias=r.bias and family(arch).defaults.get("bias", True),
+        seed=r.seed, arch=arch, **modern(r, family(arch)),
     )
     # Parameters alone, before any allocation: refuse what cannot fit from the estimate.
     return config, None
@@ -226,11 +217,9 @@ def validate(r: Request) -> None:
     if r.values and (r.json or r.json_lines):
         flag = "--json" if r.json else "--json-lines"
         raise UsageError(f"--values prints numbers in the terminal view; with {flag} use --save")
-    if r.arch == "gpt2" and (r.cross or r.cross_file):
-        raise UsageError("--cross needs --arch attn: GPT-2 is decoder-only, it has no "
-                         "cross-attention")
-    if r.weights is not None and (r.cross or r.cross_file):
-        raise UsageError("--cross conflicts with --weights: GPT-2 has no cross-attention")
+    from attn_tracer.commands.model_options import validate_model
+
+    validate_model(r)
     from attn_tracer.commands.save import TENSOR_SUFFIXES, check_target, parse_steps
 
     parse_steps(r.steps)
@@ -331,7 +320,8 @@ def compute(r: Request, notice: Callable[[str], None]):
     from attn_tracer.model.pipeline import prepare
 
     prepared = prepare(texts, config, cross_texts=cross or None, padding=r.padding,
-                       max_length=r.max_length, allow_special=r.allow_special, pad_to=r.pad_to)
+                       max_length=r.max_length, allow_special=r.allow_special, pad_to=r.pad_to,
+                       ids=input_ids(r, config))
     length = prepared.batch.ids.shape[1]
     k_len = prepared.cross.ids.shape[1] if prepared.cross else length
     if r.values and max(length, k_len) > VALUES_LIMIT:
@@ -352,6 +342,21 @@ def compute(r: Request, notice: Callable[[str], None]):
 
 
 # The steps of a run that every command running the model shares (trace, heads, attribute).
+
+def input_ids(r: Request, config) -> list[list[int]] | None:
+    """--ids as token ids of the model's vocabulary, or None when the input is text (which a
+    checkpoint with a tokenizer other than GPT-2's cannot read yet)."""
+    from attn_tracer.commands.model_options import parse_ids
+
+    if r.ids:
+        return parse_ids(r.ids, config.vocab)
+    if config.model_type is not None:
+        from attn_tracer.commands.model_options import titled
+
+        raise UsageError(f"{titled(config)} checkpoints have a tokenizer of their own, which attn "
+                         "does not read: give the text as token ids with --ids")
+    return None
+
 
 def memory_limit(r: Request) -> int:
     return memory.parse_size(r.max_memory) if r.max_memory is not None else memory.default_limit()

@@ -166,7 +166,8 @@ def compute(r: Request, notice: Callable[[str], None], width: int, color: bool =
     with run.progress_display("loading weights", show=r.weights is not None):
         config, weights = run.build_config(r, notice)
     prepared = prepare(texts, config, cross_texts=cross or None, padding=r.padding,
-                       max_length=r.max_length, allow_special=r.allow_special)
+                       max_length=r.max_length, allow_special=r.allow_special,
+                       ids=run.input_ids(r, config))
     batch = prepared.batch
     rows, length = batch.ids.shape
     k_len = prepared.cross.ids.shape[1] if prepared.cross else length

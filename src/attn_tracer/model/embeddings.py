@@ -37,7 +37,7 @@ def embed(ids: np.ndarray, positions: np.ndarray, config: Config, weights: Weigh
 
 def positional(config: Config, weights: Weights, positions: np.ndarray) -> np.ndarray | None:
     """P[positions] → [*positions.shape, d_model], or None without positional information."""
-    if config.pos == "none":
+    if config.pos in ("none", "rotary"):  # rotary positions turn Q and K instead (layers.rotate)
         return None
     if config.pos == "sinusoidal":
         return sinusoidal(positions, config.d_model)

@@ -15,6 +15,7 @@ import numpy as np
 
 from attn_tracer.errors import AttnError, UsageError
 from attn_tracer.model import embeddings, layers, memory, tokens
+from attn_tracer.model.arch import family
 from attn_tracer.model.config import Config
 from attn_tracer.model.engine import Engine, namespace
 from attn_tracer.model.trace import Hook, Input, Prediction, Recorder, Selection, Trace
@@ -32,15 +33,15 @@ class Batch:
 
 
 def make_batch(token_lists: list[list[tokens.Token]], texts: list[str], side: str,
-               truncated: list[int | Callable[[], int]] | None = None, pad_to: int | None = None
-               ) -> Batch:
-    """Pad every row to the longest (or to `pad_to`) with <|endoftext|>; positions count real
-    tokens only."""
+               truncated: list[int | Callable[[], int]] | None = None, pad_to: int | None = None,
+               pad_id: int = PAD_ID) -> Batch:
+    """Pad every row to the longest (or to `pad_to`) with <|endoftext|> (or `pad_id`, for a
+    vocabulary without it); positions count real tokens only."""
     length = max(max(len(t) for t in token_lists), pad_to or 0)
     truncated = truncated or [0] * len(texts)
     inputs = [Input(text, toks, len(toks), length - len(toks), side, cut)
               for text, toks, cut in zip(texts, token_lists, truncated, strict=True)]
-    ids = np.full((len(inputs), length), PAD_ID, np.int64)
+    ids = np.full((len(inputs), length), pad_id, np.int64)
     for row, inp in zip(ids, inputs, strict=True):
         row[inp.valid] = [t.id for t in inp.tokens]
     valid = np.stack([inp.valid for inp in inputs])
@@ -52,11 +53,19 @@ def make_batch(token_lists: list[list[tokens.Token]], texts: list[str], side: st
 
 def self_mask(config: Config, valid: np.ndarray) -> np.ndarray | None:
     """allowed [batch, 1, len, len]: causal, no pad keys, and nothing for a pad query."""
-    length = valid.shape[1]
     allowed = valid[:, None, :, None] & valid[:, None, None, :]
     if config.mask == "causal":
-        allowed = allowed & np.tril(np.ones((length, length), bool))
+        allowed = allowed & causal_mask(valid.shape[1], config.window)
     return None if allowed.all() else allowed
+
+
+def causal_mask(length: int, window: int | None = None) -> np.ndarray:
+    """[len, len] True where query q may see key k: k ≤ q, and with a sliding window of W
+    also q − k < W (the last W keys, itself included, as transformers' sliding_window). Real
+    tokens are contiguous in a row (padding is at one end), so the distance between two of
+    them in the batch is the distance between their positions."""
+    q, k = np.arange(length)[:, None], np.arange(length)[None, :]
+    return (k <= q) & (q - k < window) if window is not None else k <= q
 
 
 def cross_mask(valid_q: np.ndarray, valid_k: np.ndarray) -> np.ndarray | None:
@@ -81,8 +90,8 @@ class Prepared:
 
 def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None = None,
             padding: str = "right", max_length: int | None = None,
-            allow_special: bool = False, pad_to: int | None = None, bos: bool = False
-            ) -> Prepared:
+            allow_special: bool = False, pad_to: int | None = None, bos: bool = False,
+            ids: list[list[int]] | None = None) -> Prepared:
     """Tokenize, cut and pad the texts (and the cross texts) into batches.
 
     `pad_to`: every text is padded to exactly this many tokens, as a model with a fixed input
@@ -90,9 +99,14 @@ def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None =
     padded only to their longest.
     `bos`: put <|endoftext|> before each text, as GPT-2 saw it in training (documents were
     separated by it); it is a real token, counted in the length, not cut by --max-length.
+    `ids`: the token ids of each text, given instead of being read off the texts (--ids).
     """
-    token_lists, cut = tokenize_all(texts, allow_special, max_length, config, "text",
-                                    reserve=int(bos))
+    if ids is None:
+        token_lists, cut = tokenize_all(texts, allow_special, max_length, config, "text",
+                                        reserve=int(bos))
+    else:
+        token_lists, cut = given_ids(ids, max_length, config, reserve=int(bos))
+        texts = [ids_text(t) for t in token_lists]
     if bos:
         token_lists = [[tokens.token(tokens.ENDOFTEXT_ID), *t] for t in token_lists]
     if pad_to is not None:
@@ -104,7 +118,7 @@ def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None =
                 where = f"text {i}" if len(token_lists) > 1 else "the text"
                 raise UsageError(f"{where} has {len(toks)} tokens, more than --pad-to {pad_to}; "
                                  f"cut it with --max-length {pad_to} or raise --pad-to")
-    batch = make_batch(token_lists, texts, padding, cut, pad_to)
+    batch = make_batch(token_lists, texts, padding, cut, pad_to, pad_id(config))
     cross = None
     if cross_texts:
         cross_lists, cross_cut = tokenize_all(cross_texts, allow_special, max_length, config,
@@ -119,6 +133,12 @@ def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None =
                                                    cross_cut * rows)
         cross = make_batch(cross_lists, cross_texts, padding, cross_cut)
     return Prepared(batch, cross)
+
+
+def pad_id(config: Config) -> int:
+    """The id that fills pad positions (masked everywhere: any row of W_E does): GPT-2's
+    <|endoftext|>, or 0 in a vocabulary too small to have it."""
+    return PAD_ID if config.vocab > PAD_ID else 0
 
 
 def run(
@@ -167,6 +187,7 @@ def _run(texts, config, engine, weights, selection, *, cross_texts, padding, max
         prepared = prepare(texts, config, cross_texts=cross_texts, padding=padding,
                            max_length=max_length, allow_special=allow_special, pad_to=pad_to)
     batch, cross = prepared.batch, prepared.cross
+    arch = family(config)
     if max_memory is not None:
         length = batch.ids.shape[1]
         k_len = cross.ids.shape[1] if cross else length
@@ -181,7 +202,12 @@ def _run(texts, config, engine, weights, selection, *, cross_texts, padding, max
     rec = Recorder(selection, engine, hooks)
     allowed = _on(engine, self_mask(config, batch.valid))
     # One text, causal, no padding: the mask is the plain triangle a fused kernel can skip.
-    causal = config.mask == "causal" and bool(batch.valid.all())
+    causal = config.mask == "causal" and bool(batch.valid.all()) and (
+        config.window is None or config.window >= batch.valid.shape[1])
+    # Rotary positions: each position's angles, once for every layer (positions count real
+    # tokens, so a left-padded text turns as it would alone).
+    rotary = (tuple(engine.asarray(a) for a in layers.rotary_angles(batch.positions, config))
+              if config.pos == "rotary" else None)
     cross_allowed = _on(engine, cross_mask(batch.valid, cross.valid)) if cross else None
     done = {"layers": 0, "ln_f": False, "logits": False}  # what `replay` must run again
 
@@ -190,16 +216,14 @@ def _run(texts, config, engine, weights, selection, *, cross_texts, padding, max
                                 padded=not b.valid.all())
 
     def ln_f(rec, x):
-        return rec("ln_f", "LayerNorm(X)",
-                   layers.layer_norm(x, p["ln_f.w"], p["ln_f.b"], config.ln_eps),
-                   ("batch", "len", "d_model"))
+        return arch.final(x, p, config, rec)
 
     def replay(watch):
         """Everything run so far, again, through `watch`, which stops at the first bad step."""
         x, x_cross = embed(watch, batch), embed(watch, cross, "cross.") if cross else None
         for layer in range(done["layers"]):
-            x = layers.block(x, p, config, allowed, watch, layer, engine, x_cross,
-                             cross_allowed, causal)
+            x = arch.block(x, p, config, allowed, watch, layer, engine, x_cross,
+                           cross_allowed, causal, rotary)
         if done["ln_f"]:
             x = ln_f(watch, x)
         if done["logits"]:
@@ -209,14 +233,14 @@ def _run(texts, config, engine, weights, selection, *, cross_texts, padding, max
     x = guard(embed(rec, batch))
     x_cross = guard(embed(rec, cross, "cross.")) if cross else None
     for layer in range(config.layers):
-        x = layers.block(x, p, config, allowed, rec, layer, engine, x_cross, cross_allowed,
-                         causal)
+        x = arch.block(x, p, config, allowed, rec, layer, engine, x_cross, cross_allowed,
+                       causal, rotary)
         rec.flush()
         done["layers"] = layer + 1
         x = guard(x)
         if progress is not None:
             progress(layer + 1, config.layers)
-    if config.arch == "gpt2":
+    if arch.full_block:
         done["ln_f"] = True
         x = guard(ln_f(rec, x))
     predictions = None
@@ -236,6 +260,30 @@ def _run(texts, config, engine, weights, selection, *, cross_texts, padding, max
         temperature=temperature,
     )
     return trace, prepared.cut
+
+
+def given_ids(ids: list[list[int]], max_length: int | None, config: Config, reserve: int = 0):
+    """Token lists of --ids (cut to --max-length), and how many ids each cut."""
+    n_ctx = config.n_ctx - reserve
+    token_lists, cut = [], []
+    for i, row in enumerate(ids):
+        kept = row[:max_length] if max_length is not None else row
+        if len(kept) > n_ctx:
+            limit = (f"the checkpoint's context of {config.n_ctx}" if config.weights
+                     else f"--n-ctx {config.n_ctx}")
+            raise UsageError(f"--ids {i} has {len(kept)} tokens, more than {limit}; cut it with "
+                             f"--max-length {n_ctx}")
+        token_lists.append([tokens.id_token(t) for t in kept])
+        cut.append(len(row) - len(kept))
+    return token_lists, cut
+
+
+def ids_text(toks: list[tokens.Token]) -> str:
+    """The text of tokens given by id: GPT-2's bytes decoded where every id is GPT-2's, else
+    the labels (`<id N>`) separated by spaces."""
+    if all(t.bytes for t in toks):
+        return b"".join(t.bytes for t in toks).decode("utf-8", errors="replace")
+    return " ".join(t.text for t in toks)
 
 
 def tokenize_all(texts, allow_special, max_length, config: Config, what, reserve: int = 0):

@@ -158,6 +158,14 @@ def token(token_id: int) -> Token:
     return Token(token_id, ENDOFTEXT if token_id == ENDOFTEXT_ID else label(raw), raw)
 
 
+def id_token(token_id: int) -> Token:
+    """A token given by its id (--ids): GPT-2's label where the id is one of GPT-2's, else
+    `<id N>` (a checkpoint's vocabulary may be another tokenizer's or larger)."""
+    if 0 <= token_id < VOCAB:
+        return token(token_id)
+    return Token(token_id, f"<id {token_id}>", b"")
+
+
 # Whitespace a reader must see: a leading space is most of GPT-2's tokens.
 _VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍", "\x7f": "␡"}
 

@@ -462,7 +462,8 @@ def rollout_view(result, width: int) -> list[RenderableType]:
     out.append(heatmap(result.rollout, reading_labels(inp), column_labels(inp),
                        f"rollout through {plural(result.layers, 'layer')}", width,
                        mask_marks(trace, "attn", 0)))
-    out.append(legend(bool(inp.padding), width, causal=trace.config.mask == "causal"))
+    out.append(legend(bool(inp.padding), width, causal=trace.config.mask == "causal",
+                      window=trace.config.window))
     return out
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import orjson
 
 from attn_tracer import __version__
-from attn_tracer.model.tokens import ENDOFTEXT_ID, Token
+from attn_tracer.model.tokens import Token
 from attn_tracer.model.trace import Input, Trace
 
 SCHEMA = "attn-trace/1"
@@ -47,6 +47,12 @@ def input_json(inp: Input) -> dict:
             "truncated": inp.truncated}
 
 
+def pad_id(config) -> int:
+    from attn_tracer.model.pipeline import pad_id
+
+    return pad_id(config)
+
+
 def config_json(trace: Trace) -> dict:
     c = trace.config.to_dict()
     c.update(trace.engine)
@@ -54,10 +60,12 @@ def config_json(trace: Trace) -> dict:
     c["mask_description"] = {
         "causal": c["mask"] == "causal",
         "padding": batched,
-        "pad_id": ENDOFTEXT_ID,
+        "pad_id": pad_id(trace.config),
         "masked_value": "-inf before softmax, exactly 0 after",
         "pad_query_rows": "all 0: a pad query attends to nothing",
     }
+    if trace.config.window is not None:  # the sliding window (absent without one)
+        c["mask_description"]["window"] = trace.config.window
     c["cross"] = trace.cross is not None
     return c
 

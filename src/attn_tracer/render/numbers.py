@@ -244,9 +244,9 @@ def softmax_note(pattern: np.ndarray, allowed: np.ndarray, valid_q: np.ndarray) 
 
 def attention_input(trace: Trace, layer: int) -> str:
     """The step name of what layer `layer`'s attention reads: X in Q = X·W_Q + b_Q."""
-    if trace.config.arch == "gpt2":
-        return f"blocks.{layer}.ln_1"
-    return block_input(layer)
+    from attn_tracer.model.arch import family
+
+    return family(trace.config).attention_input(layer)
 
 
 def block_input(layer: int) -> str:

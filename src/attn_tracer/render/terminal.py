@@ -48,6 +48,7 @@ def header(trace: Trace, width: int = 120, title: str = "attn trace") -> Text:
         sizes.append(f"heads·d_head {c.d_attn}")
     # The switches on a line of their own: a name like "attn" alone after a wrap reads as noise.
     items = [f"arch {c.arch}", f"pos {c.pos}", f"mask {c.mask}"]
+    items += modern_items(c)
     if not c.scale:
         items.append("NO SCALE")
     if trace.cross:
@@ -61,12 +62,39 @@ def header(trace: Trace, width: int = 120, title: str = "attn trace") -> Text:
     t.append("\n")
     t.append_text(flow([Text(i, style="dim") for i in items], width))
     t.append("\n")
-    what = (f"GPT-2 weights from {c.weights}" if c.weights
+    what = (f"{checkpoint_title(c)} weights from {c.weights}" if c.weights
             else f"random weights, seed {c.seed} (untrained)")
     e = trace.engine
     t.append_text(flow([Text(i, style="dim") for i in
                         (what, f"{e['engine']} on {e['device']}", e["dtype"])], width))
     return t
+
+
+def modern_items(c) -> list[str]:
+    """The modern-attention switches a config sets (none for the classic stack)."""
+    out = []
+    if c.pos == "rotary":
+        part = f" {c.rotary_dims}/{c.d_head} dims" if c.rotary_dims != c.d_head else ""
+        out.append(f"rotary {c.rotary_style}{part} θ {c.rope_theta:g}")
+    if c.kv_heads != c.heads:
+        out.append(f"kv_heads {c.kv_heads} ({c.groups} query heads each)")
+    if c.window is not None:
+        out.append(f"window {c.window}")
+    from attn_tracer.model.arch import family
+
+    if family(c).full_block and c.norm != "layer":
+        out.append("RMSNorm")
+    if family(c).full_block and c.mlp != "gelu":
+        out.append("SwiGLU")
+    return out
+
+
+def checkpoint_title(c) -> str:
+    """What the weights are called: GPT-2, Llama, Mistral, Qwen2."""
+    from attn_tracer.model.arch import family
+
+    arch = family(c)
+    return arch.titles.get(c.model_type or "", arch.title)
 
 
 def token_strip(inp: Input, title: str, width: int = 120) -> Text:
@@ -207,7 +235,7 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
                     show(console, item)
         show(console, legend(any(i.padding for i in trace.inputs) or bool(
             trace.cross and any(i.padding for i in trace.cross)), width,
-            causal=trace.config.mask == "causal", colored=colored))
+            causal=trace.config.mask == "causal", colored=colored, window=trace.config.window))
     if trace.predictions:
         console.print()
         console.print(predictions(trace, width, batch_rows))
