@@ -194,3 +194,41 @@ def test_half_precision_checkpoint_is_computed_in_float32(dtype, tmp_path) -> No
     ref = hf_forward(hf, *ROWS["right"])
     tol = step_tolerances(trace(config, weights, "right", "numpy", capture="all"))
     compare(trace(config, weights, "right", "numpy"), ref, tol)
+
+
+def test_cli_with_ids_and_refusals(models, one_line_error) -> None:
+    from typer.testing import CliRunner
+
+    from attn_tracer.cli import app
+
+    runner = CliRunner()
+    where = str(models["mistral"].dir)
+    result = runner.invoke(app, ["trace", "--weights", where, "--ids", "5,17,42,9,100,3",
+                                 "--json"])
+    assert result.exit_code == 0, result.stderr
+    import json
+
+    doc = json.loads(result.stdout)
+    assert (doc["config"]["model_type"], doc["config"]["window"]) == ("mistral", 4)
+    assert doc["config"]["mask_description"]["pad_id"] == 0  # vocabulary of 300: no 50256
+    view = runner.invoke(app, ["trace", "--weights", where, "--ids", "5,17,42,9,100,3"],
+                         env={"COLUMNS": "120", "NO_COLOR": "1"})
+    assert "Mistral weights from" in view.stdout and "∘" in view.stdout
+    one_line_error(runner.invoke(app, ["trace", "--weights", where, "Hello"]), 2,
+                   "Mistral checkpoints have a tokenizer of their own", "--ids")
+    one_line_error(runner.invoke(app, ["trace", "--weights", where, "--ids", "300"]), 2,
+                   "token id 300 is out of range")
+    one_line_error(runner.invoke(app, ["trace", "--weights", where, "--ids", "1",
+                                       "--kv-heads", "4"]), 2, "--kv-heads conflicts")
+    one_line_error(runner.invoke(app, ["trace", "--weights", where, "--ids", "1",
+                                       "--arch", "gpt2"]), 2, "--arch gpt2 conflicts")
+
+
+def test_other_model_types_are_refused_naming_the_supported(tmp_path, one_line_error) -> None:
+    from typer.testing import CliRunner
+
+    from attn_tracer.cli import app
+
+    (tmp_path / "config.json").write_text('{"model_type": "gemma"}')
+    one_line_error(CliRunner().invoke(app, ["trace", "--weights", str(tmp_path), "--ids", "1"]),
+                   1, "describes a 'gemma' model; attn reads gpt2, llama, mistral, qwen2")

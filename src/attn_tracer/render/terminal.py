@@ -31,7 +31,13 @@ from attn_tracer.render.heatmaps import (
 )
 from attn_tracer.render.layout import GAP, flow, plural
 from attn_tracer.render.numbers import predictions, stages, values
-from attn_tracer.render.shapes import circuits_table, cost_summary, cost_table, shape_table
+from attn_tracer.render.shapes import (
+    circuits_table,
+    cost_summary,
+    cost_table,
+    kv_saving,
+    shape_table,
+)
 
 STRIP_HEAD, STRIP_TAIL = 48, 16  # tokens listed before and after the … of a long text
 
@@ -174,7 +180,13 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
     console.print()
     console.print(Text("shape trace", style="bold"))
     show(console, shape_table(trace.steps, width))
-    console.print(Text(ORIENTATION.format(w=trace.config.attn_dim), style="dim"))
+    cfg = trace.config
+    orientation = ORIENTATION.format(w=cfg.attn_dim)
+    if cfg.kv_heads != cfg.heads:  # grouped-query: W_K and W_V are narrower than W_Q
+        orientation = orientation.replace(
+            f"W_Q, W_K, W_V are [d_model, {cfg.attn_dim}]",
+            f"W_Q is [d_model, {cfg.attn_dim}], W_K and W_V [d_model, {cfg.kv_dim}]")
+    console.print(Text(orientation, style="dim"))
     kinds = ("attn", "cross_attn") if trace.cross else ("attn",)
     rows = batch_rows or [0]  # the numbers of one text each: the first, unless asked
     if show_cost:
@@ -187,6 +199,8 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
         if peaks is not None:
             length = trace.inputs[0].length + trace.inputs[0].padding
             console.print(cost_summary(costs, length, *peaks))
+            if trace.config.kv_heads != trace.config.heads:
+                console.print(kv_saving(trace.config, length))
         console.print()
     if show_circuits and weights is not None:
         console.print()
