@@ -14,6 +14,7 @@ from attn_tracer.model.checkpoint.torch_bin import _read_torch
 from attn_tracer.model.safetensors_io import (
     CheckpointError,
     read_safetensors,
+    release,
 )
 
 
@@ -64,6 +65,7 @@ def _checked(path: Path, raw: Mapping[str, Any], key: str, shape: tuple[int, ...
     # float32's range becomes inf, which the check below names.
     with np.errstate(over="ignore"):
         out = np.ascontiguousarray(array.astype(np.float32))
+    release(array)  # the copy is ours: the mapped pages need not count in the peak
     _check_finite(path, key, out)
     return out
 
