@@ -29,32 +29,49 @@ def modern(r, arch) -> dict:
     return out
 
 
-def validate_model(r) -> None:
-    """Refuse model options that cannot go together, before anything is read."""
+def validate_cross(i, m) -> None:
+    """--cross: only the attention-only stack has cross-attention, and not with rotary
+    positions (the cross text's positions would turn its keys by positions of its own)."""
     from attn_tracer.model.arch import family
 
-    arch = family(r.arch) if r.arch is not None else None
-    if arch is not None and arch.full_block and (r.cross or r.cross_file):
+    if not (i.cross or i.cross_file):
+        return
+    arch = family(m.arch) if m.arch is not None else None
+    if arch is not None and arch.full_block:
         raise UsageError(f"--cross needs --arch attn: {arch.title} is decoder-only, it has no "
                          "cross-attention")
-    if r.weights is not None and (r.cross or r.cross_file):
+    if m.weights is not None:
         raise UsageError("--cross conflicts with --weights: GPT-2 has no cross-attention")
-    if r.pos == "rotary" and (r.cross or r.cross_file):
+    if m.pos == "rotary":
         raise UsageError("--pos rotary turns self-attention's Q and K by their positions; "
                          "--cross texts have positions of their own: use another --pos")
-    if r.weights is None:
-        if (arch is None or not arch.full_block) and (r.norm or r.mlp or r.d_mlp):
-            flag = "--norm" if r.norm else "--mlp" if r.mlp else "--d-mlp"
+
+
+def validate_model(i, m) -> None:
+    """Refuse model options that cannot go together, before anything is read (`i`: the input
+    options, `m`: the model options)."""
+    from attn_tracer.model.arch import family
+
+    arch = family(m.arch) if m.arch is not None and m.arch in _archs() else None
+    if m.weights is None:
+        if (arch is None or not arch.full_block) and (m.norm or m.mlp or m.d_mlp):
+            flag = "--norm" if m.norm else "--mlp" if m.mlp else "--d-mlp"
             raise UsageError(f"{flag} sets a part of the full block, which --arch attn does not "
                              "have: use --arch gpt2 or --arch llama")
-        rotary = r.pos == "rotary" or (r.pos is None and arch is not None
+        rotary = m.pos == "rotary" or (m.pos is None and arch is not None
                                        and arch.defaults.get("pos") == "rotary")
-        for flag, value in (("--rope-theta", r.rope_theta), ("--rotary-style", r.rotary_style),
-                            ("--rotary-dims", r.rotary_dims)):
+        for flag, value in (("--rope-theta", m.rope_theta), ("--rotary-style", m.rotary_style),
+                            ("--rotary-dims", m.rotary_dims)):
             if value is not None and not rotary:
                 raise UsageError(f"{flag} shapes rotary positions: add --pos rotary")
-    if r.ids and (r.texts or r.file is not None or r.lines is not None):
+    if i.ids and (i.texts or i.file is not None or i.lines is not None):
         raise UsageError("give the input one way: TEXT arguments, --file, --lines or --ids")
+
+
+def _archs() -> tuple[str, ...]:
+    from attn_tracer.model.config import ARCHS
+
+    return ARCHS
 
 
 def parse_ids(values: list[str], vocab: int) -> list[list[int]]:

@@ -1,7 +1,8 @@
 """Llama, Mistral and Qwen2 checkpoints under our names.
 
 transformers' nn.Linear stores W as [out, in]; ours is [in, out] (x @ W), so every projection is
-read as its transpose, here (a view: x @ W runs on it as it is). The three families share their names:
+read as its transpose, here (a view: x @ W runs on it as it is). The three families share their
+names:
 
     model.embed_tokens.weight                  → wte         [vocab, d_model]
     model.layers.L.input_layernorm.weight      → blocks.L.ln_1.w
