@@ -116,6 +116,7 @@ def test_memory_shapes_follow_the_kv_width():
 
 # ── rotary positions ─────────────────────────────────────────────────────────────────────────
 
+@pytest.mark.slow  # imports transformers: seconds
 @pytest.mark.parametrize("style", ["halves", "interleaved"])
 @pytest.mark.parametrize("rotary_dims", [8, 4])
 def test_rotation_matches_transformers(style, rotary_dims):
@@ -171,6 +172,7 @@ def test_left_padding_turns_a_text_as_it_would_alone():
 
 # ── grouped-query attention and the window: fused and blocked paths ──────────────────────────
 
+@pytest.mark.slow  # imports transformers: seconds
 def test_repeat_kv_matches_transformers():
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")

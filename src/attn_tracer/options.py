@@ -153,10 +153,10 @@ def _model(
         "--rotary-style", help="--pos rotary: which dimensions turn together: halves (i with "
         "i + d/2, Llama, NeoX) or interleaved (2i with 2i+1, GPT-J) (default: halves).",
         rich_help_panel="Model", show_default=False)] = None,
-    weights: Annotated[str | None, Opt("--weights", help="Real GPT-2 weights: a directory, a "
-                                       ".safetensors/.bin file, or a model id in the Hugging Face"
-                                       " cache (gpt2, distilgpt2, …).", rich_help_panel="Model")
-                       ] = None,
+    weights: Annotated[str | None, Opt(
+        "--weights", help="Real weights (GPT-2; Llama, Mistral, Qwen2 with --ids): a directory, "
+        "a .safetensors/.bin file, or a model id in the Hugging Face cache (gpt2, distilgpt2, …).",
+        rich_help_panel="Model")] = None,
 ) -> None: ...
 
 
