@@ -31,7 +31,7 @@ from attn_tracer.model.safetensors_io import (
     read_safetensors,
 )
 
-__all__ = ["Checkpoint", "CheckpointError", "hf_cache_dir", "load_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "hf_cache_dir", "load_checkpoint", "source_folder"]
 
 DEFAULT_LN_EPS = 1e-5
 GPT2_D_HEAD = 64  # every GPT-2 size uses 64-wide heads; the default when a file has no config
@@ -140,6 +140,29 @@ def load_checkpoint(source: str, heads: int | None = None,
         return _load_file(source, path, heads, max_bytes)
     if _looks_like_model_id(source):
         return _load_directory(source, _find_in_cache(source), max_bytes)
+    raise CheckpointUsageError(f"no such file or directory: {source}")
+
+
+def source_folder(source: str) -> Path | None:
+    """The folder a source's config.json and tokenizer files are in, resolved as load_checkpoint
+    resolves it (a directory, or a cached model id's snapshot); None for a bare weights file,
+    which has neither. Reads no weights: `attn tokens --weights` needs only this."""
+    if not source.strip():
+        raise CheckpointUsageError("--weights is empty: give a directory, a .safetensors or .bin "
+                                   "file, or a model id such as gpt2")
+    try:
+        path = Path(source).expanduser()
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except RuntimeError as e:
+        raise CheckpointUsageError(f"cannot expand {source}: {e}") from None
+    except OSError as e:
+        raise CheckpointUsageError(f"cannot use {source}: {e.strerror or e}") from None
+    if is_dir:
+        return path
+    if is_file:
+        return None
+    if _looks_like_model_id(source):
+        return _find_in_cache(source)
     raise CheckpointUsageError(f"no such file or directory: {source}")
 
 
