@@ -3,8 +3,8 @@
 - `bpe`: a byte-level BPE trained on the sample texts (GPT-NeoX's and Qwen2's kind), whose
   post-processor puts <|begin_of_text|> first, as Llama 3's does.
 - `unigram`: a Unigram over Metaspace pieces with byte fallback (SentencePiece's kind, Llama 2's
-  layout: <unk> <s> </s>, then <0x00>…<0xFF>, then the pieces), trained on English and code
-  only, without line breaks: Chinese, emoji and "\\n" then fall back to bytes. Its
+  layout: <unk> <s> </s>, then <0x00>…<0xFF>, then the pieces), its pieces learned from English
+  and code only, without line breaks: Chinese, emoji and "\\n" then fall back to bytes. Its
   post-processor puts <s> first.
 - `gpt2_like`: GPT-2's own vocabulary and merges (from the shipped ranks; the merge derivation
   is checked against the hash tokenizer.py holds), as GPT-Neo's and TinyStories' ship it.
@@ -35,6 +35,7 @@ def bpe(folder: Path, vocab_size: int = 600) -> Path:
     tok.decoder = decoders.ByteLevel()
     specials = ["<|begin_of_text|>", "<|end_of_text|>"]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(sample_texts().values(), trainer)
     bos = tok.token_to_id("<|begin_of_text|>")
@@ -45,7 +46,7 @@ def bpe(folder: Path, vocab_size: int = 600) -> Path:
     return folder / "tokenizer.json"
 
 
-def unigram(folder: Path, vocab_size: int = 300) -> Path:
+def unigram(folder: Path, vocab_size: int = 700) -> Path:
     from tokenizers import (
         AddedToken,
         Tokenizer,
@@ -56,17 +57,29 @@ def unigram(folder: Path, vocab_size: int = 300) -> Path:
         trainers,
     )
 
+    from attn_tracer.model.tokenizer import _byte_chars
+
+    # The pieces: what a byte-level BPE learns from English and code without line breaks, in
+    # its order, as SentencePiece writes them (▁ for a space), scored by that order, all near
+    # −1 so that fewer pieces win. (Unigram's own trainer is not deterministic from run to
+    # run, and the README shows these ids.)
     texts = sample_texts()
     english = [texts[k].replace("\n", " ") for k in ("english_paragraph", "code.py", "short")]
-    trained = Tokenizer(models.Unigram())
-    trained.pre_tokenizer = pre_tokenizers.Metaspace()
-    trained.train_from_iterator(english, trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>"], unk_token="<unk>"))
-    pieces = json.loads(trained.to_str())["model"]["vocab"]  # [[piece, log-probability], …]
-    low = min(score for _, score in pieces) - 10
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    learner.train_from_iterator(english, trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    chars = _byte_chars()
+    learned = sorted(learner.get_vocab().items(), key=lambda item: item[1])
+    pieces = []
+    for piece, _ in learned:
+        raw = bytes(chars[c] for c in piece)
+        if all(0x20 <= b < 0x7F for b in raw):  # printable ASCII: the rest falls back to bytes
+            pieces.append(raw.decode().replace(" ", "▁"))
     vocab = ([("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)]
-             + [(f"<0x{b:02X}>", low) for b in range(256)]
-             + [(p, s) for p, s in pieces if p != "<unk>"])
+             + [(f"<0x{b:02X}>", -100.0) for b in range(256)]
+             + [(p, -1.0 - i / 10_000) for i, p in enumerate(dict.fromkeys(pieces))])
     tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tok.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(),
