@@ -210,6 +210,9 @@ def test_trace_names_the_tokenizer_and_marks_what_it_added(runner, tmp_path):
     result = runner.invoke(app, ["trace", "--weights", str(folder), "a cat", "--json"])
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = runner.invoke(app, ["schema", "trace"]).stdout
+    jsonschema.validate(doc, json.loads(schema))
     described = doc["config"]["tokenizer"]
     assert described["library"] == "tokenizers" and described["name"] == "Unigram (tokenizer.json)"
     assert described["file"] == str(folder / "tokenizer.json")
@@ -387,3 +390,15 @@ def test_the_default_path_never_imports_tokenizers(tmp_path):
 def test_an_id_past_the_tokenizer_has_no_label(made):
     assert tokenizers.gpt2().label(50300) == "<unused 50300>"
     assert tokenizers.for_source(str(made["bpe"])).label(5000) == "<unused 5000>"
+
+
+def test_explore_title_names_the_tokenizer(tmp_path):
+    pytest.importorskip("textual")
+    from explore_setup import explore_data
+
+    from attn_tracer.explore.panels import title_line
+
+    folder = gpt2_folder(tmp_path / "m", files.unigram)
+    data = explore_data(["a cat"], width=200, weights=str(folder))
+    assert "tokenizer Unigram (tokenizer.json), tokenizers" in title_line(data, 200).plain
+    assert [t.text for t in data.trace.inputs[0].tokens][0] == "<s>"

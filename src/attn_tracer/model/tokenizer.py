@@ -90,6 +90,12 @@ class Tokenizer:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def short(self) -> str:
+        """describe() without the path, for a title line."""
+        if self.library == "tiktoken":
+            return "GPT-2's (tiktoken)"
+        return f"{self.name}, tokenizers"
+
     def notes(self, toks: list[Token]) -> list[str]:
         """What a token list cannot say by itself: which tokens this tokenizer put around the
         text (Llama's BOS), and which are special tokens read from the text."""
