@@ -394,11 +394,10 @@ def test_an_id_past_the_tokenizer_has_no_label(made):
 
 def test_explore_title_names_the_tokenizer(tmp_path):
     pytest.importorskip("textual")
-    from explore_setup import explore_data
-
     from attn_tracer.explore.panels import title_line
+    from explore_setup import explore_data
 
     folder = gpt2_folder(tmp_path / "m", files.unigram)
     data = explore_data(["a cat"], width=200, weights=str(folder))
     assert "tokenizer Unigram (tokenizer.json), tokenizers" in title_line(data, 200).plain
-    assert [t.text for t in data.trace.inputs[0].tokens][0] == "<s>"
+    assert data.trace.inputs[0].tokens[0].text == "<s>"
