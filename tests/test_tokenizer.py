@@ -83,6 +83,11 @@ def test_gpt2_merges_follow_from_the_shipped_ranks():
     assert tokenizers.merges_hash([m.split(" ") for m in merges]) == tokenizers.GPT2_MERGES_SHA256
 
 
+def test_gpt2_vocabulary_hash_is_the_shipped_ranks():
+    assert tokenizers.vocab_hash(tokenizers._gpt2_vocab()) == tokenizers.GPT2_VOCAB_SHA256
+    assert tokenizers.vocab_hash({"a": 0, "b": 2}) is None  # ids with a gap
+
+
 def test_extra_special_tokens_stay_on_tiktoken(made):
     """GPT-J's tokenizer.json: GPT-2's, with special tokens after <|endoftext|>."""
     tok = tokenizers.for_source(str(made["gptj"]))

@@ -6,9 +6,9 @@
                                                                 Face's `tokenizers` (an extra)
 
 "Provably GPT-2's": a byte-level BPE with GPT-2's pre-tokenizer, no normalizer, a post-processor
-that adds nothing, GPT-2's 50,257-entry vocabulary (compared entry by entry with the shipped
-ranks) and GPT-2's 50,000 merges (compared by hash); extra special tokens after GPT-2's own
-(GPT-J's) are allowed. Then tiktoken gives exactly the ids `tokenizers` would, faster, and
+that adds nothing, GPT-2's 50,257-entry vocabulary and its 50,000 merges (each compared by hash
+with what the shipped ranks give); extra special tokens after GPT-2's own (GPT-J's) are
+allowed. Then tiktoken gives exactly the ids `tokenizers` would, faster, and
 without the optional package.
 
 Every label is made by tokens.label from the bytes a token stands for, so every tokenizer's
@@ -38,6 +38,11 @@ TOKENIZER_FILE = "tokenizer.json"
 # hash), and the derived list equals the merges.txt that openai-whisper 20230124 ships as
 # whisper/assets/gpt2/merges.txt, line for line (checked when this was written).
 GPT2_MERGES_SHA256 = "04e3597d7996f292ca9b8b7285ca4d58a6ae171ac47d73fc7140ceb0c7a6bbc0"
+# sha256 of GPT-2's vocab.json's tokens in id order, written as one JSON array (ensure_ascii
+# off): the shipped ranks give it (tests/test_tokenizer.py recomputes it), and it equals
+# openai-whisper 20230124's whisper/assets/gpt2/vocab.json (checked when this was written).
+# A hash, not a comparison with a dict built from the ranks: that costs 0.2 s and 30 MB.
+GPT2_VOCAB_SHA256 = "3eec753ec2898a20d38172a5e4488c7612b730d67ef26d18bbdb2722c51a8c1d"
 _MAX_TOKENIZER = 256_000_000  # Llama 3's tokenizer.json is 9 MB, Gemma's 33 MB
 _MAX_CONFIG = 1_000_000
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -152,7 +157,7 @@ class GPT2(Tokenizer):
         import tiktoken
 
         return tiktoken.Encoding(name="gpt2+", pat_str=tokens.GPT2_PATTERN,
-                                 mergeable_ranks=tokens.encoding()._mergeable_ranks,
+                                 mergeable_ranks=tokens.load_ranks(),
                                  special_tokens={tokens.ENDOFTEXT: tokens.ENDOFTEXT_ID,
                                                  **self.extra})
 
@@ -353,6 +358,18 @@ def _gpt2_vocab() -> dict[str, int]:
     return vocab
 
 
+def vocab_hash(vocab: dict) -> str | None:
+    """sha256 of the tokens in id order as one JSON array; None unless the ids are exactly
+    0 … len - 1, each once."""
+    if not all(isinstance(i, int) for i in vocab.values()):
+        return None
+    ordered = sorted(vocab.items(), key=lambda item: item[1])
+    if [i for _, i in ordered] != list(range(len(ordered))):
+        return None
+    keys = json.dumps([k for k, _ in ordered], ensure_ascii=False)
+    return hashlib.sha256(keys.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
 def merges_hash(merges: list) -> str | None:
     """sha256 of merges written as "a b" lines (tokenizer.json writes a merge as "a b" or as
     ["a", "b"]); None when one is neither."""
@@ -402,7 +419,7 @@ def gpt2_specials(doc: dict) -> dict[str, int] | None:
         if i < tokens.VOCAB or not t.get("special") or content in extra:
             return None  # a token in GPT-2's range renamed, or an added non-special token
         extra[content] = i
-    if vocab != _gpt2_vocab() or merges_hash(merges) != GPT2_MERGES_SHA256:
+    if vocab_hash(vocab) != GPT2_VOCAB_SHA256 or merges_hash(merges) != GPT2_MERGES_SHA256:
         return None
     return extra
 
