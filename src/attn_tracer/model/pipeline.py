@@ -449,10 +449,5 @@ def finite(x, masked: bool = False) -> bool:
     return bool(xp.all(xp.isfinite(x)))
 
 
-def _label(token_id: int, config: Config | None = None) -> str:
-    # A checkpoint may pad its vocabulary past the tokenizer's (nanoGPT: 50304): no text there.
-    return (tokenizers.of(config) if config is not None else tokenizers.gpt2()).label(token_id)
-
-
 def _on(engine: Engine, allowed: np.ndarray | None):
     return None if allowed is None else engine.asarray(allowed)
