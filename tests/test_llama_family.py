@@ -215,7 +215,7 @@ def test_cli_with_ids_and_refusals(models, one_line_error) -> None:
                          env={"COLUMNS": "120", "NO_COLOR": "1"})
     assert "Mistral weights from" in view.stdout and "∘" in view.stdout
     one_line_error(runner.invoke(app, ["trace", "--weights", where, "Hello"]), 2,
-                   "Mistral checkpoints have a tokenizer of their own", "--ids")
+                   "(Mistral) has no tokenizer.json", "--ids")
     one_line_error(runner.invoke(app, ["trace", "--weights", where, "--ids", "300"]), 2,
                    "token id 300 is out of range")
     one_line_error(runner.invoke(app, ["trace", "--weights", where, "--ids", "1",

@@ -70,7 +70,8 @@ def _input(
     lines: Annotated[Path | None, Opt("--lines", help="A batch: one text per line of this file "
                                       "(- for standard input).", rich_help_panel="Input")] = None,
     allow_special: Annotated[bool, Opt("--allow-special", help="Read <|endoftext|> as token "
-                                       "50256.", rich_help_panel="Input")] = False,
+                                       "50256 (a checkpoint's tokenizer: all its special "
+                                       "tokens).", rich_help_panel="Input")] = False,
     keep_newline: Annotated[bool, Opt("--keep-newline", help=KEEP_NEWLINE_HELP,
                                       rich_help_panel="Input")] = False,
     padding: Annotated[Padding, Opt("--padding",

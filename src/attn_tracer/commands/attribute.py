@@ -22,6 +22,7 @@ from attn_tracer.analysis.decompose import head_outputs
 from attn_tracer.commands.session import SharedOptions, open_session
 from attn_tracer.errors import UsageError
 from attn_tracer.model import memory
+from attn_tracer.model import tokenizer as tokenizers
 from attn_tracer.model.arch import family
 from attn_tracer.model.tokens import VOCAB
 from attn_tracer.model.trace import Selection, Trace
@@ -78,11 +79,12 @@ class Result:
         return self.trace.config.layers
 
 
-def parse_token(value: str, vocab: int, flag: str) -> int:
-    """A token given as its text (`" Paris"`, or the label `␣Paris`) or as `#id`."""
-    from attn_tracer.model import tokens
+def parse_token(value: str, vocab: int, flag: str, tokens=None) -> int:
+    """A token given as its text (`" Paris"`, or the label `␣Paris`) or as `#id`, in the
+    tokenizer `tokens` (GPT-2's by default)."""
     from attn_tracer.text import check_argument
 
+    tokens = tokens or tokenizers.gpt2()
     value = check_argument(value, flag)
     if value.startswith("#") and value[1:].isdigit():
         token_id = int(value[1:])
@@ -149,8 +151,11 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
         raise UsageError(f"attn attribute explains one prediction: give one text (got "
                          f"{len(session.texts)}; quote a text that has spaces)")
     config = session.config
-    target = parse_token(a.target, config.vocab, "--target") if a.target is not None else None
-    versus = parse_token(a.versus, config.vocab, "--versus") if a.versus is not None else None
+    tok = tokenizers.of(config)
+    target = (parse_token(a.target, config.vocab, "--target", tok) if a.target is not None
+              else None)
+    versus = (parse_token(a.versus, config.vocab, "--versus", tok) if a.versus is not None
+              else None)
     if target is not None and target == versus:
         raise UsageError("--versus is the same token as --target: their logit difference is 0; "
                          "give another token")

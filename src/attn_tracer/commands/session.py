@@ -257,8 +257,9 @@ def open_session(options: SharedOptions, notice: Notice, *,
     `check`: the command's own option checks, run after the shared ones and before any input
     is read or any file opened; `ignored`: the notices of its own options that this run will
     not use. `read_input=False`: the command makes its own batch (`batch`, from the Config:
-    the induction probe). `bos`: <|endoftext|> before each text. `cross`: the command takes
-    --cross (others have no such option). `seed_unused`: see `unused_options`.
+    the induction probe). `bos`: the tokenizer's BOS before each text (GPT-2's <|endoftext|>).
+    `cross`: the command takes --cross (others have no such option). `seed_unused`: see
+    `unused_options`.
     """
     validate(options)
     if check is not None:
@@ -334,15 +335,20 @@ def read_inputs(i: InputOptions, notice: Notice) -> tuple[list[str], list[str]]:
 
 
 def input_ids(i: InputOptions, config) -> list[list[int]] | None:
-    """--ids as token ids of the model's vocabulary, or None when the input is text (which a
-    checkpoint with a tokenizer other than GPT-2's cannot read yet)."""
+    """--ids as token ids of the model's vocabulary, or None when the input is text: read by
+    the checkpoint's own tokenizer.json, or GPT-2's (a Llama-family checkpoint without a
+    tokenizer.json has no tokenizer attn can read)."""
     from attn_tracer.commands.model_options import parse_ids, titled
 
     if i.ids:
         return parse_ids(i.ids, config.vocab)
     if config.model_type is not None:
-        raise UsageError(f"{titled(config)} checkpoints have a tokenizer of their own, which attn "
-                         "does not read: give the text as token ids with --ids")
+        from attn_tracer.model import tokenizer as tokenizers
+
+        if tokenizers.of(config).file is None:
+            raise UsageError(f"{config.weights} ({titled(config)}) has no tokenizer.json, and "
+                             "its tokenizer is not GPT-2's: give the text as token ids with "
+                             "--ids")
     return None
 
 

@@ -77,6 +77,10 @@ def title_line(data: Explore, width: int) -> Text:
     items = [plural(rows, "text"), tokens,
              f"{plural(c.layers, 'layer')} × {plural(c.heads, 'head')}",
              f"d_model {c.d_model}", f"arch {c.arch}", f"mask {c.mask}", what]
+    if c.weights:  # random weights always run GPT-2's tokenizer
+        from attn_tracer.model.tokenizer import of
+
+        items.append(f"tokenizer {of(c).short()}")
     if trace.cross:
         items.insert(2, f"cross-attention over {plural(trace.cross[0].length, 'token')}")
     first = Text("attn explore", style="bold")

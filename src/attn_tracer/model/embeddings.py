@@ -22,8 +22,11 @@ def embed(ids: np.ndarray, positions: np.ndarray, config: Config, weights: Weigh
           rec, prefix: str = "", padded: bool = False):
     """X = W_E[tokens] + P[positions] [batch, len, d_model], on the engine, each part recorded."""
     bld = ("batch", "len", "d_model")
-    ids = rec(f"{prefix}tokens", "token ids, padded with <|endoftext|>" if padded else "token ids",
-              ids, ("batch", "len"))
+    if padded:
+        from attn_tracer.model.tokenizer import of
+
+        op = f"token ids, padded with {of(config).pad_text()}"
+    ids = rec(f"{prefix}tokens", op if padded else "token ids", ids, ("batch", "len"))
     x = rec(f"{prefix}embed", "W_E[tokens]", engine.asarray(weights.token_rows(ids)), bld)
     pos = positional(config, weights, positions)
     if pos is not None:

@@ -15,13 +15,16 @@ import numpy as np
 
 from attn_tracer.errors import AttnError, UsageError
 from attn_tracer.model import embeddings, layers, memory, tokens
+from attn_tracer.model import tokenizer as tokenizers
 from attn_tracer.model.arch import family
 from attn_tracer.model.config import Config
 from attn_tracer.model.engine import Engine, namespace
 from attn_tracer.model.trace import Hook, Input, Prediction, Recorder, Selection, Trace
 from attn_tracer.model.weights import Weights
 
-PAD_ID = tokens.ENDOFTEXT_ID  # GPT-2 has no pad token; its <|endoftext|> is the usual stand-in
+# GPT-2 has no pad token; its <|endoftext|> is the usual stand-in. A checkpoint's tokenizer
+# says its own (tokenizer.Tokenizer.pad_id).
+PAD_ID = tokens.ENDOFTEXT_ID
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,8 @@ class Batch:
 def make_batch(token_lists: list[list[tokens.Token]], texts: list[str], side: str,
                truncated: list[int | Callable[[], int]] | None = None, pad_to: int | None = None,
                pad_id: int = PAD_ID) -> Batch:
-    """Pad every row to the longest (or to `pad_to`) with <|endoftext|> (or `pad_id`, for a
-    vocabulary without it); positions count real tokens only."""
+    """Pad every row to the longest (or to `pad_to`) with the pad token (GPT-2: <|endoftext|>;
+    see `pad_id`); positions count real tokens only."""
     length = max(max(len(t) for t in token_lists), pad_to or 0)
     truncated = truncated or [0] * len(texts)
     inputs = [Input(text, toks, len(toks), length - len(toks), side, cut)
@@ -91,24 +94,39 @@ class Prepared:
 def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None = None,
             padding: str = "right", max_length: int | None = None,
             allow_special: bool = False, pad_to: int | None = None, bos: bool = False,
-            ids: list[list[int]] | None = None) -> Prepared:
+            ids: list[list[int]] | None = None,
+            tokenizer: tokenizers.Tokenizer | None = None) -> Prepared:
     """Tokenize, cut and pad the texts (and the cross texts) into batches.
 
     `pad_to`: every text is padded to exactly this many tokens, as a model with a fixed input
     length does (the notes' [4, 16, 768]); a longer text is refused. The cross texts are
     padded only to their longest.
-    `bos`: put <|endoftext|> before each text, as GPT-2 saw it in training (documents were
-    separated by it); it is a real token, counted in the length, not cut by --max-length.
-    `ids`: the token ids of each text, given instead of being read off the texts (--ids).
+    `bos`: put the tokenizer's BOS before each text (GPT-2's <|endoftext|>, as GPT-2 saw it in
+    training: documents were separated by it), unless the tokenizer puts it there itself; it is
+    a real token, counted in the length, not cut by --max-length. So are the tokens a
+    checkpoint's tokenizer puts around every text (Llama's <s>).
+    `ids`: the token ids of each text, given instead of being read off the texts (--ids): taken
+    as they are, with only --bos's token added.
+    `tokenizer`: the run's (tokenizer.of(config) by default).
     """
+    tok = tokenizer or tokenizers.of(config)
+    before = [tok.added(i) for i in tok.prefix] if ids is None else []
+    after = [tok.added(i) for i in tok.suffix] if ids is None else []
+    if bos:
+        if tok.bos_id is None:
+            raise UsageError(f"--bos: {tok.describe()} names no BOS token (config.json's "
+                             "bos_token_id)")
+        if not tok.prefix or tok.prefix[0] != tok.bos_id:
+            before = [tok.added(tok.bos_id), *before]
     if ids is None:
         token_lists, cut = tokenize_all(texts, allow_special, max_length, config, "text",
-                                        reserve=int(bos))
+                                        reserve=len(before) + len(after), tokenizer=tok)
     else:
-        token_lists, cut = given_ids(ids, max_length, config, reserve=int(bos))
+        token_lists, cut = given_ids(ids, max_length, config, reserve=len(before))
         texts = [ids_text(t) for t in token_lists]
-    if bos:
-        token_lists = [[tokens.token(tokens.ENDOFTEXT_ID), *t] for t in token_lists]
+    if before or after:
+        _check_vocab([t.id for t in [*before, *after]], config, tok)
+        token_lists = [[*before, *t, *after] for t in token_lists]
     if pad_to is not None:
         if pad_to > config.n_ctx:
             limit = "the checkpoint's context" if config.weights else "--n-ctx"
@@ -118,11 +136,11 @@ def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None =
                 where = f"text {i}" if len(token_lists) > 1 else "the text"
                 raise UsageError(f"{where} has {len(toks)} tokens, more than --pad-to {pad_to}; "
                                  f"cut it with --max-length {pad_to} or raise --pad-to")
-    batch = make_batch(token_lists, texts, padding, cut, pad_to, pad_id(config))
+    batch = make_batch(token_lists, texts, padding, cut, pad_to, pad_id(config, tok))
     cross = None
     if cross_texts:
         cross_lists, cross_cut = tokenize_all(cross_texts, allow_special, max_length, config,
-                                              "--cross text")
+                                              "--cross text", tokenizer=tok)
         if len(cross_lists) != len(token_lists):
             if len(cross_lists) != 1:
                 raise UsageError(
@@ -131,14 +149,15 @@ def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None =
             rows = len(token_lists)  # one cross text serves every row
             cross_lists, cross_texts, cross_cut = (cross_lists * rows, cross_texts * rows,
                                                    cross_cut * rows)
-        cross = make_batch(cross_lists, cross_texts, padding, cross_cut)
+        cross = make_batch(cross_lists, cross_texts, padding, cross_cut, pad_id=tok.pad_id)
     return Prepared(batch, cross)
 
 
-def pad_id(config: Config) -> int:
-    """The id that fills pad positions (masked everywhere: any row of W_E does): GPT-2's
-    <|endoftext|>, or 0 in a vocabulary too small to have it."""
-    return PAD_ID if config.vocab > PAD_ID else 0
+def pad_id(config: Config, tokenizer: tokenizers.Tokenizer | None = None) -> int:
+    """The id that fills pad positions (masked everywhere: any row of W_E does): the tokenizer's
+    (GPT-2's <|endoftext|>), or 0 in a vocabulary too small to have it."""
+    pad = (tokenizer or tokenizers.of(config)).pad_id
+    return pad if pad < config.vocab else 0
 
 
 def run(
@@ -286,24 +305,29 @@ def ids_text(toks: list[tokens.Token]) -> str:
     return " ".join(t.text for t in toks)
 
 
-def tokenize_all(texts, allow_special, max_length, config: Config, what, reserve: int = 0):
+def tokenize_all(texts, allow_special, max_length, config: Config, what, reserve: int = 0,
+                 tokenizer: tokenizers.Tokenizer | None = None):
     """Token lists of `texts`, and for each how many tokens --max-length cut (a count, or how
     to count them: see Input.cut_off).
 
     Only as much of a text is tokenized as can be used: --max-length tokens, or one more than
     the context when there is no --max-length (a longer text is refused either way). A text of
     megabytes costs what its first tokens cost.
-    `reserve`: positions of the context taken by tokens put before each text (--bos).
+    `reserve`: positions of the context taken by tokens put around each text (--bos, or what
+    the tokenizer adds).
     """
+    tok = tokenizer or tokenizers.of(config)
     n_ctx = config.n_ctx - reserve
     # A checkpoint's context is fixed by its position table; only random weights can grow it.
+    added = (" less the --bos token" if reserve == 1 and not tok.prefix and not tok.suffix
+             else f" less the {plural_tokens(reserve)} the tokenizer adds" if reserve else "")
     limit = (f"the checkpoint's context of {config.n_ctx}" if config.weights
-             else f"--n-ctx {config.n_ctx}") + (" less the --bos token" if reserve else "")
+             else f"--n-ctx {config.n_ctx}") + added
     grow = "" if config.weights else " or raise --n-ctx"
     keep = max_length if max_length is not None else n_ctx + 1
     token_lists, cut = [], []
     for i, text in enumerate(texts):
-        ids, total = tokens.encode_head(text, keep, allow_special=allow_special)
+        ids, total = tok.encode_head(text, keep, allow_special=allow_special)
         if not ids:
             raise UsageError(f"{what} {i} is empty: there is nothing to attend to")
         if max_length is None or (total is not None and total <= max_length):
@@ -311,7 +335,7 @@ def tokenize_all(texts, allow_special, max_length, config: Config, what, reserve
         elif total is not None:
             cut.append(total - max_length)
         else:
-            cut.append(lambda text=text: tokens.count(text, allow_special=allow_special)
+            cut.append(lambda text=text: tok.count(text, allow_special=allow_special)
                        - max_length)
         if len(ids) > n_ctx:
             # The whole text's count when it was all tokenized; the cut one with --max-length.
@@ -321,8 +345,19 @@ def tokenize_all(texts, allow_special, max_length, config: Config, what, reserve
                  else f"{what} {i} has more tokens than {limit}")
                 + f"; cut it with --max-length {n_ctx}{grow}"
             )
-        token_lists.append([tokens.token(t) for t in ids])
+        _check_vocab(ids, config, tok)
+        token_lists.append([tok.token(t) for t in ids])
     return token_lists, cut
+
+
+def _check_vocab(ids: list[int], config: Config, tok: tokenizers.Tokenizer) -> None:
+    if ids and config.weights and (top := max(ids)) >= config.vocab:
+        raise AttnError(f"{tok.describe()} gives token id {top}, past the checkpoint's "
+                        f"vocabulary of {config.vocab}: the tokenizer is not this model's")
+
+
+def plural_tokens(n: int) -> str:
+    return f"{n} token{'' if n == 1 else 's'}"
 
 
 def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
@@ -351,10 +386,11 @@ def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
     # not just the top k, can be read off the trace.
     logits, probs = rec.keep("logits", logits).astype(np.float64), rec.keep("probs", probs)
     out = []
+    tok = tokenizers.of(weights.config)
     for b in range(logits.shape[0]):
         top = np.argsort(-logits[b], kind="stable")[:top_k]
         out.append(Prediction(b, int(last[b]), [
-            {"id": int(t), "text": _label(int(t)), "prob": float(probs[b, t]),
+            {"id": int(t), "text": tok.label(int(t)), "prob": float(probs[b, t]),
              "logit": float(logits[b, t])} for t in top]))
     return out
 
@@ -462,11 +498,6 @@ def finite(x, masked: bool = False) -> bool:
     if masked:
         return not bool(xp.any(xp.isnan(x) | (x == math.inf)))
     return bool(xp.all(xp.isfinite(x)))
-
-
-def _label(token_id: int) -> str:
-    # A checkpoint may pad its vocabulary past the tokenizer's (nanoGPT: 50304): no text there.
-    return tokens.token(token_id).text if token_id < tokens.VOCAB else f"<unused {token_id}>"
 
 
 def _on(engine: Engine, allowed: np.ndarray | None):

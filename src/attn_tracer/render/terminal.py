@@ -16,8 +16,8 @@ from rich.cells import cell_len, set_cell_size
 from rich.console import Console, RenderableType
 from rich.text import Text
 
+from attn_tracer.model import tokenizer as tokenizers
 from attn_tracer.model.memory import step_costs
-from attn_tracer.model.tokens import ENDOFTEXT_ID
 from attn_tracer.model.trace import Input, Trace
 from attn_tracer.render.heatmaps import (
     PAD_LABEL,
@@ -73,6 +73,10 @@ def header(trace: Trace, width: int = 120, title: str = "attn trace") -> Text:
     e = trace.engine
     t.append_text(flow([Text(i, style="dim") for i in
                         (what, f"{e['engine']} on {e['device']}", e["dtype"])], width))
+    if c.weights:  # random weights always use GPT-2's tokenizer (the JSON says so too)
+        t.append("\n")
+        t.append_text(flow([Text(f"tokenizer: {tokenizers.of(c).describe()}", style="dim")],
+                           width))
     return t
 
 
@@ -101,6 +105,12 @@ def checkpoint_title(c) -> str:
 
     arch = family(c)
     return arch.titles.get(c.model_type or "", arch.title)
+SPECIAL_STYLE = "bold magenta"  # a special token (<s>, <|endoftext|>): a control token, not text
+
+
+def token_notes(inputs: list[Input], tok) -> list[Text]:
+    """What the token list cannot say by itself (tokenizer.Tokenizer.notes), dimmed."""
+    return [Text(n, style="dim") for n in tok.notes([t for inp in inputs for t in inp.tokens])]
 
 
 def token_strip(inp: Input, title: str, width: int = 120) -> Text:
@@ -135,7 +145,7 @@ def token_strip(inp: Input, title: str, width: int = 120) -> Text:
             t.append(" " * GAP)
             used += GAP
         t.append(f"{pos}:", style="dim")
-        t.append(label, style="bold cyan")
+        t.append(label, style=SPECIAL_STYLE if inp.tokens[pos].special else "bold cyan")
         used += size
     return t
 
@@ -163,19 +173,22 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
     colored = console.color_system is not None and not console.no_color
     show(console, header(trace, width))
     console.print()
+    tok = tokenizers.of(trace.config)
     for b, inp in enumerate(trace.inputs):
         title = f"text {b}" if len(trace.inputs) > 1 else "tokens"
         show(console, token_strip(inp, title, width))
         if inp.padding:
             console.print(Text(f"  + {plural(inp.padding, PAD_LABEL)} ({inp.side}): "
-                               f"<|endoftext|>, id {ENDOFTEXT_ID}, masked out as a key; a pad "
+                               f"{tok.pad_text()}, id {tok.pad_id}, masked out as a key; a pad "
                                "query attends to nothing (a row of 0)", style="dim"))
     for b, inp in enumerate(trace.cross or []):
         if b == 0 or inp.text != trace.cross[0].text:  # type: ignore[index]
             console.print(token_strip(inp, f"cross text {b}", width))
+    for note in token_notes([*trace.inputs, *(trace.cross or [])], tok):
+        console.print(note)
     if any(PIECE in label for inp in [*trace.inputs, *(trace.cross or [])]
            for label in column_labels(inp)):
-        console.print(Text("今₁ 今₂: the pieces of one character that GPT-2 split across "
+        console.print(Text(f"今₁ 今₂: the pieces of one character that {tok.who} split across "
                            "tokens (attn tokens shows their bytes)", style="dim"))
     console.print()
     console.print(Text("shape trace", style="bold"))

@@ -17,10 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from attn_tracer.model.checkpoint.source import _find_in_cache, _looks_like_model_id, hf_cache_dir
+from attn_tracer.model.checkpoint.source import (
+    _find_in_cache,
+    _looks_like_model_id,
+    hf_cache_dir,
+    source_folder,
+)
 from attn_tracer.model.safetensors_io import CheckpointError, CheckpointUsageError
 
-__all__ = ["Checkpoint", "CheckpointError", "hf_cache_dir", "load_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "hf_cache_dir", "load_checkpoint", "source_folder"]
 
 
 @dataclass(frozen=True)

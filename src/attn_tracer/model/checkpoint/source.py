@@ -12,6 +12,7 @@ from pathlib import Path
 
 from attn_tracer.model.safetensors_io import (
     CheckpointError,
+    CheckpointUsageError,
 )
 
 _SAFETENSORS = ".safetensors"
@@ -140,3 +141,26 @@ def _weights_file(directory: Path) -> Path:
         "(for a cached model, download the weights with: huggingface-cli download <model id>)"
     )
 
+
+
+def source_folder(source: str) -> Path | None:
+    """The folder a source's config.json and tokenizer files are in, resolved as load_checkpoint
+    resolves it (a directory, or a cached model id's snapshot); None for a bare weights file,
+    which has neither. Reads no weights: `attn tokens --weights` needs only this."""
+    if not source.strip():
+        raise CheckpointUsageError("--weights is empty: give a directory, a .safetensors or .bin "
+                                   "file, or a model id such as gpt2")
+    try:
+        path = Path(source).expanduser()
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except RuntimeError as e:
+        raise CheckpointUsageError(f"cannot expand {source}: {e}") from None
+    except OSError as e:
+        raise CheckpointUsageError(f"cannot use {source}: {e.strerror or e}") from None
+    if is_dir:
+        return path
+    if is_file:
+        return None
+    if _looks_like_model_id(source):
+        return _find_in_cache(source)
+    raise CheckpointUsageError(f"no such file or directory: {source}")
