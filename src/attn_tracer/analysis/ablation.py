@@ -21,7 +21,7 @@ from attn_tracer.analysis.attribution import head_name
 from attn_tracer.errors import UsageError
 
 MODES = ("zero", "mean")
-_HEAD = re.compile(r"L(\d+)H(\d+)", re.IGNORECASE)
+_HEAD = re.compile(r"L([0-9]+)H([0-9]+)", re.IGNORECASE)  # ASCII digits only
 
 
 def parse_heads(values: list[str], layers: int, heads: int,

@@ -78,7 +78,9 @@ def parse_token(value: str, vocab: int, flag: str) -> int:
     from attn_tracer.text import check_argument
 
     value = check_argument(value, flag)
-    if value.startswith("#") and value[1:].isdigit():
+    if value.startswith("#") and value[1:].isdigit() and not value[1:].isascii():
+        raise UsageError(f"{flag} {value}: a token id #ID is written in ASCII digits (0-9)")
+    if value.startswith("#") and value[1:].isascii() and value[1:].isdigit():
         token_id = int(value[1:])
         if not 0 <= token_id < vocab:
             raise UsageError(f"{flag} {value}: token ids run from 0 to {vocab - 1}")

@@ -71,7 +71,12 @@ def validate(r: Request, h: HeadsOptions) -> None:
         check_target(h.svg, h.force, "--svg", (".svg",))
 
 
-def check_repeat(n: int, bos: bool, config) -> None:
+def probe_length(h: HeadsOptions) -> int:
+    """Tokens of the --repeat probe: N, the same N again, and <|endoftext|> first with --bos."""
+    return 2 * h.repeat + int(h.with_bos)
+
+
+def check_repeat(n: int, bos: bool, config, pad_to: int | None = None) -> None:
     """The probe must fit the context, and its N tokens must be distinct words."""
     from attn_tracer.analysis.heads import word_ids
 
@@ -83,6 +88,16 @@ def check_repeat(n: int, bos: bool, config) -> None:
         raise UsageError(f"--repeat {n} needs {2 * n + bos} tokens ({n}, then the same {n}"
                          f"{first}); {where} holds {config.n_ctx}: at most --repeat {most}"
                          f"{other}")
+    if pad_to is not None:
+        length = 2 * n + bos
+        if pad_to > config.n_ctx:
+            where = "the checkpoint's context" if config.weights else "--n-ctx"
+            raise UsageError(f"--pad-to {pad_to} is more than {where} {config.n_ctx}")
+        if pad_to < length:
+            first = " after <|endoftext|>" if bos else ""
+            raise UsageError(f"--pad-to {pad_to} is shorter than the --repeat {n} probe, "
+                             f"{length} tokens ({n}, then the same {n}{first}): give --pad-to "
+                             f"{length} or more, or a smaller --repeat")
     words = len(word_ids())
     if n > words:
         raise UsageError(f"--repeat {n}: the probe draws distinct word tokens, and GPT-2 has "
@@ -95,12 +110,14 @@ def ignored(r: Request, h: HeadsOptions) -> list[str]:
         out.append("--seed draws random weights (and the --repeat tokens); with --weights and "
                    "a text it changes nothing")
     if h.repeat is not None:
+        # --padding still says where --pad-to pads the probe.
         for flag, given in (("--max-length", r.max_length is not None),
                             ("--allow-special", r.allow_special),
-                            ("--padding", r.padding != "right")):
+                            ("--padding", r.padding != "right" and r.pad_to is None)):
             if given:
                 out.append(f"{flag} shapes a text; --repeat's input is one row of "
-                           f"{2 * h.repeat} tokens, so it changes nothing")
+                           f"{probe_length(h)} tokens{' (<|endoftext|> first included)' if h.with_bos else ''}, "
+                           "so it changes nothing")
     if h.thumbnails and not h.json:
         out.append("--thumbnails adds each head's thumbnail to --json; the view always "
                    "draws them")
@@ -167,10 +184,10 @@ def compute(r: Request, h: HeadsOptions, notice: Callable[[str], None], width: i
     config, weights = run.load_model(r, notice, limit)
     bos = h.with_bos
     if h.repeat is not None:
-        check_repeat(h.repeat, bos, config)
+        check_repeat(h.repeat, bos, config, r.pad_to)
         toks = [token(i) for i in repeat_probe(h.repeat, r.seed, bos)]
         text = b"".join(t.bytes for t in toks).decode("utf-8", "replace")
-        prepared = Prepared(make_batch([toks], [text], "right"), None)
+        prepared = Prepared(make_batch([toks], [text], r.padding, pad_to=r.pad_to), None)
     else:
         prepared = prepare(texts, config, padding=r.padding, max_length=r.max_length,
                            allow_special=r.allow_special, pad_to=r.pad_to, bos=bos)

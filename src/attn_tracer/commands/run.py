@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attn_tracer.argv import ascii_int
 from attn_tracer.errors import UsageError
 from attn_tracer.model import memory
 from attn_tracer.model.config import Config
@@ -191,7 +192,7 @@ def parse_selection(values: list[str], count: int, flag: str,
                 chosen.extend(range(count))
                 continue
             try:
-                n = int(part)
+                n = ascii_int(part)
             except ValueError:
                 raise UsageError(f"{flag} takes numbers or all; got {value!r}") from None
             if not 0 <= n < count:
@@ -217,8 +218,15 @@ def validate(r: Request) -> None:
     from attn_tracer.model.engine import check_choices, check_torch
 
     check_torch(r.engine, check_choices(r.engine, r.device, r.dtype))
-    if r.width is not None and not 40 <= r.width <= 1000:
-        raise UsageError(f"--width must be between 40 and 1000 columns; got {r.width}")
+    from attn_tracer.process import MAX_WIDTH, MIN_WIDTH
+
+    # The same bounds as COLUMNS (process.sanitize_width): one rule for the view's width.
+    if r.width is not None and not MIN_WIDTH <= r.width <= MAX_WIDTH:
+        raise UsageError(f"--width must be between {MIN_WIDTH} and {MAX_WIDTH} columns; "
+                         f"got {r.width}")
+    for flag, value in (("--heads", r.heads), ("--d-head", r.d_head)):
+        if value is not None and value < 1:  # before a checkpoint is read: the same message
+            raise UsageError(f"{flag} must be a positive integer, got {value}")
     if r.precision is not None and not 0 <= r.precision <= 12:
         raise UsageError(f"--precision must be between 0 and 12 decimals; got {r.precision}")
     if r.json and r.json_lines:
@@ -249,8 +257,10 @@ def parse_range(text: str, count: int, flag: str) -> range:
     """`P`, `A:B` (both ends included), `A:` or `:B` → the positions, checked against `count`."""
     head, colon, tail = text.strip().partition(":")
     try:
-        start = int(head) if head.strip() else 0
-        stop = (int(tail) if tail.strip() else count - 1) if colon else start
+        if not text.strip():
+            raise ValueError(text)  # blank is not position 0
+        start = ascii_int(head) if head.strip() else 0
+        stop = (ascii_int(tail) if tail.strip() else count - 1) if colon else start
     except ValueError:
         raise UsageError(f"{flag} takes a position P or a range A:B; got {text!r}") from None
     if not (0 <= start <= stop < count):

@@ -166,6 +166,8 @@ def parse_size(text: str) -> int:
     t = text.strip().upper().removesuffix("B")
     units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
     try:
+        if not t.isascii():  # float() reads Unicode digits too (４G)
+            raise ValueError(text)
         value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
         raise UsageError(f"--max-memory must be a size such as 4G or 500M; got {text!r}") from None

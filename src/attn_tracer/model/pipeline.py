@@ -102,8 +102,12 @@ def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None =
         for i, toks in enumerate(token_lists):
             if len(toks) > pad_to:
                 where = f"text {i}" if len(token_lists) > 1 else "the text"
-                raise UsageError(f"{where} has {len(toks)} tokens, more than --pad-to {pad_to}; "
-                                 f"cut it with --max-length {pad_to} or raise --pad-to")
+                # --max-length counts the text's own tokens: the --bos token is not cut.
+                room = pad_to - int(bos)
+                cut_hint = f"cut it with --max-length {room} or " if room >= 1 else ""
+                first = " (<|endoftext|> first included)" if bos else ""
+                raise UsageError(f"{where} has {len(toks)} tokens{first}, more than --pad-to "
+                                 f"{pad_to}; {cut_hint}raise --pad-to")
     batch = make_batch(token_lists, texts, padding, cut, pad_to)
     cross = None
     if cross_texts:
