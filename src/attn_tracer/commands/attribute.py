@@ -142,6 +142,11 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
     validate(a)
     for ignored in runner.ignored_options(r):
         notice(ignored)
+    if a.json:
+        from attn_tracer.commands.unused import view_notice
+
+        for message in view_notice("attribute", a, "--json", "drop --json to see the view"):
+            notice(message)
     if not a.ablate and a.ablate_mode != "zero":
         notice("--ablate-mode says how --ablate knocks heads out; without --ablate it changes "
                "nothing")

@@ -121,6 +121,17 @@ def ignored(r: Request, h: HeadsOptions) -> list[str]:
     if h.thumbnails and not h.json:
         out.append("--thumbnails adds each head's thumbnail to --json; the view always "
                    "draws them")
+    from attn_tracer.commands import run, unused
+
+    if h.json and h.svg is None:
+        out += unused.view_notice("heads", h, "--json", "add --svg FILE to draw the view too")
+    if h.force and h.svg is None:
+        out.append("--force lets --svg overwrite its file; without --svg it changes nothing")
+    if h.repeat is None:
+        out += run.input_notices(r)
+    elif r.keep_newline:
+        out.append("--keep-newline keeps a text's final line ending; --repeat's input is "
+                   "made of tokens, so it changes nothing")
     return out
 
 

@@ -231,9 +231,6 @@ def validate(r: Request) -> None:
         raise UsageError(f"--precision must be between 0 and 12 decimals; got {r.precision}")
     if r.json and r.json_lines:
         raise UsageError("--json and --json-lines are two forms of the same output; choose one")
-    if r.values and (r.json or r.json_lines):
-        flag = "--json" if r.json else "--json-lines"
-        raise UsageError(f"--values prints numbers in the terminal view; with {flag} use --save")
     if r.arch == "gpt2" and (r.cross or r.cross_file):
         raise UsageError("--cross needs --arch attn: GPT-2 is decoder-only, it has no "
                          "cross-attention")
@@ -241,8 +238,13 @@ def validate(r: Request) -> None:
         raise UsageError("--cross conflicts with --weights: GPT-2 has no cross-attention")
     from attn_tracer.commands.save import TENSOR_SUFFIXES, check_target, parse_steps
 
-    parse_steps(r.steps)
+    steps = parse_steps(r.steps)
     if r.save is not None:
+        from attn_tracer.commands.save import check_recordable
+
+        arch = r.arch or ("gpt2" if r.weights is not None else "attn")
+        check_recordable(steps, arch, r.predict, bool(r.cross or r.cross_file),
+                         r.pos or ("learned" if arch == "gpt2" else "sinusoidal"), r.scale)
         check_target(r.save, r.force, "--save", TENSOR_SUFFIXES)
     if r.svg is not None:
         check_target(r.svg, r.force, "--svg", (".svg",))
@@ -276,22 +278,44 @@ def view_ranges(r: Request, length: int, k_len: int) -> tuple[range | None, rang
     return queries, keys
 
 
+def draws_view(r: Request) -> bool:
+    """Whether this run draws the terminal view: to stdout, or into --svg/--html beside JSON."""
+    return not (r.json or r.json_lines) or r.svg is not None or r.html is not None
+
+
 def ignored_options(r: Request) -> list[str]:
-    """Options given that this run will not use: said, so that nothing is silently dropped."""
+    """Options given that this run will not use: said, so that nothing is silently dropped
+    (the rule of commands/unused.py)."""
+    from attn_tracer.commands import unused
+
     out = []
     if not r.predict and (r.top_k != 10 or r.temperature != 1.0):
         out.append("--top-k and --temperature shape --predict's table; add --predict to see it")
-    if r.numbers and (r.query is None or ":" in r.query):
+    if not draws_view(r):
+        out += unused.view_notice("trace", r, "--json" if r.json else "--json-lines",
+                                  "add --svg FILE or --html FILE to draw the view too")
+    if not (r.json or r.json_lines):
+        out += unused.json_notice("trace", r, "--json or --json-lines")
+    if r.force and r.save is None and r.svg is None and r.html is None:
+        out.append("--force lets --save, --svg and --html overwrite their files; without them "
+                   "it changes nothing")
+    if draws_view(r) and r.numbers and (r.query is None or ":" in r.query):
         out.append("--numbers writes the weights beside the text shaded by one --query P")
     if r.weights is not None and r.seed != 0:
         out.append("--seed draws random weights; with --weights it changes nothing")
-    reads_a_file = r.file is not None or r.cross_file is not None or "-" in r.texts
-    if r.keep_newline and not reads_a_file:
-        out.append("--keep-newline keeps the final line ending of --file, --cross-file or "
-                   "standard input; TEXT arguments are always exact, --lines splits at it")
+    out += input_notices(r)
     if r.steps and r.save is None:
         out.append("--steps chooses what --save writes; without --save it changes nothing")
     return out
+
+
+def input_notices(r: Request) -> list[str]:
+    """The input options this run will not use (every command reading a text says them)."""
+    reads_a_file = r.file is not None or r.cross_file is not None or "-" in r.texts
+    if r.keep_newline and not reads_a_file:
+        return ["--keep-newline keeps the final line ending of --file, --cross-file or "
+                "standard input; TEXT arguments are always exact, --lines splits at it"]
+    return []
 
 
 def execute(r: Request, notice: Callable[[str], None], console: Callable) -> None:
@@ -320,6 +344,10 @@ def compute(r: Request, notice: Callable[[str], None]):
     validate(r)
     for ignored in ignored_options(r):
         notice(ignored)
+    if not draws_view(r):  # the view's options are neither used nor checked
+        from attn_tracer.commands.unused import without_view
+
+        r = without_view("trace", r)
     texts, cross = read_inputs(r, notice)
     limit = memory_limit(r)
     config, weights = load_model(r, notice, limit)
@@ -358,6 +386,14 @@ def compute(r: Request, notice: Callable[[str], None]):
     engine = checked_engine(r, needed, limit, length)
     trace, weights = forward(r, config, weights, engine, prepared, selection)
     notice_cuts(r, prepared, notice, len(cross))
+    if r.save is not None:
+        from attn_tracer.commands.save import parse_steps, unrecorded
+
+        for kind in unrecorded(parse_steps(r.steps), trace.tensors):
+            why = (" (no key of these texts needed masking)" if kind.endswith("masked")
+                   else "")
+            notice(f"--steps {kind}: this run recorded no such step{why}; {r.save} holds the "
+                   "other steps")
     return trace, weights
 
 
