@@ -180,13 +180,21 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
     needed = memory.estimate(config, r.dtype, 1, length, length, layers if a.rollout else 0,
                              1 if a.rollout else 0, "patterns", False, predict=True)
     lens_rows = length if a.all_positions else 1
-    needed += layers * lens_rows * config.d_model * 8 + 3 * logit_lens.CHUNK * config.vocab * 4
+    wide = 8 if r.dtype == "float64" else 4  # the unembedding's products, in the run's dtype
+    needed += (layers * lens_rows * config.d_model * 8 + 3 * logit_lens.CHUNK * config.vocab
+               * wide)
+    if r.dtype == "float64":  # W_U copied to float64 (see below)
+        needed += config.vocab * config.d_model * 8
     engine = runner.checked_engine(r, needed, limit, length)
     from attn_tracer.model.pipeline import run
 
     with runner.progress_display(f"{length} tokens through {layers} layers") as advance:
         weights = runner.ensure_weights(config, weights)
         W_U = weights.unembedding()  # [vocab, d_model]: W_E, lm_head, or a random W_U
+        if r.dtype == "float64":
+            # --dtype float64 end to end: the logits, the lens and the ablation's logits too
+            # (logits_of multiplies in W_U's dtype, float32 as stored).
+            W_U = W_U.astype(np.float64)
         means = ablation.by_layer(heads) if a.ablate_mode == "mean" else {}
         gather = Gather(engine, config, at, a.all_positions, a.rollout, means, valid)
         trace, _ = run(texts, config, engine, weights, _SELECT_NOTHING, prepared=prepared,
