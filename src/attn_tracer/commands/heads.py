@@ -174,6 +174,13 @@ def render_view(result: HeadsResult, target, record: bool = False):
     return buffer
 
 
+def estimate(config, r: Request, rows: int, length: int) -> int:
+    """The run keeps no tensor; the scores add index pairs (at worst every pair of a text made
+    of one repeated token) and the thumbnails' block matrices."""
+    needed = memory.estimate(config, r.dtype, rows, length, length, 0, 0, "patterns", False)
+    return needed + rows * length * length * (1 + 3 * 16)
+
+
 def compute(r: Request, h: HeadsOptions, notice: Callable[[str], None], width: int = 80,
             color: bool = True) -> HeadsResult:
     """Everything that can fail for a reason of the user's, then the run and its reductions.
@@ -194,6 +201,9 @@ def compute(r: Request, h: HeadsOptions, notice: Callable[[str], None], width: i
     limit = run.memory_limit(r)
     config, weights = run.load_model(r, notice, limit)
     bos = h.with_bos
+    if h.repeat is None:  # before tokenizing: a batch of many texts is refused at once
+        least = run.least_length(r, config, texts, bos)
+        run.check_batch(len(texts), least, estimate(config, r, len(texts), least), limit)
     if h.repeat is not None:
         check_repeat(h.repeat, bos, config, r.pad_to)
         toks = [token(i) for i in repeat_probe(h.repeat, r.seed, bos)]
@@ -209,11 +219,7 @@ def compute(r: Request, h: HeadsOptions, notice: Callable[[str], None], width: i
         boxes["view"] = view_box(width, config.heads, color)
     if h.json and h.thumbnails:
         boxes["json"] = JSON_BOX
-    # The run keeps no tensor; the scores add index pairs (at worst every pair of a text made
-    # of one repeated token) and the thumbnails' block matrices.
-    needed = memory.estimate(config, r.dtype, rows, length, length, 0, 0, "patterns", False)
-    needed += rows * length * length * (1 + 3 * 16)
-    engine = run.checked_engine(r, needed, limit, length)
+    engine = run.checked_engine(r, estimate(config, r, rows, length), limit, length)
     scorer = HeadScorer(targets(batch.ids, batch.valid, config.mask == "causal", h.repeat),
                         engine, config.layers, config.heads, boxes)
     hooks = {f"blocks.{layer}.attn.pattern": scorer.hook(layer) for layer in range(config.layers)}

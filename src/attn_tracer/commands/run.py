@@ -366,6 +366,12 @@ def compute(r: Request, notice: Callable[[str], None]):
     from attn_tracer.model.trace import Selection
 
     selection = Selection(layers, heads, capture, extra)
+    # Before tokenizing (which for 500,000 short --lines costs a minute and 1.5 GB): the same
+    # estimate at a length the batch cannot be shorter than.
+    length, k_len = least_length(r, config, texts), least_length(r, config, cross)
+    check_batch(len(texts), length, estimate(config, r, len(texts), length,
+                                             k_len if cross else length, selection, bool(cross)),
+                limit)
     from attn_tracer.model.pipeline import prepare
 
     prepared = prepare(texts, config, cross_texts=cross or None, padding=r.padding,
@@ -398,6 +404,22 @@ def compute(r: Request, notice: Callable[[str], None]):
 
 
 # The steps of a run that every command running the model shares (trace, heads, attribute).
+
+def least_length(r: Request, config: Config, texts: list[str], bos: bool = False) -> int:
+    """The padded length that a batch of `texts` is at least, known before tokenizing."""
+    cap = config.n_ctx if r.max_length is None else min(r.max_length, config.n_ctx)
+    return memory.least_length(texts, cap, int(bos), r.pad_to)
+
+
+def check_batch(texts: int, length: int, needed: int, limit: int) -> None:
+    """Refuse a batch of `texts` texts whose estimate at the `length` it cannot be shorter than
+    (least_length) is `needed` > `limit`, before tokenizing it: 500,000 short --lines take a
+    minute and 1.5 GB to tokenize. One text costs at most its first n_ctx + 1 tokens there,
+    and is judged by the exact estimate after."""
+    if texts > 1:
+        memory.check(needed, limit, before=f"{texts:,} texts of at least {length} token"
+                                           f"{'s' if length > 1 else ''}, before tokenizing them")
+
 
 def memory_limit(r: Request) -> int:
     return memory.parse_size(r.max_memory) if r.max_memory is not None else memory.default_limit()

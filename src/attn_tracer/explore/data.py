@@ -165,20 +165,27 @@ def compute(r: Request, notice: Callable[[str], None], width: int, color: bool =
     limit = run.memory_limit(r)
     with run.progress_display("loading weights", show=r.weights is not None):
         config, weights = run.build_config(r, notice)
+    kinds = ("attn", "cross_attn") if cross else ("attn",)
+
+    def estimate(rows: int, length: int, k_len: int) -> int:
+        # The run keeps no pattern; on top of it: Q and K of every layer (float32 on the
+        # host), the scores' index pairs and the thumbnails' block matrices (as attn heads
+        # counts them), and the stages of the heads opened last.
+        needed = memory.estimate(config, r.dtype, rows, length, k_len, 0, 0, "patterns",
+                                 bool(cross), predict=r.predict)
+        needed += config.layers * rows * (length + k_len) * config.d_model * 4 * len(kinds)
+        return needed + rows * length * length * (1 + 3 * 16) + CACHE_BYTES
+
+    # Before tokenizing: a batch of many texts is refused from its size at once.
+    least = run.least_length(r, config, texts)
+    run.check_batch(len(texts), least, estimate(len(texts), least, run.least_length(
+        r, config, cross) if cross else least), limit)
     prepared = prepare(texts, config, cross_texts=cross or None, padding=r.padding,
-                       max_length=r.max_length, allow_special=r.allow_special)
+                       max_length=r.max_length, allow_special=r.allow_special, pad_to=r.pad_to)
     batch = prepared.batch
     rows, length = batch.ids.shape
     k_len = prepared.cross.ids.shape[1] if prepared.cross else length
-    kinds = ("attn", "cross_attn") if prepared.cross else ("attn",)
-    # The run keeps no pattern; on top of it: Q and K of every layer (float32 on the host),
-    # the scores' index pairs and the thumbnails' block matrices (as attn heads counts them),
-    # and the stages of the heads opened last.
-    needed = memory.estimate(config, r.dtype, rows, length, k_len, 0, 0, "patterns",
-                             bool(cross), predict=r.predict)
-    needed += config.layers * rows * (length + k_len) * config.d_model * 4 * len(kinds)
-    needed += rows * length * length * (1 + 3 * 16) + CACHE_BYTES
-    engine = run.checked_engine(r, needed, limit, length)
+    engine = run.checked_engine(r, estimate(rows, length, k_len), limit, length)
     box = thumbnail_box(width, config.heads, config.layers, color)
     scorer = HeadScorer(targets(batch.ids, batch.valid, config.mask == "causal"), engine,
                         config.layers, config.heads, {"overview": box})
