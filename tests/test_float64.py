@@ -11,6 +11,7 @@ errors of 1e-7 or 1e-9, a million times that, which each test also checks it can
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner

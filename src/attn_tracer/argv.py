@@ -66,7 +66,8 @@ def harden(commands) -> None:
     Arguments keep their own messages (an empty TEXT is "empty: nothing to attend to")."""
     for command in commands:
         for param in getattr(command, "params", []):
-            if getattr(param, "param_type_name", "") != "option" or isinstance(param.type, _Checked):
+            if (getattr(param, "param_type_name", "") != "option"
+                    or isinstance(param.type, _Checked)):
                 continue
             if getattr(param.type, "name", None) in _PATHS | _NUMBERS | _TEXT:
                 param.type = _checked_type(param.type)

@@ -285,6 +285,9 @@ def tokens(
 
     source = read_text(text, file, keep_newline)
     toks = tok.tokenize(source, allow_special=allow_special)
+    if keep_newline and file is None and text != "-":
+        _notice("--keep-newline keeps the final line ending of --file or standard input; a "
+                "TEXT argument is always exact")
     if json_:
         from attn_tracer.render.json_doc import tokens_document
 

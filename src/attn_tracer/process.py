@@ -12,7 +12,6 @@ imports Typer), and nothing here changes what a command computes.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import errno
 import io

@@ -115,9 +115,9 @@ def ignored(r: Request, h: HeadsOptions) -> list[str]:
                             ("--allow-special", r.allow_special),
                             ("--padding", r.padding != "right" and r.pad_to is None)):
             if given:
+                first = " (<|endoftext|> first included)" if h.with_bos else ""
                 out.append(f"{flag} shapes a text; --repeat's input is one row of "
-                           f"{probe_length(h)} tokens{' (<|endoftext|> first included)' if h.with_bos else ''}, "
-                           "so it changes nothing")
+                           f"{probe_length(h)} tokens{first}, so it changes nothing")
     if h.thumbnails and not h.json:
         out.append("--thumbnails adds each head's thumbnail to --json; the view always "
                    "draws them")
