@@ -37,7 +37,9 @@ JSON_ONLY: dict[str, dict[str, str]] = {
 
 
 def given(request, field: str) -> bool:
-    """Whether `field` of the request dataclass differs from its default (was given)."""
+    """Whether `field` of the request dataclass differs from its default (was given). An
+    option given at its default value (`--sort layer`) is not told apart: it asks for what
+    happens anyway."""
     f = next(f for f in dataclasses.fields(request) if f.name == field)
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     return getattr(request, field) != default
