@@ -88,8 +88,8 @@ RULES: dict[str, dict[str, object]] = {
         **INPUT, **MODEL, **ENGINE,
         "--sort": view(["--sort", "induction"]), "--top": view(["--top", "1"]),
         "--repeat": "data", "--bos": "data", "--json": "output",
-        "--thumbnails": json_only(["--thumbnails"]), "--svg": "output",
-        "--force": unused_with(["hi", "--force"]),
+        "--thumbnails": json_only(["--thumbnails"]), "--svg": "output", "--html": "output",
+        "--width": view(["--width", "50"]), "--force": unused_with(["hi", "--force"]),
     },
     "attribute": {
         **INPUT, **MODEL, **ENGINE,
@@ -97,6 +97,8 @@ RULES: dict[str, dict[str, object]] = {
         "--ablate-mode": unused_with(["hi", "--ablate-mode", "mean"]),
         "--all-positions": "data", "--rollout": "data", "--top-k": "data",
         "--components": view(["--components", "3"]), "--json": "output",
+        "--svg": "output", "--html": "output", "--width": view(["--width", "50"]),
+        "--force": unused_with(["hi", "--force"]),
     },
     "explore": {**INPUT, **CROSS, **MODEL, **ENGINE, **PREDICT},
 }

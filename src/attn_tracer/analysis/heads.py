@@ -144,7 +144,7 @@ class HeadScorer:
         # float32 first).
         self._queries = e.asarray(t.queries)
         self._norm = e.asarray(t.norm)
-        from attn_tracer.render.thumbnails import batch_blocks
+        from attn_tracer.analysis.pooling import batch_blocks
 
         self._blocks = {}
         self._kept: dict[str, list[np.ndarray]] = {}

@@ -27,8 +27,8 @@ VIEW_ONLY: dict[str, dict[str, str]] = {
     "trace": {"--batch-index": "batch_index", "--query": "query", "--keys": "keys",
               "--numbers": "numbers", "--values": "values", "--cost": "cost",
               "--circuits": "circuits", "--width": "width"},
-    "heads": {"--sort": "sort", "--top": "top"},
-    "attribute": {"--components": "components"},
+    "heads": {"--sort": "sort", "--top": "top", "--width": "width"},
+    "attribute": {"--components": "components", "--width": "width"},
 }
 JSON_ONLY: dict[str, dict[str, str]] = {
     "trace": {"--precision": "precision"},
