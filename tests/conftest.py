@@ -58,3 +58,19 @@ def fresh_encoding():
     tokens.encoding.cache_clear()
     yield
     tokens.encoding.cache_clear()
+
+
+# The suite runs in any locale, the POSIX one with PYTHONUTF8=0 included. There attn refuses to
+# draw its view on an ASCII stdout (tests/test_hardening.py checks that, with its own
+# environment); the attn processes the other tests start are asked for UTF-8, as a user there
+# would ask with PYTHONIOENCODING=utf-8, and their output is read back as UTF-8.
+def _utf8_children() -> None:
+    import codecs
+    import locale
+    import os
+
+    if codecs.lookup(locale.getpreferredencoding(False)).name != "utf-8":
+        os.environ.setdefault("PYTHONIOENCODING", "utf-8")
+
+
+_utf8_children()

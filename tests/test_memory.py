@@ -114,8 +114,8 @@ print(json.dumps({"growth": status("VmHWM") - before, "estimate": estimate}))
 def test_estimate_is_above_the_real_peak_and_close_to_it(engine, capture):
     if engine == "torch":
         pytest.importorskip("torch")
-    out = subprocess.run([sys.executable, "-c", PROBE, engine, capture, "300", "2"],
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE.encode(), engine, capture, "300", "2"],
+                         capture_output=True, encoding="utf-8", timeout=120, check=True)
     m = json.loads(out.stdout)
     assert m["growth"] > 10e6  # the run really allocated something to compare with
     assert m["growth"] <= m["estimate"] <= 3 * m["growth"], m
@@ -184,8 +184,8 @@ print(json.dumps({"growth": status("VmHWM") - before, "estimate": estimate}))
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("capture", ["patterns", "all"])
 def test_the_estimate_counts_the_cost_of_each_layer(capture: str):
-    out = subprocess.run([sys.executable, "-c", DEEP_PROBE, "4000", capture],
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", DEEP_PROBE.encode(), "4000", capture],
+                         capture_output=True, encoding="utf-8", timeout=120, check=True)
     m = json.loads(out.stdout)
     assert m["growth"] > 10e6, m  # 4,000 layers of bookkeeping really cost something
     assert m["growth"] <= m["estimate"] <= 3 * m["growth"], m

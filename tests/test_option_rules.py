@@ -212,8 +212,8 @@ def test_view_options_with_svg_draw_into_the_file(tmp_path: Path):
                                  str(tmp_path / "v.svg")])
     assert result.exit_code == 0, result.stderr
     assert "--cost" not in result.stderr
-    assert "memory" in (tmp_path / "v.svg").read_text() or "bytes" in (
-        tmp_path / "v.svg").read_text()
+    assert "memory" in (tmp_path / "v.svg").read_text(encoding="utf-8") or "bytes" in (
+        tmp_path / "v.svg").read_text(encoding="utf-8")
 
 
 def test_view_options_with_json_are_not_checked_against_the_text():
