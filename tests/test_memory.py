@@ -81,7 +81,7 @@ from attn_tracer.model.trace import Selection
 from attn_tracer.model.weights import random_weights
 
 
-def status(field):  # kB → bytes
+def status(field):  # kB to bytes (ASCII: the POSIX locale reads -c as ASCII)
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -92,7 +92,7 @@ config = Config(d_model=256, heads=8, layers=4, n_ctx=1024)
 engine = select_engine(engine_name, "cpu", "float32", length)
 selection = Selection(tuple(range(config.layers)), tuple(range(config.heads)), capture)
 pipeline.run(["warm up the kernels"], config, engine, random_weights(config), selection)
-try:  # reset the peak to the present (Linux ≥ 4.0), so the growth is this run's alone
+try:  # reset the peak to the present (Linux 4.0 or later), so the growth is this run's alone
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = status("VmRSS")
@@ -157,7 +157,7 @@ from attn_tracer.model.trace import Selection
 from attn_tracer.model.weights import random_weights
 
 
-def status(field):  # kB → bytes
+def status(field):  # kB to bytes (ASCII: the POSIX locale reads -c as ASCII)
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
