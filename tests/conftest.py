@@ -60,6 +60,16 @@ def fresh_encoding():
     tokens.encoding.cache_clear()
 
 
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """Build (once per session) a small transformers checkpoint: see helpers/checkpoints.py."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from helpers.checkpoints import Checkpoints
+
+    return Checkpoints(tmp_path_factory.mktemp("hf"))
+
+
 # The suite runs in any locale, the POSIX one with PYTHONUTF8=0 included. There attn refuses to
 # draw its view on an ASCII stdout (tests/test_hardening.py checks that, with its own
 # environment); the attn processes the other tests start are asked for UTF-8, as a user there
