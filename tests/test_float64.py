@@ -21,6 +21,7 @@ from tolerance import tolerance
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # Hugging Face references, as the fast tier counts them
 
 TEXT = "The quick brown fox jumps over the lazy dog"
 RUNNER = CliRunner()
