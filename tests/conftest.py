@@ -68,3 +68,33 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     from helpers.checkpoints import Checkpoints
 
     return Checkpoints(tmp_path_factory.mktemp("hf"))
+
+
+# The suite runs in any locale, the POSIX one with PYTHONUTF8=0 included. There attn refuses to
+# draw its view on an ASCII stdout (tests/test_hardening.py checks that, with its own
+# environment); the attn processes the other tests start are asked for UTF-8, as a user there
+# would ask with PYTHONIOENCODING=utf-8, and their output is read back as UTF-8.
+def _utf8_children() -> None:
+    import codecs
+    import locale
+    import os
+    import subprocess
+    import sys
+
+    if codecs.lookup(locale.getpreferredencoding(False)).name != "utf-8":
+        os.environ.setdefault("PYTHONIOENCODING", "utf-8")
+    if codecs.lookup(sys.getfilesystemencoding()).name != "utf-8":
+        # The locale's filesystem encoding (ASCII) cannot turn a str argument like "héllo"
+        # into bytes: pass the UTF-8 bytes a shell in that locale passes.
+        original = subprocess.Popen.__init__
+
+        def init(self, args, *rest, **kwargs):
+            if isinstance(args, (list, tuple)):
+                args = [a.encode("utf-8", "surrogateescape") if isinstance(a, str) else a
+                        for a in args]
+            original(self, args, *rest, **kwargs)
+
+        subprocess.Popen.__init__ = init
+
+
+_utf8_children()

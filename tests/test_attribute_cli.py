@@ -24,7 +24,7 @@ from attn_tracer.render import attribution as render_attribution
 jsonschema = pytest.importorskip("jsonschema")
 
 runner = CliRunner()
-SCHEMA = json.loads(files("attn_tracer.data").joinpath("attribute.schema.json").read_text())
+SCHEMA = json.loads(files("attn_tracer.data").joinpath("attribute.schema.json").read_bytes())
 TEXT = "The cat sat on the mat"
 SMALL = ["--d-model", "32", "--heads", "4", "--layers", "2"]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -272,7 +272,7 @@ def test_a_small_attribution_does_not_import_torch():
             "try:\n    runpy.run_module('attn_tracer', run_name='__main__')\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"
             "print('torch' in sys.modules, file=sys.stderr)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8")
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "False"
     assert "direct logit attribution" in done.stdout

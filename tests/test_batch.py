@@ -189,7 +189,7 @@ def test_seed_example_shapes(runner, tmp_path):
     assert sorted(e["batch"] for e in doc["attention"]) == [0, 1, 2, 3]
     mask = doc["config"]["mask_description"]
     assert mask["padding"] is True and mask["pad_id"] == tokens.ENDOFTEXT_ID
-    schema = json.loads(files("attn_tracer.data").joinpath("trace.schema.json").read_text())
+    schema = json.loads(files("attn_tracer.data").joinpath("trace.schema.json").read_bytes())
     jsonschema.validate(doc, schema)
     for entry in doc["attention"]:
         w = np.array(entry["weights"], dtype=float)

@@ -178,7 +178,7 @@ def test_directory_config_wins_over_heads_argument(saved_dir: Path) -> None:
 
 def test_config_epsilon_and_default(tmp_path: Path, saved_dir: Path) -> None:
     shutil.copy(saved_dir / "model.safetensors", tmp_path / "model.safetensors")
-    config = json.loads((saved_dir / "config.json").read_text())
+    config = json.loads((saved_dir / "config.json").read_text(encoding="utf-8"))
     config["layer_norm_epsilon"] = 1e-6
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert load_checkpoint(str(tmp_path)).ln_eps == pytest.approx(1e-6)
@@ -274,7 +274,7 @@ def test_importing_checkpoint_does_not_import_torch() -> None:
         "assert not heavy, heavy\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", code], env=env, capture_output=True, encoding="utf-8", check=False
     )
     assert result.returncode == 0, result.stderr
 

@@ -52,7 +52,7 @@ def test_version(runner):
 
 def test_python_dash_m_version():
     proc = subprocess.run([sys.executable, "-m", "attn_tracer", "--version"],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+                          capture_output=True, encoding="utf-8", timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"attn {version('attn-tracer')}\n"
 
@@ -221,7 +221,7 @@ def test_tokens_and_help_do_not_import_torch():
              ["tokens", "--help"], ["trace", "--help"], ["schema", "--help"], ["--version"]]
     env = {k: v for k, v in os.environ.items() if k not in ("ATTN_DEBUG",)}
     proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(cases)], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT, env=env)
+                          encoding="utf-8", timeout=120, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout)
     assert seen == {k: [] for k in seen}

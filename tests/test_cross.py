@@ -130,7 +130,7 @@ def test_fused_cross_equals_explicit():
 # ── command line ──────────────────────────────────────────────────────────────────────────────
 
 def schema():
-    return json.loads(files("attn_tracer.data").joinpath("trace.schema.json").read_text())
+    return json.loads(files("attn_tracer.data").joinpath("trace.schema.json").read_bytes())
 
 
 def test_cli_cross_json(runner):

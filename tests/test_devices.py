@@ -122,7 +122,7 @@ print(json.dumps({{"code": r.exit_code, "engine": doc["config"]["engine"],
 
 def test_auto_picks_numpy_for_short_inputs_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", AUTO_PROBE.format(text=SENTENCE)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, encoding="utf-8", timeout=120)
     assert done.returncode == 0, done.stderr
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     assert probe == {"code": 0, "engine": "numpy", "torch": False}

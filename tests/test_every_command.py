@@ -130,6 +130,6 @@ def test_a_saved_view_does_not_depend_on_stdout(command: str, tmp_path: Path):
             break
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    a, b = piped.read_text(), on_tty.read_text()
+    a, b = piped.read_text(encoding="utf-8"), on_tty.read_text(encoding="utf-8")
     assert a == b
     assert "fill=\"#" in a  # coloured text, not the plain view of a pipe

@@ -179,7 +179,7 @@ def test_textual_is_imported_by_explore_alone():
              ["tokens", "hi"]]
     env = {k: v for k, v in os.environ.items() if k != "ATTN_DEBUG"}
     proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(cases)], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT, env=env)
+                          encoding="utf-8", timeout=120, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout)
     assert seen == {k: False for k in seen} and len(seen) == len(cases) + 1
@@ -189,7 +189,7 @@ def test_textual_is_an_extra_pinned_for_the_snapshots():
     from importlib.metadata import version
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
         "optional-dependencies"]
     assert any(d.startswith("textual") for d in extras["explore"])
     # The committed SVG snapshots are Textual's rendering: CI must render with the same one.
@@ -448,7 +448,7 @@ def test_s_saves_the_screen_as_svg_without_overwriting(tmp_path):
 
     drive(app, (80, 24), steps)
     assert [p.name for p in app.saved] == ["attn-explore-1.svg", "attn-explore-2.svg"]
-    svg = (tmp_path / "attn-explore-2.svg").read_text()
+    svg = (tmp_path / "attn-explore-2.svg").read_text(encoding="utf-8")
     assert "<svg" in svg and "L0H0" in svg
     assert not re.search(r"url\(\s*[\"']?https?:", svg) and "cdnjs" not in svg
 

@@ -61,7 +61,7 @@ def poisoned(root: Path, state: dict, key: str, index: tuple, value: float,
     """A save_pretrained folder whose `key` holds `value` at `index`."""
     folder = root / f"poisoned-{key}-{value}-{np.dtype(dtype).name}"
     folder.mkdir(exist_ok=True)
-    (folder / "config.json").write_text((root / "saved" / "config.json").read_text())
+    (folder / "config.json").write_bytes((root / "saved" / "config.json").read_bytes())
     tensors = {k: v.astype(dtype) for k, v in state.items()}
     with np.errstate(over="ignore"):
         tensors[key][index] = value

@@ -21,7 +21,7 @@ def test_an_argument_that_is_not_utf8_is_refused_not_replaced():
     # into U+FFFD and trace a different text. A real process, since that is where argv comes from.
     for args in (["ab\udcffcd"], ["hi", "--cross", "x\udcffy"]):
         result = subprocess.run([sys.executable, "-m", "attn_tracer", "trace", *TINY, *args],
-                                capture_output=True, text=True, errors="surrogateescape")
+                                capture_output=True, encoding="utf-8", errors="surrogateescape")
         assert result.returncode == 2, result.stderr
         assert result.stdout == ""
         assert "not valid UTF-8 (byte 0xff" in result.stderr

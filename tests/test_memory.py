@@ -82,7 +82,7 @@ from attn_tracer.model.trace import Selection
 from attn_tracer.model.weights import random_weights
 
 
-def status(field):  # kB → bytes
+def status(field):  # kB to bytes (ASCII: the POSIX locale reads -c as ASCII)
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -93,7 +93,7 @@ config = Config(d_model=256, heads=8, layers=4, n_ctx=1024)
 engine = select_engine(engine_name, "cpu", "float32", length)
 selection = Selection(tuple(range(config.layers)), tuple(range(config.heads)), capture)
 pipeline.run(["warm up the kernels"], config, engine, random_weights(config), selection)
-try:  # reset the peak to the present (Linux ≥ 4.0), so the growth is this run's alone
+try:  # reset the peak to the present (Linux 4.0 or later), so the growth is this run's alone
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = status("VmRSS")
@@ -116,8 +116,8 @@ print(json.dumps({"growth": status("VmHWM") - before, "estimate": estimate}))
 def test_estimate_is_above_the_real_peak_and_close_to_it(engine, capture):
     if engine == "torch":
         pytest.importorskip("torch")
-    out = subprocess.run([sys.executable, "-c", PROBE, engine, capture, "300", "2"],
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE.encode(), engine, capture, "300", "2"],
+                         capture_output=True, encoding="utf-8", timeout=120, check=True)
     m = json.loads(out.stdout)
     assert m["growth"] > 10e6  # the run really allocated something to compare with
     assert m["growth"] <= m["estimate"] <= 3 * m["growth"], m
@@ -160,7 +160,7 @@ from attn_tracer.model.trace import Selection
 from attn_tracer.model.weights import random_weights
 
 
-def status(field):  # kB → bytes
+def status(field):  # kB to bytes (ASCII: the POSIX locale reads -c as ASCII)
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -188,8 +188,8 @@ print(json.dumps({"growth": status("VmHWM") - before, "estimate": estimate}))
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("capture", ["patterns", "all"])
 def test_the_estimate_counts_the_cost_of_each_layer(capture: str):
-    out = subprocess.run([sys.executable, "-c", DEEP_PROBE, "4000", capture],
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", DEEP_PROBE.encode(), "4000", capture],
+                         capture_output=True, encoding="utf-8", timeout=120, check=True)
     m = json.loads(out.stdout)
     assert m["growth"] > 10e6, m  # 4,000 layers of bookkeeping really cost something
     assert m["growth"] <= m["estimate"] <= 3 * m["growth"], m

@@ -76,7 +76,9 @@ def run_offline(args: list[str], tmp_path: Path, extra_env: dict[str, str] | Non
     env.update(HOME=str(dirs["home"]), TMPDIR=str(dirs["tmp"]),
                XDG_CACHE_HOME=str(dirs["xdg_cache"]), HF_HOME=str(dirs["hf_home"]),
                PYTHONDONTWRITEBYTECODE="1", **(extra_env or {}))
-    proc = subprocess.run([sys.executable, "-c", BOOTSTRAP, *args], cwd=dirs["cwd"], env=env,
+    # As UTF-8 bytes: in the POSIX locale a str argument must be ASCII.
+    argv = [sys.executable, "-c", BOOTSTRAP, *(a.encode("utf-8") for a in args)]
+    proc = subprocess.run(argv, cwd=dirs["cwd"], env=env,
                           capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     return proc, dirs
 

@@ -56,7 +56,7 @@ def untied(tmp_path_factory: pytest.TempPathFactory):
     assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
     root = tmp_path_factory.mktemp("untied")
     hf.save_pretrained(root / "saved")
-    assert json.loads((root / "saved" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert json.loads((root / "saved" / "config.json").read_bytes())["tie_word_embeddings"] is False
     bare = root / "weights.safetensors"
     shutil.copy(root / "saved" / "model.safetensors", bare)
     state = {k: v for k, v in hf.state_dict().items() if not k.endswith(".attn.bias")}
@@ -118,7 +118,7 @@ def test_a_head_that_differs_from_a_tied_config_is_used_as_transformers_uses_it(
     hf, root = untied
     folder = tmp_path / "m"
     shutil.copytree(root / "saved", folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config["tie_word_embeddings"] = True
     (folder / "config.json").write_text(json.dumps(config))
     reference = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()

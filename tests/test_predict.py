@@ -165,7 +165,7 @@ def test_cli_json_predictions(model, loaded) -> None:
                                  "5", "--padding", "left", *TEXTS[:2], "--json"])
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    schema = json.loads(files("attn_tracer.data").joinpath("trace.schema.json").read_text())
+    schema = json.loads(files("attn_tracer.data").joinpath("trace.schema.json").read_bytes())
     jsonschema.validate(doc, schema)
     ref_logits, last = hf_last_logits(hf, TEXTS[:2], "left")
     ref_probs = softmax64(ref_logits, 1.0)

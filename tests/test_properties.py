@@ -381,8 +381,8 @@ def test_any_columns_draws_or_fails_cleanly(columns: str, lines: str, command: s
     args = {"trace": ["trace", "The cat sat", *TINY, "--predict"],
             "stages": ["trace", "The cat sat", *TINY, "--stages", "--values"],
             "tokens": ["tokens", "The cat 今天"], "help": ["trace", "--help"]}[command]
-    if "\x00" in columns + lines:
-        return  # an environment variable cannot hold NUL
+    if "\x00" in columns + lines or not _in_environ(columns + lines):
+        return  # an environment variable cannot hold NUL, nor what the locale cannot encode
     result = invoke(args, env={"COLUMNS": columns, "LINES": lines})
     assert result.exit_code == 0, (columns, result.stderr)
     assert "Traceback" not in result.stderr and "internal error" not in result.stderr
@@ -397,10 +397,21 @@ def test_any_columns_draws_or_fails_cleanly(columns: str, lines: str, command: s
     assert max(cell_len(line) for line in result.stdout.splitlines()) <= width
 
 
+def _in_environ(value: str) -> bool:
+    """Whether the environment can hold `value` (in the POSIX locale, only ASCII)."""
+    import os
+
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @settings(max_examples=40, **SETTINGS)
 @given(value=st.text(max_size=8))
 def test_attn_debug_is_on_only_when_it_says_so(value: str):
-    if "\x00" in value:
+    if "\x00" in value or not _in_environ(value):
         return
     result = invoke(["trace", "hi", "--d-model", "10", "--heads", "4"],
                     env={"ATTN_DEBUG": value})
@@ -408,3 +419,130 @@ def test_attn_debug_is_on_only_when_it_says_so(value: str):
     on = value.strip().lower() in ("1", "true", "yes", "on")
     assert ("Traceback" in result.stderr) == on, (value, result.stderr)
     assert result.stderr.splitlines()[-1].startswith("attn: error: --heads 4 does not divide")
+
+
+# ── issue 27: options that would do nothing, empty values, other digits, encodings ──────────
+
+# Each command's options by what they do with --json (tests/test_option_rules.py has the whole
+# table): view-only ones with a valid value for the 3-token text "The cat sat", JSON-only ones.
+VIEW_VALUES = {
+    "trace": {"--batch-index": ["0"], "--query": ["0", "1", "0:2", "2"], "--keys": ["0", "1:2"],
+              "--numbers": None, "--cost": None, "--circuits": None,
+              "--width": ["20", "39", "80", "1000"]},
+    "heads": {"--sort": ["induction", "previous_token"], "--top": ["1", "2"]},
+    "attribute": {"--components": ["1", "3"]},
+}
+JSON_VALUES = {"trace": {"--precision": ["0", "3"]}, "heads": {"--thumbnails": None},
+               "attribute": {}}
+# Values refused whichever option takes them: (option, value) per command.
+BROKEN = {
+    "trace": [("--query", ""), ("--keys", ""), ("--svg", ""), ("--save", ""), ("--file", ""),
+              ("--device", ""), ("--max-memory", ""), ("--layer", "\uff10"),
+              ("--query", "\uff10"), ("--d-model", "\uff18"), ("--width", "\u0664\u0660"),
+              ("--max-memory", "\uff14G"), ("--width", "19"), ("--heads", "0")],
+    "heads": [("--svg", ""), ("--lines", ""), ("--top", "\uff11"), ("--pad-to", "\u0663"),
+              ("--weights", ""), ("--heads", "0")],
+    "attribute": [("--target", "#\uff10"), ("--ablate", "L\uff10H0"), ("--ablate", ""),
+                  ("--versus", ""), ("--position", "\uff10"), ("--heads", "0")],
+}
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(data=st.data(), command=st.sampled_from(["trace", "heads", "attribute"]),
+       output=st.sampled_from([None, "--json", "--json-lines"]), broken=st.booleans())
+def test_random_option_combinations_are_used_or_said(data, command: str, output: str | None,
+                                                     broken: bool):
+    if output == "--json-lines" and command != "trace":
+        output = "--json"
+    args = [command, "The cat sat", *TINY] + ([output] if output else [])
+    views = data.draw(st.lists(st.sampled_from(sorted(VIEW_VALUES[command])), unique=True,
+                               max_size=3))
+    jsons = data.draw(st.lists(st.sampled_from(sorted(JSON_VALUES[command]) or [""]),
+                               unique=True, max_size=1))
+    jsons = [j for j in jsons if j]
+    for flag in views:
+        values = VIEW_VALUES[command][flag]
+        args += [flag] + ([data.draw(st.sampled_from(values))] if values else [])
+        if flag == "--numbers" and "--query" not in views:
+            args += ["--query", "1"]  # --numbers is used with one --query P
+    for flag in jsons:
+        values = JSON_VALUES[command][flag]
+        args += [flag] + ([data.draw(st.sampled_from(values))] if values else [])
+    if broken:
+        flag, value = data.draw(st.sampled_from(BROKEN[command]))
+        args += [flag, value]
+    result = invoke(args)
+    event(f"{command} {output} broken={broken}")
+    if broken:
+        assert_clean_failure(result, (2,))
+        return
+    assert result.exit_code == 0, (args, result.stderr)
+    if output:
+        text = result.stdout.splitlines()[0] if output == "--json-lines" else result.stdout
+        json.loads(text, parse_constant=_no_constants)
+    notices = "\n".join(line for line in result.stderr.splitlines() if line.startswith("attn: "))
+    for flag in views:  # said exactly when no view is drawn
+        assert (flag in notices) == bool(output), (flag, args, notices)
+    for flag in jsons:
+        assert (flag in notices) == (not output), (flag, args, notices)
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(repeat=st.integers(1, 12), pad_to=st.none() | st.integers(1, 30), bos=st.booleans(),
+       padding=st.sampled_from(["right", "left"]))
+def test_repeat_with_pad_to_and_bos(repeat: int, pad_to: int | None, bos: bool, padding: str):
+    args = ["heads", *TINY, "--repeat", str(repeat), "--bos" if bos else "--no-bos",
+            "--padding", padding, "--json"] + (["--pad-to", str(pad_to)] if pad_to else [])
+    result = invoke(args)
+    length = 2 * repeat + bos
+    if pad_to is not None and pad_to < length:
+        line = assert_clean_failure(result, (2,), f"{length} tokens")
+        assert f"--pad-to {length} or more" in line
+        return
+    assert result.exit_code == 0, result.stderr
+    inp = json.loads(result.stdout)["inputs"][0]
+    assert inp["length"] == length and inp["padding"] == (pad_to or length) - length
+    # --padding says where --pad-to pads; without --pad-to it changes nothing, and says so.
+    assert ("--padding" in result.stderr) == (padding == "left" and pad_to is None)
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(text=st.text(st.characters(exclude_categories=("Cs",)), max_size=30))
+@example(text="a\x1cb.\x1c.")
+@example(text=".\u3000.\u2028x")
+def test_the_length_known_before_tokenizing_is_a_lower_bound(text: str):
+    from attn_tracer.model import memory, tokens
+
+    assert memory.least_tokens(text) <= len(tokens.encode(text))
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(encoding=st.sampled_from(["ascii", "latin-1", "cp1252", "utf-8", "utf-16", "koi8-r",
+                                 "cp437", "mac-roman", "iso8859-15"]),
+       errors=st.sampled_from(["strict", "surrogateescape", "surrogatepass", "replace",
+                               "backslashreplace", "ignore", "xmlcharrefreplace"]),
+       words=st.lists(st.sampled_from(["trace", "heads", "tokens", "schema", "x", "--json",
+                                       "--json-lines", "--help", "-h", "--version", "--"]),
+                      max_size=5))
+def test_an_encoding_is_refused_exactly_when_it_cannot_write_the_view(encoding, errors, words):
+    import io
+    import sys
+
+    from attn_tracer import process
+
+    saved, sys.stdout = sys.stdout, io.TextIOWrapper(io.BytesIO(), encoding=encoding,
+                                                     errors=errors)
+    try:
+        problem = process.text_output_problem(words)
+    finally:
+        sys.stdout = saved
+    try:
+        process.DRAWN.encode(encoding, errors)
+        writable = True
+    except UnicodeError:
+        writable = False
+    before = words[: words.index("--")] if "--" in words else words
+    helping = not words or bool({"-h", "--help"} & set(before))
+    command = next((w for w in before if not w.startswith("-")), None)
+    json_out = bool({"--json", "--json-lines", "--version"} & set(before)) or command == "schema"
+    assert (problem is None) == (writable or (json_out and not helping)), (problem, encoding)

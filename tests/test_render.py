@@ -112,7 +112,7 @@ def test_colors_follow_viridis_and_masked_cells_have_none():
     env = {**os.environ, "FORCE_COLOR": "1", "COLORTERM": "truecolor", "COLUMNS": "120"}
     env.pop("NO_COLOR", None)
     out = subprocess.run([sys.executable, "-m", "attn_tracer", "trace", "--d-model", "64",
-                          "--heads", "4", ENGLISH], env=env, capture_output=True, text=True,
+                          "--heads", "4", ENGLISH], env=env, capture_output=True, encoding="utf-8",
                          check=True).stdout
     # The first query attends only to itself: weight 1, viridis' top color (253, 231, 37).
     assert "48;2;253;231;37" in out

@@ -166,7 +166,7 @@ def test_parent_is_a_regular_file(tmp_path, flag, name):
     (tmp_path / "plain").write_text("x")
     result = invoke("--json", flag, str(tmp_path / "plain" / name))
     _refused(result, tmp_path, {"plain"}, "not a directory")
-    assert (tmp_path / "plain").read_text() == "x"
+    assert (tmp_path / "plain").read_text(encoding="utf-8") == "x"
 
 
 def test_unwritable_directory(tmp_path):

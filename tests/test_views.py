@@ -153,7 +153,7 @@ def test_width_sets_the_saved_view(runner, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert max(cell_len(x) for x in result.stdout.splitlines()) <= 150
     # Rich writes the terminal's width into the SVG's clip path: 150 columns, not 80.
-    assert svg.read_text().count("<svg") == 1
+    assert svg.read_text(encoding="utf-8").count("<svg") == 1
 
 
 def test_the_attn_architecture_reports_no_mlp_or_layernorm(runner):

@@ -108,6 +108,12 @@ class Group(TyperGroup):
     show the view, and a stdout whose write errors must be told apart from attn's own.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from attn_tracer import argv
+
+        argv.harden(self.commands.values())  # empty values, ASCII digits: every option
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -194,7 +200,11 @@ def _usage_message(e) -> str:
 
 
 def _one_line(message: str) -> str:
-    """One line, with control characters (say, an escape code in a file name) made visible."""
+    """One line, with control characters (say, an escape code in a file name) made visible, and
+    bytes of the command line that were not UTF-8 shown as such (\\xff)."""
+    from attn_tracer.argv import shown
+
+    message = shown(message)
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in " ".join(message.split()))
 
 
@@ -292,6 +302,9 @@ def tokens(
     source = read_text(text, file, keep_newline)
     chosen = tokenizer.for_source(weights) if weights is not None else tokenizer.gpt2()
     toks = chosen.tokenize(source, allow_special=allow_special)
+    if keep_newline and file is None and text != "-":
+        _notice("--keep-newline keeps the final line ending of --file or standard input; a "
+                "TEXT argument is always exact")
     if json_:
         from attn_tracer.render.json_doc import tokens_document
 

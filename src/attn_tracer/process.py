@@ -12,7 +12,6 @@ imports Typer), and nothing here changes what a command computes.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import errno
 import io
@@ -156,33 +155,44 @@ def sanitize_width() -> None:
         os.environ["COLUMNS"] = str(MIN_WIDTH)
 
 
+# A sample of what the view, the tokens table and --help draw besides the text itself.
+DRAWN = "\u2423\u00b7\u2500\u2581"  # ␣ · ─ ▁
+
+
 def text_output_problem(args: list[str]) -> str | None:
     """Why stdout cannot take this command's output, or None.
 
     The view, the tokens table and --help are drawn with `·`, `␣`, `─`, `▁` and the token
-    labels themselves; an encoding without them (PYTHONIOENCODING=ascii, a latin-1 locale)
-    would fail half-way through printing. Replacing them would make labels ambiguous (`_` is a
-    token too), so such a run is refused before anything is printed. JSON is UTF-8 by
-    definition (RFC 8259) and is written as bytes, so --json and `attn schema` always work, as
-    does --version; and an explicit error handler (PYTHONIOENCODING=ascii:replace) is the
-    user's choice of lossy output.
+    labels themselves; an encoding without them (PYTHONIOENCODING=ascii, a latin-1 locale, the
+    POSIX locale with PYTHONUTF8=0) would fail half-way through printing. Replacing them with
+    ASCII would make labels ambiguous (`_` is a token too), so such a run is refused before
+    anything is printed. What decides is whether the sample DRAWN can be written with stdout's
+    encoding and error handler: `strict`, and `surrogateescape` (the POSIX locale's), fail on
+    it and are refused; a handler that replaces (PYTHONIOENCODING=ascii:replace,
+    :backslashreplace) is the user's explicit choice of lossy output and is honoured. JSON is
+    UTF-8 by definition (RFC 8259) and is written as bytes, so --json, --json-lines and
+    `attn schema` always work, as does --version; --help never carries a JSON exemption.
     """
     out = sys.stdout
     encoding = getattr(out, "encoding", None) or "utf-8"
+    errors = getattr(out, "errors", None) or "strict"
     try:
-        name = codecs.lookup(encoding).name
-    except LookupError:
-        name = encoding.lower()
-    if name.startswith("utf") or getattr(out, "errors", "strict") != "strict":
+        DRAWN.encode(encoding, errors)
+        return None
+    except UnicodeError:
+        pass
+    except LookupError:  # an encoding or handler Python does not know: it would have said so
         return None
     words = args[: args.index("--")] if "--" in args else args
     command = next((w for w in words if not w.startswith("-")), None)
-    if "--json" in words or "--version" in words or (command == "schema"
-                                                      and not {"-h", "--help"} & set(words)):
+    helping = not args or bool({"-h", "--help"} & set(words))
+    if not helping and ({"--json", "--json-lines", "--version"} & set(words)
+                        or command == "schema"):
         return None
     # In ASCII: this very line goes to a stderr of the same encoding.
-    return (f"standard output's encoding is {encoding}, which cannot show the characters "
-            "attn draws (U+2423 for a space, U+00B7, box lines, blocks); set "
+    handler = "" if errors == "strict" else f" (error handler {errors})"
+    return (f"standard output's encoding is {encoding}{handler}, which cannot show the "
+            "characters attn draws (U+2423 for a space, U+00B7, box lines, blocks); set "
             "PYTHONIOENCODING=utf-8 or a UTF-8 locale (LANG=C.UTF-8), or use --json, which is "
             "always UTF-8")
 

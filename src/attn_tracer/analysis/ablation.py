@@ -21,7 +21,7 @@ from attn_tracer.analysis.attribution import head_name
 from attn_tracer.errors import UsageError
 
 MODES = ("zero", "mean")
-_HEAD = re.compile(r"L(\d+)H(\d+)", re.IGNORECASE)
+_HEAD = re.compile(r"L([0-9]+)H([0-9]+)", re.IGNORECASE)  # ASCII digits only
 
 
 def parse_heads(values: list[str], layers: int, heads: int,
@@ -58,8 +58,9 @@ def replacement(heads: int, d_head: int, ablated: list[int],
                 means: dict[int, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(keep, fill) [1, heads, 1, d_head] for Z [batch, heads, len, d_head]: Z·keep + fill is
     Z with the `ablated` heads set to 0, or to `means[head]` [d_head] for mean-ablation."""
-    keep = np.ones((1, heads, 1, d_head), np.float32)
-    fill = np.zeros((1, heads, 1, d_head), np.float32)
+    # float64: engine.asarray brings them to the run's dtype, a mean included unrounded.
+    keep = np.ones((1, heads, 1, d_head), np.float64)
+    fill = np.zeros((1, heads, 1, d_head), np.float64)
     for h in ablated:
         keep[0, h] = 0
         if means is not None:

@@ -140,8 +140,10 @@ class HeadScorer:
         length = t.valid.shape[1]
         self._pairs = {name: _on(e, getattr(t, name), length)
                        for name in ("previous", "duplicate", "induction", "first", "diagonal")}
-        self._queries = e.asarray(t.queries.astype(np.float32))
-        self._norm = e.asarray(t.norm.astype(np.float32))
+        # In the engine's dtype (float64 with --dtype float64: 1 / log2 n_q is not rounded to
+        # float32 first).
+        self._queries = e.asarray(t.queries)
+        self._norm = e.asarray(t.norm)
         from attn_tracer.analysis.pooling import batch_blocks
 
         self._blocks = {}

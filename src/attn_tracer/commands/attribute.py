@@ -86,7 +86,9 @@ def parse_token(value: str, vocab: int, flag: str, tokens=None) -> int:
 
     tokens = tokens or tokenizers.gpt2()
     value = check_argument(value, flag)
-    if value.startswith("#") and value[1:].isdigit():
+    if value.startswith("#") and value[1:].isdigit() and not value[1:].isascii():
+        raise UsageError(f"{flag} {value}: a token id #ID is written in ASCII digits (0-9)")
+    if value.startswith("#") and value[1:].isascii() and value[1:].isdigit():
         token_id = int(value[1:])
         if not 0 <= token_id < vocab:
             raise UsageError(f"{flag} {value}: token ids run from 0 to {vocab - 1}")
@@ -146,6 +148,14 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
     if not a.ablate and a.ablate_mode != "zero":
         unused.append("--ablate-mode says how --ablate knocks heads out; without --ablate it "
                       "changes nothing")
+    if a.json and a.svg is None and a.html is None:
+        from attn_tracer.commands.unused import view_notice
+
+        unused += view_notice("attribute", a, "--json",
+                              "add --svg FILE or --html FILE to draw the view too")
+    if a.force and a.svg is None and a.html is None:
+        unused.append("--force lets --svg and --html overwrite their files; without them it "
+                      "changes nothing")
     session = open_session(options, notice, check=lambda: validate(a), ignored=unused)
     if len(session.texts) > 1:
         raise UsageError(f"attn attribute explains one prediction: give one text (got "
@@ -176,10 +186,19 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
                              layers if a.rollout else 0, 1 if a.rollout else 0, "patterns",
                              False, predict=True)
     lens_rows = length if a.all_positions else 1
-    needed += layers * lens_rows * config.d_model * 8 + 3 * logit_lens.CHUNK * config.vocab * 4
+    float64 = options.engine.dtype == "float64"
+    wide = 8 if float64 else 4  # the unembedding's products, in the run's dtype
+    needed += (layers * lens_rows * config.d_model * 8 + 3 * logit_lens.CHUNK * config.vocab
+               * wide)
+    if float64:  # W_U copied to float64 (see below)
+        needed += config.vocab * config.d_model * 8
     engine = session.start(needed)
     weights = session.draw_weights()
     W_U = weights.unembedding()  # [vocab, d_model]: W_E, lm_head, or a random W_U
+    if float64:
+        # --dtype float64 end to end: the logits, the lens and the ablation's logits too
+        # (logits_of multiplies in W_U's dtype, float32 as stored).
+        W_U = W_U.astype(np.float64)
     means = ablation.by_layer(heads) if a.ablate_mode == "mean" else {}
     gather = Gather(engine, config, at, a.all_positions, a.rollout, means, valid)
     trace = session.forward(_SELECT_NOTHING, gather.hooks(), predict=False)

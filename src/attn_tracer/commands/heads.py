@@ -73,7 +73,12 @@ def validate(r: Any, h: HeadsOptions) -> None:
                         for flag, suffixes in output.VIEW_SUFFIXES.items()}, h.force)
 
 
-def check_repeat(n: int, bos: bool, config) -> None:
+def probe_length(h: HeadsOptions) -> int:
+    """Tokens of the --repeat probe: N, the same N again, and <|endoftext|> first with --bos."""
+    return 2 * h.repeat + int(h.with_bos)
+
+
+def check_repeat(n: int, bos: bool, config, pad_to: int | None = None) -> None:
     """The probe must fit the context, and its N tokens must be distinct words."""
     from attn_tracer.analysis.heads import word_ids
     from attn_tracer.model import tokenizer as tokenizers
@@ -90,6 +95,16 @@ def check_repeat(n: int, bos: bool, config) -> None:
         raise UsageError(f"--repeat {n} needs {2 * n + bos} tokens ({n}, then the same {n}"
                          f"{first}); {where} holds {config.n_ctx}: at most --repeat {most}"
                          f"{other}")
+    if pad_to is not None:
+        length = 2 * n + bos
+        if pad_to > config.n_ctx:
+            where = "the checkpoint's context" if config.weights else "--n-ctx"
+            raise UsageError(f"--pad-to {pad_to} is more than {where} {config.n_ctx}")
+        if pad_to < length:
+            first = f" after {tok.label(tok.bos_id)}" if bos else ""
+            raise UsageError(f"--pad-to {pad_to} is shorter than the --repeat {n} probe, "
+                             f"{length} tokens ({n}, then the same {n}{first}): give --pad-to "
+                             f"{length} or more, or a smaller --repeat")
     words = len(word_ids(tok))
     if n > words:
         has = "GPT-2 has" if tok.who == "GPT-2" else "the tokenizer has"
@@ -106,15 +121,25 @@ def ignored(r: Any, h: HeadsOptions) -> list[str]:
     i = SharedOptions.of(r).input
     out = []
     if h.repeat is not None:
+        # --padding still says where --pad-to pads the probe.
         for flag, given in (("--max-length", i.max_length is not None),
                             ("--allow-special", i.allow_special),
-                            ("--padding", i.padding != "right")):
+                            ("--padding", i.padding != "right" and i.pad_to is None)):
             if given:
+                first = " (<|endoftext|> first included)" if h.with_bos else ""
                 out.append(f"{flag} shapes a text; --repeat's input is one row of "
-                           f"{2 * h.repeat} tokens, so it changes nothing")
+                           f"{probe_length(h)} tokens{first}, so it changes nothing")
     if h.thumbnails and not h.json:
         out.append("--thumbnails adds each head's thumbnail to --json; the view always "
                    "draws them")
+    from attn_tracer.commands import unused
+
+    if h.json and h.svg is None and h.html is None:
+        out += unused.view_notice("heads", h, "--json",
+                                  "add --svg FILE or --html FILE to draw the view too")
+    if h.force and h.svg is None and h.html is None:
+        out.append("--force lets --svg and --html overwrite their files; without them it "
+                   "changes nothing")
     return out
 
 
@@ -143,6 +168,13 @@ def execute(r: Any, h: HeadsOptions, notice: Callable[[str], None],
     output.emit(out, views.writers(saved))
 
 
+def estimate(config, dtype: str, rows: int, length: int) -> int:
+    """The run keeps no tensor; the scores add index pairs (at worst every pair of a text made
+    of one repeated token) and the thumbnails' block matrices."""
+    needed = memory.estimate(config, dtype, rows, length, length, 0, 0, "patterns", False)
+    return needed + rows * length * length * (1 + 3 * 16)
+
+
 def compute(r: Any, h: HeadsOptions, notice: Callable[[str], None], width: int = 80,
             color: bool = True, saved_width: int | None = None) -> HeadsResult:
     """Everything that can fail for a reason of the user's, then the run and its reductions.
@@ -161,17 +193,21 @@ def compute(r: Any, h: HeadsOptions, notice: Callable[[str], None], width: int =
     bos = h.with_bos
 
     def probe(config) -> Prepared:
-        check_repeat(h.repeat, bos, config)
+        i = options.input
+        check_repeat(h.repeat, bos, config, i.pad_to)
         tok = tokenizers.of(config)
         ids = repeat_probe(h.repeat, options.model.seed, bos, tok)
-        toks = [tok.added(i) if bos and p == 0 else tok.token(i) for p, i in enumerate(ids)]
+        toks = [tok.added(t) if bos and p == 0 else tok.token(t) for p, t in enumerate(ids)]
         text = b"".join(t.bytes for t in toks).decode("utf-8", "replace")
-        return Prepared(make_batch([toks], [text], "right", pad_id=tok.pad_id), None)
+        return Prepared(make_batch([toks], [text], i.padding, pad_to=i.pad_to,
+                                   pad_id=tok.pad_id), None)
 
     session = open_session(options, notice, check=lambda: validate(options, h),
                            ignored=ignored(options, h), read_input=h.repeat is None,
                            batch=probe if h.repeat is not None else None, bos=bos,
-                           seed_unused=None if h.repeat is not None else SEED_UNUSED)
+                           seed_unused=None if h.repeat is not None else SEED_UNUSED,
+                           estimate=lambda config, rows, length, k_len: estimate(
+                               config, options.engine.dtype, rows, length))
     config, batch = session.config, session.prepared.batch
     rows, length = batch.ids.shape
     boxes = {}
@@ -181,12 +217,7 @@ def compute(r: Any, h: HeadsOptions, notice: Callable[[str], None], width: int =
         boxes["saved"] = view_box(saved_width, config.heads, True)
     if h.json and h.thumbnails:
         boxes["json"] = JSON_BOX
-    # The run keeps no tensor; the scores add index pairs (at worst every pair of a text made
-    # of one repeated token) and the thumbnails' block matrices.
-    needed = memory.estimate(config, options.engine.dtype, rows, length, length, 0, 0,
-                             "patterns", False)
-    needed += rows * length * length * (1 + 3 * 16)
-    engine = session.start(needed)
+    engine = session.start(estimate(config, options.engine.dtype, rows, length))
     scorer = HeadScorer(targets(batch.ids, batch.valid, config.mask == "causal", h.repeat),
                         engine, config.layers, config.heads, boxes)
     hooks = {f"blocks.{layer}.attn.pattern": scorer.hook(layer) for layer in range(config.layers)}

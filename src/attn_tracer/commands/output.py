@@ -25,9 +25,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from attn_tracer.errors import UsageError
+from attn_tracer.process import MAX_WIDTH, MIN_WIDTH
 
 FILE_WIDTH = 120  # columns of --svg/--html when neither --width, a terminal nor COLUMNS says
-WIDTHS = (40, 1000)  # what --width accepts
+# What --width accepts: the bounds COLUMNS is brought inside (process.sanitize_width), one
+# rule for the view's width.
+WIDTHS = (MIN_WIDTH, MAX_WIDTH)
 VIEW_SUFFIXES = {"--svg": (".svg",), "--html": (".html", ".htm")}
 
 Writer = Callable[[], None]  # writes one file, atomically (commands/save.py)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attn_tracer.argv import ascii_int
+
 # The shared steps, importable from here as before the session existed.
 from attn_tracer.commands.session import (  # noqa: F401
     EngineOptions,
@@ -106,7 +108,7 @@ def parse_selection(values: list[str], count: int, flag: str,
                 chosen.extend(range(count))
                 continue
             try:
-                n = int(part)
+                n = ascii_int(part)
             except ValueError:
                 raise UsageError(f"{flag} takes numbers or all; got {value!r}") from None
             if not 0 <= n < count:
@@ -126,10 +128,13 @@ def validate(r: Request) -> None:
         raise UsageError(f"--precision must be between 0 and 12 decimals; got {r.precision}")
     if r.json and r.json_lines:
         raise UsageError("--json and --json-lines are two forms of the same output; choose one")
-    if r.values and (r.json or r.json_lines):
-        flag = "--json" if r.json else "--json-lines"
-        raise UsageError(f"--values prints numbers in the terminal view; with {flag} use --save")
-    parse_steps(r.steps)
+    steps = parse_steps(r.steps)
+    if r.save is not None:
+        from attn_tracer.commands.save import check_recordable
+
+        arch = r.arch or ("gpt2" if r.weights is not None else "attn")
+        check_recordable(steps, arch, r.predict, bool(r.cross or r.cross_file),
+                         r.pos or ("learned" if arch == "gpt2" else "sinusoidal"), r.scale)
     output.check_files(file_targets(r), r.force)
 
 
@@ -145,8 +150,10 @@ def parse_range(text: str, count: int, flag: str) -> range:
     """`P`, `A:B` (both ends included), `A:` or `:B` → the positions, checked against `count`."""
     head, colon, tail = text.strip().partition(":")
     try:
-        start = int(head) if head.strip() else 0
-        stop = (int(tail) if tail.strip() else count - 1) if colon else start
+        if not text.strip():
+            raise ValueError(text)  # blank is not position 0
+        start = ascii_int(head) if head.strip() else 0
+        stop = (ascii_int(tail) if tail.strip() else count - 1) if colon else start
     except ValueError:
         raise UsageError(f"{flag} takes a position P or a range A:B; got {text!r}") from None
     if not (0 <= start <= stop < count):
@@ -162,11 +169,26 @@ def view_ranges(r: Request, length: int, k_len: int) -> tuple[range | None, rang
     return queries, keys
 
 
+def draws_view(r: Request) -> bool:
+    """Whether this run draws the terminal view: to stdout, or into --svg/--html beside JSON."""
+    return not (r.json or r.json_lines) or r.svg is not None or r.html is not None
+
+
 def ignored_options(r: Request) -> list[str]:
     """`attn trace`'s own options given that this run will not use (the session says the
-    shared ones): said, so that nothing is silently dropped."""
+    shared ones): said, so that nothing is silently dropped (the rule of commands/unused.py)."""
+    from attn_tracer.commands import unused
+
     out = []
-    if r.numbers and (r.query is None or ":" in r.query):
+    if not draws_view(r):
+        out += unused.view_notice("trace", r, "--json" if r.json else "--json-lines",
+                                  "add --svg FILE or --html FILE to draw the view too")
+    if not (r.json or r.json_lines):
+        out += unused.json_notice("trace", r, "--json or --json-lines")
+    if r.force and r.save is None and r.svg is None and r.html is None:
+        out.append("--force lets --save, --svg and --html overwrite their files; without them "
+                   "it changes nothing")
+    if draws_view(r) and r.numbers and (r.query is None or ":" in r.query):
         out.append("--numbers writes the weights beside the text shaded by one --query P")
     if r.steps and r.save is None:
         out.append("--steps chooses what --save writes; without --save it changes nothing")
@@ -193,8 +215,25 @@ def estimate(config: Config, r: Request, batch: int, length: int, k_len: int,
 
 def compute(r: Request, notice: Callable[[str], None]):
     """Everything that can fail for a reason of the user's: validation, inputs, the run."""
-    session = open_session(SharedOptions.of(r), notice, check=lambda: validate(r), cross=True,
-                           ignored=ignored_options(r))
+    from attn_tracer.model.trace import Selection
+
+    ignored = ignored_options(r)
+    if not draws_view(r):  # the view's options are neither used nor checked
+        from attn_tracer.commands.unused import without_view
+
+        r = without_view("trace", r)
+
+    def selected(config) -> Selection:
+        layers = parse_selection(r.layer, config.layers, "--layer", list(range(config.layers))
+                                 if r.json or r.json_lines or r.save else [0])
+        heads = parse_selection(r.head, config.heads, "--head", list(range(config.heads)))
+        capture, extra, _ = captures(r, layers)
+        return Selection(layers, heads, capture, extra)
+
+    session = open_session(
+        SharedOptions.of(r), notice, check=lambda: validate(r), cross=True, ignored=ignored,
+        estimate=lambda config, rows, length, k_len: estimate(
+            config, r, rows, length, k_len, selected(config), bool(r.cross or r.cross_file)))
     config = session.config
     if r.values and config.d_model > VALUES_LIMIT:
         raise UsageError(f"--values prints every number: use it with --d-model ≤ {VALUES_LIMIT} "
@@ -203,13 +242,7 @@ def compute(r: Request, notice: Callable[[str], None]):
         raise UsageError(f"--values prints every number: use it with heads·d_head ≤ "
                          f"{VALUES_WIDTH}; this run has {config.heads}·{config.d_head} = "
                          f"{config.d_attn} (lower --heads or --d-head)")
-    layers = parse_selection(r.layer, config.layers, "--layer", list(range(config.layers))
-                             if r.json or r.json_lines or r.save else [0])
-    heads = parse_selection(r.head, config.heads, "--head", list(range(config.heads)))
-    capture, extra, _ = captures(r, layers)
-    from attn_tracer.model.trace import Selection
-
-    selection = Selection(layers, heads, capture, extra)
+    selection = selected(config)
     length, k_len = session.length, session.k_len
     if r.values and max(length, k_len) > VALUES_LIMIT:
         raise UsageError(f"--values prints every number: use it with at most {VALUES_LIMIT} "
@@ -225,6 +258,14 @@ def compute(r: Request, notice: Callable[[str], None]):
     session.start(estimate(config, r, len(texts), length, k_len, selection, bool(session.cross)))
     trace = session.forward(selection)
     session.notice_cuts()
+    if r.save is not None:
+        from attn_tracer.commands.save import parse_steps, unrecorded
+
+        for kind in unrecorded(parse_steps(r.steps), trace.tensors):
+            why = (" (no key of these texts needed masking)" if kind.endswith("masked")
+                   else "")
+            notice(f"--steps {kind}: this run recorded no such step{why}; {r.save} holds the "
+                   "other steps")
     return trace, session.weights
 
 

@@ -235,6 +235,57 @@ def parse_steps(values: list[str]) -> tuple[str, ...] | None:
     return tuple(dict.fromkeys(chosen))
 
 
+def recordable(arch: str, predict: bool, cross: bool, pos: str, scale: bool) -> set[str]:
+    """The step names a run of this configuration can record (for layer 0; every layer has the
+    same): what --steps may ask of it. `masked` is among them, though a run whose every key is
+    allowed (one text under a causal mask of one token, --mask none without padding) has none."""
+    gpt2 = arch == "gpt2"
+    outer = {"tokens", "embed", "resid_pre"} | ({"pos_embed"} if pos != "none" else set())
+    if cross:
+        outer |= {"cross." + s for s in outer}
+    outer |= ({"ln_f"} if gpt2 else set()) | ({"logits", "probs"} if predict else set())
+    attention = {s for s in ATTENTION_STEPS if scale or s != "scaled"}
+    layer = {f"attn.{s}" for s in attention} | {"resid_post"}
+    layer |= {f"cross_attn.{s}" for s in attention} if cross else set()
+    layer |= {"resid_mid"} if gpt2 or cross else set()
+    layer |= {"ln_1", "ln_2", "mlp.in", "mlp.gelu", "mlp.out"} if gpt2 else set()
+    return outer | {f"blocks.0.{s}" for s in layer}
+
+
+def check_recordable(steps: tuple[str, ...] | None, arch: str, predict: bool, cross: bool,
+                     pos: str, scale: bool) -> None:
+    """Refuse a --steps name that no run of this configuration records, saying what would
+    record it: a file silently without the step asked for is the failure users trust least."""
+    if steps is None:
+        return
+    have = recordable(arch, predict, cross, pos, scale)
+    fixes = (("add --predict", dict(predict=True)),
+             ("it is a step of --arch gpt2 (LayerNorm, MLP), and this run is --arch attn",
+              dict(arch="gpt2")),
+             ("add --cross TEXT: it is a step of cross-attention", dict(cross=True)),
+             ("--pos none adds no positional embedding", dict(pos="learned")),
+             ("--no-scale leaves the scores unscaled", dict(scale=True)))
+    for kind in steps:
+        if kind in ALWAYS_SAVED or any(kind in step_kinds(name) for name in have):
+            continue
+        why = "no run records it"
+        for fix, change in fixes:
+            other = dict(arch=arch, predict=predict, cross=cross, pos=pos, scale=scale) | change
+            if any(kind in step_kinds(name) for name in recordable(**other)):
+                why = fix
+                break
+        raise UsageError(f"--steps {kind}: this run records no such step; {why}")
+
+
+def unrecorded(steps: tuple[str, ...] | None, names) -> list[str]:
+    """The --steps kinds that matched none of the step `names` a run recorded."""
+    if steps is None:
+        return []
+    names = list(names)
+    return [kind for kind in steps if kind not in ALWAYS_SAVED
+            and not any(kind in step_kinds(name) for name in names)]
+
+
 def selected(name: str, steps: tuple[str, ...] | None) -> bool:
     """Whether --steps `steps` saves step `name` (None: every step is saved)."""
     return steps is None or name in ALWAYS_SAVED or bool(step_kinds(name) & set(steps))

@@ -126,6 +126,9 @@ class SharedOptions:
 def validate(options: SharedOptions) -> None:
     """The shared options on their own, before anything is read."""
     i, p, e = options.input, options.predict, options.engine
+    for flag, value in (("--heads", options.model.heads), ("--d-head", options.model.d_head)):
+        if value is not None and value < 1:  # before a checkpoint is read: the same message
+            raise UsageError(f"{flag} must be a positive integer, got {value}")
     if i.padding not in ("right", "left"):
         raise UsageError(f"--padding must be right or left; got {i.padding!r}")
     if i.max_length is not None and i.max_length < 1:
@@ -250,8 +253,8 @@ class Session:
 def open_session(options: SharedOptions, notice: Notice, *,
                  check: Callable[[], None] | None = None, ignored: Iterable[str] = (),
                  read_input: bool = True, batch: Callable[[Any], Any] | None = None,
-                 bos: bool = False, cross: bool = False, seed_unused: str | None = SEED_UNUSED
-                 ) -> Session:
+                 bos: bool = False, cross: bool = False, seed_unused: str | None = SEED_UNUSED,
+                 estimate: Callable[[Any, int, int, int], int] | None = None) -> Session:
     """Validate, read the inputs, load the model within the memory limit, prepare the batch.
 
     `check`: the command's own option checks, run after the shared ones and before any input
@@ -259,7 +262,9 @@ def open_session(options: SharedOptions, notice: Notice, *,
     not use. `read_input=False`: the command makes its own batch (`batch`, from the Config:
     the induction probe). `bos`: the tokenizer's BOS before each text (GPT-2's <|endoftext|>).
     `cross`: the command takes --cross (others have no such option). `seed_unused`: see
-    `unused_options`.
+    `unused_options`. `estimate(config, rows, length, k_len)`: the command's memory estimate
+    (bytes), asked before a batch of several texts is tokenized at the length it cannot be
+    shorter than (`check_batch`); the exact one comes after, with `Session.start`.
     """
     validate(options)
     if check is not None:
@@ -277,6 +282,10 @@ def open_session(options: SharedOptions, notice: Notice, *,
         from attn_tracer.model.pipeline import prepare
 
         i = options.input
+        if estimate is not None and len(texts) > 1:
+            least = least_length(i, config, texts, bos)
+            k_least = least_length(i, config, cross_texts) if cross_texts else least
+            check_batch(len(texts), least, estimate(config, len(texts), least, k_least), limit)
         prepared = prepare(texts, config, cross_texts=cross_texts or None, padding=i.padding,
                            max_length=i.max_length, allow_special=i.allow_special,
                            pad_to=i.pad_to, bos=bos, ids=input_ids(i, config))
@@ -350,6 +359,22 @@ def input_ids(i: InputOptions, config) -> list[list[int]] | None:
                              "its tokenizer is not GPT-2's: give the text as token ids with "
                              "--ids")
     return None
+
+
+def least_length(i: InputOptions, config, texts: list[str], bos: bool = False) -> int:
+    """The padded length that a batch of `texts` is at least, known before tokenizing."""
+    cap = config.n_ctx if i.max_length is None else min(i.max_length, config.n_ctx)
+    return memory.least_length(texts, cap, int(bos), i.pad_to)
+
+
+def check_batch(texts: int, length: int, needed: int, limit: int) -> None:
+    """Refuse a batch of `texts` texts whose estimate at the `length` it cannot be shorter than
+    (least_length) is `needed` > `limit`, before tokenizing it: 500,000 short --lines take a
+    minute and 1.5 GB to tokenize. One text costs at most its first n_ctx + 1 tokens there,
+    and is judged by the exact estimate after."""
+    if texts > 1:
+        memory.check(needed, limit, before=f"{texts:,} texts of at least {length} token"
+                                           f"{'s' if length > 1 else ''}, before tokenizing them")
 
 
 def memory_limit(e: EngineOptions) -> int:

@@ -162,20 +162,22 @@ def compute(r: Any, notice: Callable[[str], None], width: int, color: bool = Tru
     from attn_tracer.model.trace import Selection
 
     options = SharedOptions.of(r)
-    session = open_session(options, notice, cross=True)
+    cross = bool(options.input.cross or options.input.cross_file)
+    kinds = ("attn", "cross_attn") if cross else ("attn",)
+
+    def estimate(config, rows: int, length: int, k_len: int) -> int:
+        # The run keeps no pattern; on top of it: Q and K of every layer (float32 on the
+        # host), the scores' index pairs and the thumbnails' block matrices (as attn heads
+        # counts them), and the stages of the heads opened last.
+        needed = memory.estimate(config, options.engine.dtype, rows, length, k_len, 0, 0,
+                                 "patterns", cross, predict=options.predict.predict)
+        needed += config.layers * rows * (length + k_len) * config.d_model * 4 * len(kinds)
+        return needed + rows * length * length * (1 + 3 * 16) + CACHE_BYTES
+
+    session = open_session(options, notice, cross=True, estimate=estimate)
     config, prepared = session.config, session.prepared
     batch = prepared.batch
-    rows, length, k_len = session.rows, session.length, session.k_len
-    kinds = ("attn", "cross_attn") if prepared.cross else ("attn",)
-    # The run keeps no pattern; on top of it: Q and K of every layer (float32 on the host),
-    # the scores' index pairs and the thumbnails' block matrices (as attn heads counts them),
-    # and the stages of the heads opened last.
-    needed = memory.estimate(config, options.engine.dtype, rows, length, k_len, 0, 0,
-                             "patterns", bool(session.cross),
-                             predict=options.predict.predict)
-    needed += config.layers * rows * (length + k_len) * config.d_model * 4 * len(kinds)
-    needed += rows * length * length * (1 + 3 * 16) + CACHE_BYTES
-    engine = session.start(needed)
+    engine = session.start(estimate(config, session.rows, session.length, session.k_len))
     box = thumbnail_box(width, config.heads, config.layers, color)
     scorer = HeadScorer(targets(batch.ids, batch.valid, config.mask == "causal"), engine,
                         config.layers, config.heads, {"overview": box})

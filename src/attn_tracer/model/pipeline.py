@@ -134,8 +134,16 @@ def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None =
         for i, toks in enumerate(token_lists):
             if len(toks) > pad_to:
                 where = f"text {i}" if len(token_lists) > 1 else "the text"
-                raise UsageError(f"{where} has {len(toks)} tokens, more than --pad-to {pad_to}; "
-                                 f"cut it with --max-length {pad_to} or raise --pad-to")
+                # --max-length counts the text's own tokens: the tokens put around it (--bos,
+                # a tokenizer's <s>) are not cut.
+                room = pad_to - len(before) - len(after)
+                cut_hint = f"cut it with --max-length {room} or " if room >= 1 else ""
+                first = (f" ({' '.join(t.text for t in before)} first included)"
+                         if before and not after else
+                         f" ({len(before) + len(after)} added around it included)" if after
+                         else "")
+                raise UsageError(f"{where} has {len(toks)} tokens{first}, more than --pad-to "
+                                 f"{pad_to}; {cut_hint}raise --pad-to")
     batch = make_batch(token_lists, texts, padding, cut, pad_to, pad_id(config, tok))
     cross = None
     if cross_texts:

@@ -43,18 +43,22 @@ def _read_torch(path: Path, max_bytes: int | None = None) -> dict[str, Any]:
                 f"refusing to load {path}: it is not a plain tensor checkpoint "
                 f"(weights_only=True rejected it: {_short_reason(e)})"
             ) from e
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint: {_short_reason(e)}"
-        ) from e
+        raise _corrupt(path) from e
     except Exception as e:  # torch raises RuntimeError, KeyError, EOFError... on corrupt files
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint: {_short_reason(e)}"
-        ) from e
+        raise _corrupt(path) from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path} holds a {type(obj).__name__}, not a state dict of named tensors"
         )
     return {key: value for key, value in obj.items() if isinstance(value, torch.Tensor)}
+
+
+def _corrupt(path: Path) -> CheckpointError:
+    """A .bin that torch.load could not read. What torch says then is about its pickle
+    machinery (a cut zip archive is read as a legacy pickle: "persistent IDs in protocol 0
+    must be ASCII strings"), not about the file; --debug shows it in the traceback."""
+    return CheckpointError(f"truncated or corrupt checkpoint: {path}; download or save it "
+                           "again (torch.load could not read it)")
 
 
 class _Anything:
@@ -143,8 +147,7 @@ def _check_storage_sizes(path: Path, max_bytes: int | None) -> None:
     except CheckpointError:
         raise
     except Exception as e:  # any malformed pickle or zip: torch.load would fail on it too
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
-                              f"{_short_reason(e)}") from None
+        raise _corrupt(path) from e
     if scan.declared > file_size:
         raise CheckpointError(
             f"{path} declares {human(scan.declared)} of tensor data but the file is "
