@@ -377,9 +377,7 @@ def finish(result: CorpusResult, h, target, said: list[str], notice) -> None:
     """The view or the JSON of a finished (or merged) corpus result; notices after it."""
     from attn_tracer.render import heads as render_heads
 
-    if result.stats.n == 0:
-        for message in said:
-            notice(message)
+    if result.stats.n == 0:  # one line: the counts are in it
         raise AttnError(f"--corpus {result.corpus['source']} has no text to score"
                         + _why_empty(result.corpus))
     view = None
