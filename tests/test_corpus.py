@@ -332,3 +332,19 @@ def test_chan_updates_and_merges_match_numpy_and_keep_ties_in_corpus_order():
     again = Statistics.from_json(json.loads(json.dumps(whole.to_json())))
     np.testing.assert_array_equal(again.mean, whole.mean)
     np.testing.assert_array_equal(again.top_value, whole.top_value)
+
+
+def test_the_readme_sample_is_what_the_tool_prints(monkeypatch):
+    import re
+    import shlex
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```\n\$ attn heads (--corpus .+?)\n(.*?)```", readme, re.S)
+    assert block, "the README's Many texts sample is missing"
+    monkeypatch.chdir(root)  # the command names sample_texts/corpus.txt, as a user types it
+    result = runner.invoke(app, ["heads", *shlex.split(block.group(1))],
+                           env={"COLUMNS": "100", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.stderr
+    actual = "\n".join(line.rstrip() for line in result.stdout.rstrip("\n").splitlines())
+    assert actual == block.group(2).rstrip("\n")

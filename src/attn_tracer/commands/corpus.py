@@ -423,9 +423,10 @@ def compute(r, h, c: CorpusOptions, notice: Callable[[str], None]) -> CorpusResu
     from attn_tracer.commands import heads as heads_command
     from attn_tracer.commands import run
 
-    run.validate(r)
-    heads_command.validate(r, h)
+    heads_command.validate(r, h)  # run.validate's checks, then the heads options
     validate(r, h, c)
+    for message in heads_command.ignored(r, h):
+        notice(message)
     kind = corpus_kind(c.corpus, c.text_field)
     shard, shards = parse_shard(c.shard)
     limit = run.memory_limit(r)
@@ -466,9 +467,11 @@ def compute(r, h, c: CorpusOptions, notice: Callable[[str], None]) -> CorpusResu
                    if kind == "jsonl" else None, "shards": [shard, shards]}
 
     if resumed is None or not resumed["done"]:
-        weights = run.ensure_weights(config, weights)
-        scorer = BatchScorer(config, weights, engine, r.padding)
-        score = _ray_scorer(r, c, engine) if c.ray else None
+        if c.ray:  # each worker builds its own model
+            scorer, score = None, _ray_scorer(r, c, engine)
+        else:
+            scorer = BatchScorer(config, run.ensure_weights(config, weights), engine, r.padding)
+            score = None
         stats, counts = _stream(r, c, kind, (shard, shards), keep, bos, config, scorer, score,
                                 stats, counts, start, resumed, base)
     for message in _notices(r, c, counts, config, bos):
