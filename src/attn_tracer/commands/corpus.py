@@ -21,7 +21,6 @@ running statistics and the top-K heaps.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import sys
 import time
@@ -283,12 +282,15 @@ class _Trace:
     cross: None = None
 
 
-def validate(r, h, c: CorpusOptions) -> None:
-    if sum([bool(r.texts), r.file is not None, r.lines is not None]):
+def validate(options, h, c: CorpusOptions) -> None:
+    """The corpus options, and what a corpus run cannot combine with (the shared options and
+    `attn heads`' own are checked by the session and commands/heads.py)."""
+    i = options.input
+    if i.texts or i.file is not None or i.lines is not None:
         raise UsageError("give the texts one way: --corpus, or TEXT arguments, --file, --lines")
     if h.repeat is not None:
         raise UsageError("--repeat builds its own input; it cannot be combined with --corpus")
-    if r.pad_to is not None:
+    if i.pad_to is not None:
         raise UsageError("--pad-to conflicts with --corpus: a corpus run pads each batch to its "
                          "longest text")
     if c.batch_size < 1:
@@ -308,17 +310,18 @@ def validate(r, h, c: CorpusOptions) -> None:
         from attn_tracer.commands.save import check_target
 
         check_target(c.state, False, "--state")
+    corpus_kind(c.corpus, c.text_field)
 
 
-def fingerprint(r, h, c: CorpusOptions, kind: str, config) -> dict:
+def fingerprint(options, h, c: CorpusOptions, kind: str, config) -> dict:
     """What a state's figures depend on: a resume with anything different is refused."""
-    model = config.to_dict()
+    i = options.input
     return {
-        "model": model,
-        "dtype": r.dtype,
+        "model": config.to_dict(),
+        "dtype": options.engine.dtype,
         "options": {"batch_size": c.batch_size, "window": WINDOW, "examples": c.examples,
-                    "max_length": r.max_length, "padding": r.padding,
-                    "allow_special": r.allow_special, "bos": h.with_bos},
+                    "max_length": i.max_length, "padding": i.padding,
+                    "allow_special": i.allow_special, "bos": h.with_bos},
         "corpus": {"source": c.corpus, "kind": kind, "text_field": c.text_field or "text"},
     }
 
@@ -357,7 +360,10 @@ def save_state(path: Path, doc: dict) -> None:
 
 
 def execute(r, h, c: CorpusOptions, notice: Callable[[str], None], console: Callable) -> None:
-    target = console()
+    """`r`: the shared options (a mapping or an object with their fields)."""
+    from attn_tracer.commands import output
+
+    views = output.Views(console(), "attn heads", h.svg, h.html, h.width, on_screen=not h.json)
     said: list[str] = []
     try:
         result = compute(r, h, c, said.append)
@@ -370,37 +376,23 @@ def execute(r, h, c: CorpusOptions, notice: Callable[[str], None], console: Call
         notice(f"shard {shards[0]}/{shards[1]} holds no text of the corpus; its state "
                f"{c.state} is saved for attn heads merge")
         return
-    finish(result, h, target, said, notice)
+    finish(result, h, views, said, notice)
 
 
-def finish(result: CorpusResult, h, target, said: list[str], notice) -> None:
+def finish(result: CorpusResult, h, views, said: list[str], notice) -> None:
     """The view or the JSON of a finished (or merged) corpus result; notices after it."""
+    from attn_tracer.commands import output
     from attn_tracer.render import heads as render_heads
 
     if result.stats.n == 0:  # one line: the counts are in it
         raise AttnError(f"--corpus {result.corpus['source']} has no text to score"
                         + _why_empty(result.corpus))
-    view = None
-    if not h.json or h.svg is not None:
-        from rich.console import Console
-
-        view = Console(file=io.StringIO(), width=target.width,
-                       color_system=target.color_system, force_terminal=target.is_terminal,
-                       no_color=target.no_color, legacy_windows=False, highlight=False,
-                       record=h.svg is not None)
-        render_heads.render_corpus(result, view)
-    if h.svg is not None:
-        from attn_tracer.commands.save import write_atomic
-        from attn_tracer.render.terminal import export_svg
-
-        write_atomic(h.svg, export_svg(view, "attn heads").encode())
+    screen, saved = views.render(lambda console, for_files: render_heads.render_corpus(
+        result, console))
     for message in said:
         notice(message)
-    if h.json:
-        sys.stdout.buffer.write(render_heads.corpus_document(result))
-    else:
-        sys.stdout.write(view.file.getvalue())
-    sys.stdout.flush()
+    out = render_heads.corpus_document(result) if h.json else screen.file.getvalue()
+    output.emit(out, views.writers(saved))
 
 
 def _why_empty(corpus: dict) -> str:
@@ -419,30 +411,40 @@ def _why_empty(corpus: dict) -> str:
 
 
 def compute(r, h, c: CorpusOptions, notice: Callable[[str], None]) -> CorpusResult:
+    """The session's checks and model (no batch: the corpus makes its own), then the stream."""
     from attn_tracer.analysis.corpus import Statistics
     from attn_tracer.commands import heads as heads_command
-    from attn_tracer.commands import run
+    from attn_tracer.commands.session import (
+        SharedOptions,
+        checked_engine,
+        ensure_weights,
+        open_session,
+    )
+    from attn_tracer.model import memory
 
-    heads_command.validate(r, h)  # run.validate's checks, then the heads options
-    validate(r, h, c)
-    for message in heads_command.ignored(r, h):
-        notice(message)
+    options = SharedOptions.of(r)
+
+    def check() -> None:
+        heads_command.validate(options, h)
+        validate(options, h, c)
+
+    session = open_session(options, notice, check=check,
+                           ignored=heads_command.ignored(options, h), read_input=False,
+                           batch=lambda config: None, bos=h.with_bos)
+    config, weights, i = session.config, session.weights, options.input
     kind = corpus_kind(c.corpus, c.text_field)
     shard, shards = parse_shard(c.shard)
-    limit = run.memory_limit(r)
-    config, weights = run.load_model(r, notice, limit)
     bos = h.with_bos
     # Without --max-length a text longer than the context is cut to it (and counted): a corpus
     # of thousands of texts should not stop at the first long one.
     context = config.n_ctx - bos
-    keep = min(r.max_length, context) if r.max_length is not None else context
-    from attn_tracer.model import memory
-
-    needed = memory.estimate(config, r.dtype, c.batch_size, keep + bos, keep + bos, 0, 0,
+    keep = min(i.max_length, context) if i.max_length is not None else context
+    length = keep + bos
+    needed = memory.estimate(config, options.engine.dtype, c.batch_size, length, length, 0, 0,
                              "patterns", False)
-    needed += c.batch_size * (keep + bos) ** 2 * (1 + 3 * 16)  # the scorer's index pairs, blocks
-    engine = run.checked_engine(r, needed, limit, keep + bos)
-    print_ = fingerprint(r, h, c, kind, config)
+    needed += c.batch_size * length ** 2 * (1 + 3 * 16)  # the scorer's index pairs, blocks
+    engine = checked_engine(options.engine, needed, session.limit, length)
+    print_ = fingerprint(options, h, c, kind, config)
 
     stats = Statistics(config.layers, config.heads, c.examples)
     counts = Counts()
@@ -462,24 +464,24 @@ def compute(r, h, c: CorpusOptions, notice: Callable[[str], None]) -> CorpusResu
 
     engine_info = {"engine": engine.name, "device": engine.device, "dtype": engine.dtype}
     base = {"schema": STATE_SCHEMA, "fingerprint": print_, "shard": [shard, shards],
-            "config": config.to_dict(), "engine": engine_info, "seed": r.seed}
+            "config": config.to_dict(), "engine": engine_info, "seed": options.model.seed}
     corpus_info = {"source": c.corpus, "kind": kind, "text_field": c.text_field or "text"
                    if kind == "jsonl" else None, "shards": [shard, shards]}
 
     if resumed is None or not resumed["done"]:
         if c.ray:  # each worker builds its own model
-            scorer, score = None, _ray_scorer(r, c, engine)
+            scorer, score = None, _ray_scorer(options, c, engine)
         else:
-            scorer = BatchScorer(config, run.ensure_weights(config, weights), engine, r.padding)
+            scorer = BatchScorer(config, ensure_weights(config, weights), engine, i.padding)
             score = None
-        stats, counts = _stream(r, c, kind, (shard, shards), keep, bos, config, scorer, score,
+        stats, counts = _stream(i, c, kind, (shard, shards), keep, bos, scorer, score,
                                 stats, counts, start, resumed, base)
-    for message in _notices(r, c, counts, config, bos):
+    for message in _notices(i.max_length, counts, config, bos):
         notice(message)
     if resumed is not None and resumed["done"]:
         notice(f"--state {c.state} is finished already: its result, without running again")
     corpus_info["counts"] = _counts_json(counts)
-    return CorpusResult(_Trace(config, engine_info), stats, h, corpus_info, r.seed)
+    return CorpusResult(_Trace(config, engine_info), stats, h, corpus_info, options.model.seed)
 
 
 def _counts_json(counts: Counts) -> dict:
@@ -487,7 +489,7 @@ def _counts_json(counts: Counts) -> dict:
             "bad_lines": counts.bad_lines, "cut": counts.cut}
 
 
-def _notices(r, c, counts: Counts, config, bos: bool) -> list[str]:
+def _notices(max_length: int | None, counts: Counts, config, bos: bool) -> list[str]:
     out = []
     if counts.bad:
         shown = "; ".join(counts.bad_lines)
@@ -498,7 +500,7 @@ def _notices(r, c, counts: Counts, config, bos: bool) -> list[str]:
         out.append(f"skipped {counts.empty} empty record{'s' if counts.empty > 1 else ''} "
                    "(nothing to attend to)")
     if counts.cut:
-        how = (f"--max-length {r.max_length}" if r.max_length is not None
+        how = (f"--max-length {max_length}" if max_length is not None
                else f"the context ({config.n_ctx} tokens{' with --bos' if bos else ''})")
         out.append(f"{how} cut {counts.cut} text{'s' if counts.cut > 1 else ''}")
     return out
@@ -606,8 +608,8 @@ def _flush(pending, score):
         yield event, next(results) if isinstance(event[0], Job) else None
 
 
-def _stream(r, c, kind, shard_of, keep, bos, config, scorer, score, stats, counts, start,
-            resumed, base):
+def _stream(i, c, kind, shard_of, keep, bos, scorer, score, stats, counts, start, resumed,
+            base):
     hasher = hashlib.sha256()
     total = count_records(c.corpus, kind)
     since_save = 0
@@ -628,7 +630,7 @@ def _stream(r, c, kind, shard_of, keep, bos, config, scorer, score, stats, count
         round_size = 1
     else:
         round_size = 32 * (c.workers or 2)
-    events = _events(c, kind, shard_of, keep, bos, r.allow_special, start, sha, hasher, seen)
+    events = _events(c, kind, shard_of, keep, bos, i.allow_special, start, sha, hasher, seen)
     with _progress(total, counts.records) as advance:
         for (event, before), result in _scored(events, score, round_size):
             if isinstance(event, _WindowEnd):
@@ -700,7 +702,7 @@ class _progress:
 RAY_INSTALL = 'pip install "attn-tracer[ray]"'
 
 
-def _ray_scorer(r, c: CorpusOptions, engine):
+def _ray_scorer(options, c: CorpusOptions, engine):
     """A function jobs → results (in order) running the batches as a Ray Data pipeline:
     map_batches over the jobs with one model per worker (an actor pool of --workers)."""
     from importlib.util import find_spec
@@ -725,7 +727,8 @@ def _ray_scorer(r, c: CorpusOptions, engine):
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # results in job order: the same sums
     ctx.enable_progress_bars = False
-    spec = {"request": r, "engine": (engine.name, engine.device, engine.dtype)}
+    spec = {"model": options.model, "padding": options.input.padding,
+            "engine": (engine.name, engine.device, engine.dtype)}
 
     def score(jobs: list[Job]):
         if not jobs:
@@ -759,12 +762,12 @@ class _RayWorker:
 
     def __init__(self, spec: dict) -> None:
         from attn_tracer.commands import run
+        from attn_tracer.commands.session import ensure_weights
         from attn_tracer.model.engine import Engine
 
-        r = spec["request"]
-        config, weights = run.build_config(r)
-        weights = run.ensure_weights(config, weights)
-        self.scorer = BatchScorer(config, weights, Engine(*spec["engine"]), r.padding)
+        config, weights = run.build_config(spec["model"])
+        weights = ensure_weights(config, weights)
+        self.scorer = BatchScorer(config, weights, Engine(*spec["engine"]), spec["padding"])
 
     def __call__(self, batch: dict) -> dict:
         import pickle
@@ -833,10 +836,8 @@ def merge(paths: list[Path], h, notice: Callable[[str], None], console: Callable
               else None, "shards": [1, 1], "merged": shards, "counts": _counts_json(counts)}
     h.bos = fp["options"]["bos"]
     result = CorpusResult(_Trace(config, first["engine"]), stats, h, corpus, first["seed"])
-    said = []
+    from attn_tracer.commands import output
 
-    class _R:
-        max_length = fp["options"]["max_length"]
-
-    said.extend(_notices(_R, None, counts, config, h.bos))
-    finish(result, h, console(), said, notice)
+    views = output.Views(console(), "attn heads", h.svg, h.html, h.width, on_screen=not h.json)
+    said = _notices(fp["options"]["max_length"], counts, config, h.bos)
+    finish(result, h, views, said, notice)
