@@ -3,10 +3,10 @@ against a hand-written loop.
 
     .venv/bin/python benchmarks/bench_corpus.py [--reps N] [--texts N] [--quick]
 
-  k1  peak RSS (the child's ru_maxrss, from os.wait4) of `attn heads --corpus` over 1,000 and
+  m1  peak RSS (the child's ru_maxrss, from os.wait4) of `attn heads --corpus` over 1,000 and
       10,000 texts (sample_texts/corpus.txt's lines, repeated), a small random stack
       (d_model 128, 4 heads, 2 layers): target, the two differ by < 10%.
-  k2  GPT-2-small shape (12 layers × 12 heads, d_model 768, random weights written with
+  m2  GPT-2-small shape (12 layers × 12 heads, d_model 768, random weights written with
       save_pretrained), the same corpus and --batch-size 16, each side a fresh process,
       interleaved, medians: `attn heads --weights DIR --corpus FILE --batch-size 16 --json`
       ÷ a script that loads the directory with Hugging Face `GPT2Model` (eager attention), runs
@@ -171,14 +171,14 @@ def main() -> None:
         if not args.skip_memory:
             m = memory(tmp)
             a, b = m[1_000]["peak_mb"], m[10_000]["peak_mb"]
-            print(f"k1. peak RSS, 1,000 texts {a:.0f} MB vs 10,000 texts {b:.0f} MB: "
+            print(f"m1. peak RSS, 1,000 texts {a:.0f} MB vs 10,000 texts {b:.0f} MB: "
                   f"{abs(b - a) / a:.1%} apart (target < 10%)  "
                   f"[{m[1_000]['seconds']:.1f} s / {m[1_000]['cpu_seconds']:.1f} s CPU, "
                   f"{m[10_000]['seconds']:.1f} s / {m[10_000]['cpu_seconds']:.1f} s CPU]")
         t = throughput(tmp, 64 if args.quick else args.texts, 1 if args.quick else args.reps,
                        args.threads)
     ref = t["figures"]["HF GPT2Model + NumPy loop"]
-    print(f"k2. GPT-2-small shape, {t['texts']} texts, {t['tokens']} tokens, batch {BATCH}; "
+    print(f"m2. GPT-2-small shape, {t['texts']} texts, {t['tokens']} tokens, batch {BATCH}; "
           f"means agree within {t['max_score_diff']:.1e}")
     for name, f in t["figures"].items():
         print(f"  {name:<36} {f['texts_per_s']:7.1f} texts/s {f['tokens_per_s']:8.0f} tokens/s"

@@ -348,3 +348,30 @@ def test_the_readme_sample_is_what_the_tool_prints(monkeypatch):
     assert result.exit_code == 0, result.stderr
     actual = "\n".join(line.rstrip() for line in result.stdout.rstrip("\n").splitlines())
     assert actual == block.group(2).rstrip("\n")
+
+
+def test_a_run_stopped_by_a_bad_record_resumes_once_it_is_fixed(corpus_file, tmp_path, one_run):
+    lines = corpus_file.read_text("utf-8").splitlines()
+    broken = tmp_path / "mixed.txt"  # the same name: the examples' sources compare equal
+    raw = [line.encode() for line in lines]
+    raw[200] = b"\xff" + raw[200]  # in window 3 (records 192-255 at --batch-size 8)
+    broken.write_bytes(b"\n".join(raw) + b"\n")
+    state = tmp_path / "state.json"
+    args = ["heads", "--corpus", str(broken), *EXACT, "--batch-size", "8", "--examples", "3",
+            "--state", str(state), "--state-every", "1", "--json"]
+    stop = runner.invoke(app, args)
+    assert stop.exit_code == 1 and "mixed.txt line 201: invalid UTF-8" in stop.stderr
+    saved = json.loads(state.read_bytes())
+    assert not saved["done"] and saved["position"]["at"][0] == 2  # windows 0-2 are in it
+    changed = list(raw)
+    changed[5] = b"another text"
+    broken.write_bytes(b"\n".join(changed) + b"\n")
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "not the one the state was made from" in refused.stderr
+    broken.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    resumed = runner.invoke(app, args)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert_same(json.loads(resumed.stdout), one_run, 0)
+    broken.write_bytes(b"\n".join(changed) + b"\n")
+    done = runner.invoke(app, args)  # a finished state checks the whole corpus
+    assert done.exit_code == 2 and "not the one the state was made from" in done.stderr

@@ -457,7 +457,7 @@ def heads(
                                      "(merge the states with attn heads merge).",
                                      rich_help_panel="Corpus", show_default=False)] = None,
     ray: Annotated[bool, Opt("--ray", help="Run the batches on Ray (a local cluster, or "
-                             "RAY_ADDRESS's); needs attn-tracer[ray].",
+                             "RAY_ADDRESS's); needs attn-tracer\\[ray].",
                              rich_help_panel="Corpus")] = False,
     workers: Annotated[int | None, Opt("--workers", help="Ray workers, one model each "
                                        "(default: 2).", rich_help_panel="Corpus",

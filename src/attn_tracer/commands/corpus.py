@@ -479,6 +479,13 @@ def compute(r, h, c: CorpusOptions, notice: Callable[[str], None]) -> CorpusResu
     for message in _notices(i.max_length, counts, config, bos):
         notice(message)
     if resumed is not None and resumed["done"]:
+        hasher = hashlib.sha256()
+        for _ in _windows(read_records(c.corpus, kind), WINDOW * c.batch_size, hasher):
+            pass
+        if hasher.hexdigest() != resumed["position"]["sha256"]:
+            raise UsageError(f"--state {c.state}: the corpus {c.corpus} is not the one the "
+                             "state was made from (its records differ); give the same corpus, "
+                             "or another --state file")
         notice(f"--state {c.state} is finished already: its result, without running again")
     corpus_info["counts"] = _counts_json(counts)
     return CorpusResult(_Trace(config, engine_info), stats, h, corpus_info, options.model.seed)
