@@ -95,7 +95,15 @@ RULES: dict[str, dict[str, object]] = {
         "--repeat": "data", "--bos": "data", "--json": "output",
         "--thumbnails": json_only(["--thumbnails"]), "--svg": "output", "--html": "output",
         "--width": view(["--width", "50"]), "--force": unused_with(["hi", "--force"]),
+        # attn heads --corpus: each corpus option is refused without --corpus.
+        "--corpus": "data", "--text-field": "data", "--batch-size": "data", "--examples": "data",
+        "--state": "data", "--state-every": "data", "--shard": "data", "--ray": "data",
+        "--workers": "data", "--skip-bad": "data",
     },
+    # The merged result of shard states: the view and JSON of attn heads --corpus.
+    "heads-merge": {"states": "data", "--sort": "data", "--top": "data", "--json": "output",
+                    "--thumbnails": "data", "--svg": "output", "--html": "output",
+                    "--width": "data", "--force": "data"},
     "attribute": {
         **INPUT, **MODEL, **ENGINE,
         "--target": "data", "--versus": "data", "--position": "data", "--ablate": "data",

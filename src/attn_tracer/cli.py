@@ -129,7 +129,7 @@ class Group(TyperGroup):
             raise _PipeClosed from e
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        args = list(sys.argv[1:] if args is None else args)
+        args = _heads_merge(list(sys.argv[1:] if args is None else args))
         _DEBUG[0] = False
         if process.repair_streams():
             _fail("standard output is closed, so there is nowhere to write the output; "
@@ -181,6 +181,17 @@ class Group(TyperGroup):
         if rv == 130:
             _fail("interrupted", 130)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _heads_merge(args: list[str]) -> list[str]:
+    """`attn [--debug] heads merge …` → `attn … heads-merge …`: merge, right after heads, is
+    the subcommand (a text "merge" is `attn heads -- merge`, or any option before it)."""
+    i = 0
+    while i < len(args) and args[i] == "--debug":
+        i += 1
+    if args[i:i + 2] == ["heads", "merge"]:
+        return [*args[:i], "heads-merge", *args[i + 2:]]
+    return args
 
 
 def _traceback_if_debug() -> None:
@@ -455,15 +466,85 @@ def heads(
                                "heads).", rich_help_panel="Output")] = False,
     thumbnails: Annotated[bool, Opt("--thumbnails", help="With --json: add each head's "
                                     "16 × 16 thumbnail.", rich_help_panel="Output")] = False,
+    corpus: Annotated[str | None, Opt("--corpus", help="Many texts: a .txt (one text a line), "
+                                      "a .jsonl, a folder of .txt files, or - (stdin); the "
+                                      "mean of each text's scores, ± 95% CI.",
+                                      rich_help_panel="Corpus", show_default=False)] = None,
+    text_field: Annotated[str | None, Opt("--text-field", help="The field of each .jsonl "
+                                          "record that holds its text (default: text).",
+                                          rich_help_panel="Corpus", show_default=False)] = None,
+    batch_size: Annotated[int, Opt("--batch-size", help="Texts a forward (sorted by length "
+                                   "within 8 batches).", rich_help_panel="Corpus")] = 16,
+    examples: Annotated[int, Opt("--examples", help="Keep each head's K highest-scoring texts "
+                                 "per score.", rich_help_panel="Corpus")] = 5,
+    state: Annotated[Path | None, Opt("--state", help="Resume from / save the running "
+                                      "statistics to this file (atomically).",
+                                      rich_help_panel="Corpus")] = None,
+    state_every: Annotated[int, Opt("--state-every", help="Save --state every N batches.",
+                                    rich_help_panel="Corpus")] = 20,
+    shard: Annotated[str | None, Opt("--shard", help="i/N: run only this share of the corpus "
+                                     "(merge the states with attn heads merge).",
+                                     rich_help_panel="Corpus", show_default=False)] = None,
+    ray: Annotated[bool, Opt("--ray", help="Run the batches on Ray (a local cluster, or "
+                             "RAY_ADDRESS's); needs attn-tracer\\[ray].",
+                             rich_help_panel="Corpus")] = False,
+    workers: Annotated[int | None, Opt("--workers", help="Ray workers, one model each "
+                                       "(default: 2).", rich_help_panel="Corpus",
+                                       show_default=False)] = None,
+    skip_bad: Annotated[bool, Opt("--skip-bad", help="Skip unreadable records (counted, named)"
+                                  " instead of stopping.", rich_help_panel="Corpus")] = False,
     debug: Debug = False,
 ) -> None:
     from attn_tracer.commands import heads as heads_command
+    from attn_tracer.commands.corpus import CorpusOptions
 
     files = {name: opts.pop(name) for name in ("svg", "html", "width", "force")}
     options = heads_command.HeadsOptions(
         sort=sort.value, top=top, repeat=repeat, bos=bos, json=json_, thumbnails=thumbnails,
         **files)
+    many = CorpusOptions(corpus=corpus, text_field=text_field, batch_size=batch_size,
+                         examples=examples, state=state, state_every=state_every, shard=shard,
+                         ray=ray, workers=workers, skip_bad=skip_bad)
+    if corpus is not None:
+        from attn_tracer.commands import corpus as corpus_command
+
+        corpus_command.execute(opts, options, many, notice=_notice, console=_stdout_console)
+        return
+    if given := many.given():
+        raise UsageError(f"{given[0]} works with --corpus PATH (many texts)")
     heads_command.execute(opts, options, notice=_notice, console=_stdout_console)
+
+
+# `attn heads merge STATE...`: `heads` takes a TEXT, so `merge` right after it is read as this
+# command (Group.main rewrites it); the text "merge" itself is `attn heads -- merge`.
+@app.command("heads-merge", epilog="Example: attn heads merge shard-*.json --sort induction",
+             help="Combine the --state files of attn heads --corpus --shard i/N runs into the "
+                  "result of one run (also: attn heads merge STATE...).")
+@shared(FILES)
+def heads_merge(
+    opts: dict,
+    states: Annotated[list[Path], typer.Argument(help="The state files, one per shard.",
+                                                 show_default=False, metavar="STATE...")],
+    sort: Annotated[HeadsSort, Opt("--sort", metavar="NAME", help="Order the table by a score, "
+                                   "highest first, or by layer.", rich_help_panel="View")
+                    ] = HeadsSort.layer,
+    top: Annotated[int | None, Opt("--top", help="Show only the first K heads of the table.",
+                                   rich_help_panel="View", show_default=False)] = None,
+    json_: Annotated[bool, Opt("--json", help="Write the scores as JSON (schema: attn schema "
+                               "heads).", rich_help_panel="Output")] = False,
+    thumbnails: Annotated[bool, Opt("--thumbnails", help="With --json: add each head's "
+                                    "16 × 16 corpus thumbnail.", rich_help_panel="Output")
+                          ] = False,
+    debug: Debug = False,
+) -> None:
+    from attn_tracer.commands import corpus as corpus_command
+    from attn_tracer.commands import heads as heads_command
+
+    files = {name: opts.pop(name) for name in ("svg", "html", "width", "force")}
+    options = heads_command.HeadsOptions(sort=sort.value, top=top, json=json_,
+                                         thumbnails=thumbnails, **files)
+    heads_command.validate({}, options)
+    corpus_command.merge(states, options, notice=_notice, console=_stdout_console)
 
 
 # ── attn attribute ────────────────────────────────────────────────────────────────────────────

@@ -271,3 +271,234 @@ def document(result) -> bytes:
         doc["thumbnails"] = texts
     return orjson.dumps(doc) + b"\n"
 
+
+
+# ── many texts (attn heads --corpus, attn heads merge) ─────────────────────────────────────────
+
+WEIGHTING = ("each text counts once: a head's score is the mean over the texts of each text's "
+             "score, whatever its length")
+INTERVAL = "± the 95% confidence interval of the mean, 1.96 · sd / √texts"
+EXAMPLE_HEADS = 10  # heads whose top texts the view lists (the first of the table)
+
+
+def corpus_header(result, width: int) -> Text:
+    c = result.trace.config
+    s = result.stats
+    sizes = [f"{s.n:,} text{'s' if s.n != 1 else ''}", f"{s.tokens:,} tokens",
+             f"{c.layers} layer{'s' if c.layers != 1 else ''} × {c.heads} head"
+             f"{'s' if c.heads != 1 else ''}", f"d_model {c.d_model}", f"d_head {c.d_head}"]
+    first = Text("attn heads --corpus", style="bold")
+    first.append("  ")
+    t = flow([Text(i, style="dim") for i in sizes], width, first=first)
+    t.append("\n")
+    items = [f"arch {c.arch}", f"pos {c.pos}", f"mask {c.mask}"]
+    if not c.scale:
+        items.append("NO SCALE")
+    t.append_text(flow([Text(i, style="dim") for i in items], width))
+    t.append("\n")
+    what = (f"GPT-2 weights from {c.weights}" if c.weights
+            else f"random weights, seed {c.seed} (untrained)")
+    e = result.trace.engine
+    t.append_text(flow([Text(i, style="dim") for i in
+                        (what, f"{e['engine']} on {e['device']}", e["dtype"])], width))
+    return t
+
+
+def corpus_lines(result, width: int) -> list[Text]:
+    k = result.corpus
+    counts = k["counts"]
+    kind = {"txt": "one text per line", "jsonl": f"JSON lines, field {k.get('text_field')!r}",
+            "folder": "a text per .txt file"}[k["kind"]]
+    parts = [Text(f"{k['source']} ({kind})"), Text(f"{counts['records']:,} records")]
+    if k.get("merged"):
+        parts.append(Text(f"merged from {k['merged']} shards"))
+    elif k["shards"][1] > 1:
+        parts.append(Text(f"shard {k['shards'][0]}/{k['shards'][1]}"))
+    for key, words in (("empty", "empty"), ("bad", "bad (skipped)"), ("cut", "cut")):
+        if counts[key]:
+            parts.append(Text(f"{counts[key]:,} {words}"))
+    if result.options.with_bos:
+        parts.append(Text("<|endoftext|> before each text"))
+    out = [flow(parts, width, sep=" · ", first=Text("corpus: ", style="bold"))]
+    out.append(flow([Text(WEIGHTING, style="dim")], width))
+    return out
+
+
+def corpus_thumbnails(result, width: int, color: bool) -> tuple[np.ndarray, np.ndarray,
+                                                                   np.ndarray]:
+    """The corpus mean thumbnails cut to the view's box, as overview() reads them: values
+    [layers, 1, heads, r, c], drawn [1, r, c], sizes [[r, c]]."""
+    c = result.trace.config
+    values, drawn = result.stats.thumbnails()
+    rows, cols = view_box(width, c.heads, color, c.layers)
+    box_r, box_c = values.shape[-2:]
+    # Rows: the mean over a block of the 16 rows; columns: the sum over a block of the 16
+    # columns (render/thumbnails.py's blocks, one level coarser).
+    R = render_thumbnails.indicator(box_r, rows)
+    R = R / R.sum(axis=1, keepdims=True)
+    C = render_thumbnails.indicator(box_c, cols).T
+    small = R @ values @ C
+    shown = (R @ drawn.astype(np.float64) @ C) > 0
+    r, k = shown.shape
+    return small[:, None], shown[None], np.array([[r, k]])
+
+
+def corpus_table(result, width: int) -> Text:
+    """Every head's mean of each score, ± its 95% interval, in --sort's order."""
+    c = result.trace.config
+    sort = result.options.sort
+    ci = result.stats.ci95()
+    first = max(4, len(name(c.layers - 1, c.heads - 1)))
+    wide = width >= first + 11 * len(SCORES)  # "0.412±.013" and a space, or two lines
+    column = 11 if wide else 10
+    out = Text(no_wrap=True, overflow="crop")
+    top, bottom = Text(" " * first), Text("head".ljust(first))
+    for score in SCORES:
+        words = SHORT[score].split(" ")
+        style = "bold" if score == sort else ""
+        top.append((words[0] if len(words) > 1 else "").rjust(column), style=style)
+        bottom.append(words[-1].rjust(column), style=style)
+    top.rstrip()
+    out.append_text(top)
+    out.append("\n")
+    out.append_text(bottom)
+    out.append("\n")
+    out.append("─" * min(width, first + column * len(SCORES)) + "\n", style="dim")
+    for layer, h in order(result):
+        out.append(name(layer, h).ljust(first), style="cyan")
+        cells = []
+        for score in SCORES:
+            v = float(result.scores[score][layer, h])
+            e = float(ci[score][layer, h])
+            half = f"{e:.3f}" if e >= 1 else f"{e:.3f}"[1:]
+            cells.append((f"{v:.3f}", f"±{half}", "bold" if score == sort else ""))
+        if wide:
+            for value, half, style in cells:
+                out.append(f"{value}{half}".rjust(column), style=style)
+        else:  # the interval on a dim line of its own, under each mean
+            for value, _, style in cells:
+                out.append(value.rjust(column), style=style)
+            out.append("\n" + " " * first)
+            for _, half, _ in cells:
+                out.append(half.rjust(column), style="dim")
+        out.append("\n")
+    return out
+
+
+def examples_block(result, width: int) -> Text:
+    """The texts where the first heads of the table score highest on --sort's score."""
+    sort = result.options.sort
+    out = Text(no_wrap=True, overflow="ellipsis")
+    if sort == "layer" or result.stats.k == 0:
+        hint = ("--sort SCORE lists the texts where each head scores highest" if
+                result.stats.k else "--examples 0: no examples kept")
+        out.append(hint, style="dim")
+        return out
+    heads = order(result)[:EXAMPLE_HEADS]
+    more = "" if len(heads) == len(order(result)) else f" (the first {len(heads)} heads)"
+    out.append(f"where each head scores highest on {sort}{more}\n", style="bold")
+    for layer, h in heads:
+        out.append(name(layer, h), style="cyan")
+        out.append("\n")
+        for e in result.stats.top(sort, layer, h):
+            place = f"{e['source']} line {e['line']}" if e["line"] is not None else e["source"]
+            out.append(f"  {e['score']:.3f}  ", style="bold")
+            out.append(f"{place}  ", style="dim")
+            out.append(" ".join(e["text"].split()))
+            out.append("\n")
+    out.rstrip()
+    return out
+
+
+def render_corpus(result, console: Console) -> None:
+    width = console.width
+    color = colored(console)
+    show(console, corpus_header(result, width))
+    console.print()
+    for line in corpus_lines(result, width):
+        show(console, line)
+    console.print()
+    values, drawn, sizes = corpus_thumbnails(result, width, color)
+    result.thumbnails = {"view": (values, drawn, sizes)}
+    show(console, flow([Text("a row per layer, a column per head;", style="dim"),
+                        Text("in each, queries down and keys across", style="dim")], width,
+                       sep=" ", first=Text(f"every head's pattern, averaged over "
+                                           f"{result.stats.n:,} texts: ", style="bold")))
+    thumbnails = overview(result, width, color)
+    thumbnails.rstrip()
+    show(console, thumbnails)
+    console.print()
+    ramp = Text("weight  0 ")
+    if color:
+        for i in range(16):
+            ramp.append("█", style=_fg(i / 15))
+    else:
+        ramp.append(render_thumbnails.RAMP)
+    ramp.append(" 1")
+    scale = ("each text's queries and keys cut into 16 blocks (a short text: one per token), "
+             "each cell the mean over the texts that reach it")
+    show(console, flow([Text(scale, style="dim"), ramp, Text("blank: masked", style="dim")],
+                       width, sep="    "))
+    console.print()
+    console.print(Text("mean scores (rows: layers, columns: heads)", style="bold"))
+    grids = grid([score_grid(result, s) for s in SCORES], width)
+    grids.rstrip()
+    show(console, grids)
+    console.print()
+    title = table_title(result)
+    title.append(f"; {INTERVAL}", style="dim")
+    show(console, title)
+    show(console, corpus_table(result, width))
+    console.print()
+    show(console, examples_block(result, width))
+
+
+def corpus_document(result) -> bytes:
+    """attn-heads/1 for a corpus: the mean scores where one run has its batch's, `inputs`
+    empty, and two more fields: `corpus` (counts, std and the 95% interval of every score) and
+    `examples` (each head's top texts per score)."""
+    c = result.trace.config
+    s = result.stats
+    o = result.options
+    config = c.to_dict()
+    config.update(result.trace.engine)
+    config["mask_description"] = {
+        "causal": c.mask == "causal", "padding": True, "pad_id": 50256,
+        "masked_value": "-inf before softmax, exactly 0 after",
+        "pad_query_rows": "all 0: a pad query attends to nothing"}
+    config.update({"cross": False, "bos": o.with_bos, "repeat": None})
+    scores = {k: v.tolist() for k, v in s.means().items()}
+    std = {k: v.tolist() for k, v in s.std().items()}
+    ci = {k: v.tolist() for k, v in s.ci95().items()}
+    counts = result.corpus["counts"]
+    corpus = {
+        "source": result.corpus["source"], "kind": result.corpus["kind"],
+        "text_field": result.corpus.get("text_field"),
+        "shard": result.corpus["shards"], "merged": result.corpus.get("merged"),
+        "texts": s.n, "tokens": s.tokens, "records": counts["records"],
+        "skipped_empty": counts["empty"], "skipped_bad": counts["bad"],
+        "bad": counts["bad_lines"], "cut": counts["cut"],
+        "weighting": WEIGHTING, "interval": INTERVAL, "std": std, "ci95": ci,
+    }
+    if o.thumbnails:
+        values, drawn = s.thumbnails()
+        corpus["thumbnails"] = {"rows": int(drawn.shape[0]), "cols": int(drawn.shape[1]),
+                                "patterns": [
+            [np.where(drawn, np.round(values[layer, h], 6), None).tolist()
+             for h in range(c.heads)] for layer in range(c.layers)]}
+    doc = {
+        "schema": SCHEMA,
+        "version": __version__,
+        "config": config,
+        "inputs": [],
+        "definitions": {k: {"formula": f, "meaning": m} for k, (f, m) in DEFINITIONS.items()},
+        "scores": scores,
+        "heads": [{"layer": layer, "head": h, "name": name(layer, h),
+                   **{k: scores[k][layer][h] for k in SCORES},
+                   "ci95": {k: ci[k][layer][h] for k in SCORES}}
+                  for layer in range(c.layers) for h in range(c.heads)],
+        "corpus": corpus,
+        "examples": {k: [[s.top(k, layer, h) for h in range(c.heads)]
+                         for layer in range(c.layers)] for k in SCORES},
+    }
+    return orjson.dumps(doc) + b"\n"
