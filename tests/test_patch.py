@@ -263,8 +263,9 @@ def check(result, ref: HF, direction: str, per_position: bool = False, kind: str
         tol = (2 * t_metric + np.abs(want) * 2 * t_metric) / den
         assert grid.values.shape == want.shape
         bad = np.abs(grid.values - want) > tol
-        assert not bad.any(), (f"{grid.target} {direction}: worst {np.abs(grid.values - want).max()}"
-                               f" over tolerance {tol.max():.3g} at {np.argwhere(bad)[:3]}")
+        worst = np.abs(grid.values - want).max()
+        assert not bad.any(), (f"{grid.target} {direction}: worst {worst} over tolerance "
+                               f"{tol.max():.3g} at {np.argwhere(bad)[:3]}")
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -501,7 +501,7 @@ def attribute(
 
 # ── attn patch ────────────────────────────────────────────────────────────────────────────────
 
-PatchTarget = Enum("PatchTarget", {t: t for t in ("diff", "logit", "logprob", "prob")}, type=str)
+PatchMetric = Enum("PatchMetric", {t: t for t in ("diff", "logit", "logprob", "prob")}, type=str)
 Direction = Enum("Direction", {"denoise": "denoise", "noise": "noise"}, type=str)
 
 
@@ -545,7 +545,7 @@ def patch(
     position: Annotated[int | None, Opt("--position", help="Measure the prediction made at this "
                                         "position (default: the last token).",
                                         rich_help_panel="Metric", show_default=False)] = None,
-    metric: Annotated[PatchTarget | None, Opt("--metric", help="diff: logit(target) − "
+    metric: Annotated[PatchMetric | None, Opt("--metric", help="diff: logit(target) − "
                                               "logit(versus); logit, logprob, prob: of the "
                                               "target alone (default: diff; prob with "
                                               "--corrupt-noise, as ROME). Every cell shows "

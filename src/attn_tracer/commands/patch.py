@@ -16,6 +16,7 @@ where the two runs differ, under the causal mask) is the base run itself: its ro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable
@@ -179,7 +180,7 @@ def execute(a: PatchRequest, notice: Callable[[str], None], console: Callable) -
 
 def _difference(clean: list[Token], corrupt: list[Token]) -> str:
     """Both token lists, side by side, around where they first differ: one line."""
-    first = next((i for i, (a, b) in enumerate(zip(clean, corrupt)) if a.id != b.id),
+    first = next((i for i, (a, b) in enumerate(zip(clean, corrupt, strict=False)) if a.id != b.id),
                  min(len(clean), len(corrupt)))
     lo = max(0, first - 3)
 
@@ -294,6 +295,8 @@ def compute(a: PatchRequest, notice: Callable[[str], None],
         trace, _ = run(run_texts, config, engine, weights, _SELECT_NOTHING, prepared=prepared,
                        hooks=hooks, progress=advance)
     runner.notice_cuts(r, prepared, notice)
+    if noisy:  # the noisy runs are copies of the clean text: the view and JSON show it once
+        trace = dataclasses.replace(trace, inputs=trace.inputs[:1])
 
     W_U = weights.unembedding()
     rms = weights.normalizes_logits
@@ -304,10 +307,9 @@ def compute(a: PatchRequest, notice: Callable[[str], None],
             norm = np.sqrt(np.mean(h * h, axis=-1, keepdims=True))
             h = h / np.where(norm > 0, norm, 1.0)
         cols = patching.columns(kind, tgt, vs)
-        if cols is None:
-            logits = h.astype(W_U.dtype) @ W_U.T
-        else:
-            logits = h @ W_U[cols].astype(np.float64).T
+        # Two columns in float64; the whole vocabulary (logprob, prob) in W_U's float32.
+        logits = (h.astype(W_U.dtype) @ W_U.T if cols is None
+                  else h @ W_U[cols].astype(np.float64).T)
         return patching.metric(logits, kind, tgt, vs)
 
     base_final = cache[final][:, position]  # [rows_base, d_model]

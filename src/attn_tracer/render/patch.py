@@ -28,9 +28,9 @@ from attn_tracer.render.attribution import (
     label,
     signed,
 )
-from attn_tracer.render.heatmaps import reading_labels
+from attn_tracer.render.heatmaps import cut_label, reading_labels
 from attn_tracer.render.json_doc import config_json, input_json, token_json
-from attn_tracer.render.layout import fit, flow, plural
+from attn_tracer.render.layout import flow, plural
 from attn_tracer.render.terminal import header, show
 
 SCHEMA = "attn-patch/1"
@@ -119,7 +119,7 @@ def render(result, console: Console) -> None:
 def _position_labels(result, labels: list[str], room: int) -> list[str]:
     differ = set(result.differ)
     width = len(str(len(labels) - 1))
-    return [fit(f"{p:>{width}} {name}{MARK if p in differ else ''}", room).rstrip()
+    return [cut_label(f"{p:>{width}} {name}{MARK if p in differ else ''}", room)
             for p, name in enumerate(labels[:len(result.clean_tokens)])]
 
 
@@ -170,10 +170,16 @@ def cell_name(result, grid, index: tuple[int, ...], labels: list[str]) -> str:
 
 
 def strongest(result, grid, labels: list[str], width: int) -> Text:
-    cells = patching.strongest(grid.values, result.top, neutral(result))
+    """The cells furthest from no effect, those that show a change at the grid's decimals."""
     digits = decimals(grid.values)
-    items = [Text(f"{cell_name(result, grid, i, labels)} {signed(v, digits)}") for i, v in cells]
+    half = 0.5 * 10.0**-digits
+    cells = [(i, v) for i, v in patching.strongest(grid.values, result.top, neutral(result))
+             if abs(v - neutral(result)) >= half]
     first = Text("strongest: ", style="bold")
+    if not cells:
+        return first.append(f"none: every cell is {neutral(result):.{digits}f}, no effect",
+                            style="dim")
+    items = [Text(f"{cell_name(result, grid, i, labels)} {signed(v, digits)}") for i, v in cells]
     return flow(items, width, sep=" · ", first=first)
 
 
@@ -198,12 +204,11 @@ def _tokens(tokens: list[Token] | None):
 def document(result) -> bytes:
     """The whole `attn-patch/1` document (data/patch.schema.json)."""
     trace = result.trace
-    inputs = trace.inputs[:1] if result.noise else trace.inputs[:2]
     doc = {
         "schema": SCHEMA,
         "version": __version__,
         "config": config_json(trace),
-        "inputs": [input_json(i) for i in inputs],
+        "inputs": [input_json(i) for i in trace.inputs],
         "trained": result.trained,
         "clean_tokens": _tokens(result.clean_tokens),
         "corrupt_tokens": _tokens(result.corrupt_tokens),
