@@ -178,3 +178,31 @@ def test_equal_baselines_stop_with_exit_1():
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no difference for patching to explain" in lines[0]
     assert result.stdout == ""
+
+
+def test_svg_is_written_with_the_view_and_refused_when_it_exists(tmp_path: Path):
+    svg = tmp_path / "patch.svg"
+    args = ["patch", "a b c", "--corrupt", "a x c", "--d-model", "16", "--heads", "2",
+            "--target", "#100", "--versus", "#200", "--svg", str(svg)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert svg.read_text().startswith("<svg") and "resid_pre" in svg.read_text()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--force" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_small_patch_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\n"
+            "sys.argv = ['attn', 'patch', 'a b c', '--corrupt', 'a x c', '--d-model', '16',"
+            " '--heads', '2', '--patch', 'resid_pre,z,pattern', '--target', '#1']\n"
+            "try:\n    runpy.run_module('attn_tracer', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('torch' in sys.modules, file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "False"
+    assert "layer × head" in done.stdout

@@ -21,7 +21,6 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -56,8 +55,7 @@ class PatchRequest:
     noise_seed: int = 0
     window: int = 1
     top: int = 10
-    json: bool = False
-    svg: Path | None = None
+    json: bool = False  # --svg and --force are the base request's, checked with its outputs
 
 
 @dataclass
@@ -160,13 +158,13 @@ def execute(a: PatchRequest, notice: Callable[[str], None], console: Callable) -
     from attn_tracer.render import patch as render_patch
 
     with staged():  # --svg is kept only if stdout is written too
-        if a.svg is not None:
+        if a.base.svg is not None:
             from attn_tracer.render.terminal import export_svg
 
             width = runner.SAVED_WIDTH if a.base.width is None else a.base.width
             recorded = runner.buffer_like(console(), record=True, width=width)
             render_patch.render(result, recorded)
-            write_atomic(a.svg, export_svg(recorded, "attn patch").encode())
+            write_atomic(a.base.svg, export_svg(recorded, "attn patch").encode())
         if a.json:
             sys.stdout.buffer.write(render_patch.document(result))
             sys.stdout.buffer.flush()
