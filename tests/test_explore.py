@@ -40,7 +40,7 @@ from attn_tracer.explore.app import ExploreApp  # noqa: E402
 from attn_tracer.explore.data import STAGES, Section  # noqa: E402
 from attn_tracer.explore.head_view import HeadScreen, HeatmapView  # noqa: E402
 from attn_tracer.explore.overview import MODES, OverviewGrid, OverviewScreen  # noqa: E402
-from attn_tracer.render.heatmaps import _fmt01  # noqa: E402
+from attn_tracer.render import formats  # noqa: E402
 from explore_setup import SENTENCE, SMALL, drive, explore_data, reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,7 +224,7 @@ def test_the_overview_cursor_moves_colors_and_opens():
             y = grid.HEADER + layer * (grid.lines + 1) + (grid.lines - 1) // 2
             row = grid.render_line(y).text[grid.label_width():]
             cells = row.replace("▐", " ").replace("▌", " ").split()  # the cursor's bars
-            assert cells == [panels.fmt_score(v, "previous_token") for v in values[layer]]
+            assert cells == [formats.score(v, "previous_token") for v in values[layer]]
         await pilot.press("enter")
         await pilot.pause()
         screen = pilot.app.screen
@@ -280,7 +280,7 @@ def rendered_rows(view: HeatmapView) -> list[list[str]]:
 
 
 def expected_pattern_rows(pattern: np.ndarray, marks: np.ndarray) -> list[list[str]]:
-    return [[marks[q, k] or _fmt01(float(pattern[q, k])) for k in range(pattern.shape[1])]
+    return [[marks[q, k] or formats.unit(float(pattern[q, k])) for k in range(pattern.shape[1])]
             for q in range(pattern.shape[0])]
 
 

@@ -34,7 +34,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from attn_tracer.commands import patch as patch_command  # noqa: E402
-from attn_tracer.commands.run import Request  # noqa: E402
 from attn_tracer.model import tokens  # noqa: E402
 from tolerance import tolerance  # noqa: E402
 
@@ -241,7 +240,7 @@ def reference(ref: HF, target: str, direction: str, per_position: bool, kind: st
 def ours(model, engine: str, targets: list[str], direction: str, per_position: bool = False,
          metric: str = "diff", position: int | None = None):
     request = patch_command.PatchRequest(
-        Request(texts=[CLEAN], weights=str(model[1]), engine=engine), corrupt=CORRUPT,
+        {"texts": [CLEAN], "weights": str(model[1]), "engine": engine}, corrupt=CORRUPT,
         target=TARGET, versus=VERSUS if metric == "diff" else None, patch=targets,
         direction=direction, per_position=per_position, metric=metric, position=position)
     return patch_command.compute(request, lambda message: None)

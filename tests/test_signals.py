@@ -37,6 +37,19 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _default_signals(then=None):
+    """A preexec_fn: the signals these tests send reach attn with their default disposition,
+    even when the suite runs where they arrive ignored (under nohup, SIGHUP; in a background
+    job of a script, SIGINT), which the child would inherit — and attn rightly keeps an
+    inherited SIG_IGN (test_an_ignored_signal_stays_ignored)."""
+    def preexec() -> None:
+        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        if then is not None:
+            then()
+    return preexec
+
+
 def run_on_a_terminal(args: list[str], env: dict[str, str], columns: int = 100,
                       timeout: float = 60) -> tuple[int, str, str]:
     """Run `attn` with stdout on a pty of `columns` columns; (exit code, stdout, stderr)."""
@@ -78,7 +91,8 @@ def test_ctrl_c_during_a_long_run_exits_130_with_one_line():
     proc = subprocess.Popen(
         [*ATTN, "trace", long_text, "--d-model", "768", "--heads", "12", "--layers", "12",
          "--layer", "all", "--engine", "numpy", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), stdin=subprocess.DEVNULL)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), stdin=subprocess.DEVNULL,
+        preexec_fn=_default_signals())
     time.sleep(1.5)  # past the imports: the model is running
     assert proc.poll() is None, "the run ended before it could be interrupted; make it longer"
     started = time.monotonic()
@@ -342,7 +356,8 @@ def test_a_signal_while_save_is_written_leaves_nothing(tmp_path, suffix, signum,
     proc = subprocess.Popen(
         [*ATTN, "trace", " ".join(["word"] * 400), *size, "--heads", "4", "--engine", "numpy",
          "--save", str(target)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), stdin=subprocess.DEVNULL)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), stdin=subprocess.DEVNULL,
+        preexec_fn=_default_signals())
     deadline, writing = time.monotonic() + 120, False
     while time.monotonic() < deadline and proc.poll() is None and not writing:
         # The temporary file with bytes in it (the target's probe before the run is empty).
@@ -372,7 +387,8 @@ def test_a_signal_during_the_imports_is_one_line(signum, code):
     # does before importing Typer: delivered then, it lands in the middle of the imports.
     proc = subprocess.Popen([*ATTN, "trace", "hi"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=_env(), stdin=subprocess.DEVNULL,
-                            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signum}))
+                            preexec_fn=_default_signals(
+                                lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signum})))
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from attn_tracer.analysis import patching
-from attn_tracer.commands import run as runner
 from attn_tracer.commands.attribute import parse_token
+from attn_tracer.commands.session import SharedOptions, open_session, progress_display
 from attn_tracer.errors import AttnError, UsageError
 from attn_tracer.model import memory
 from attn_tracer.model.tokens import Token
@@ -39,7 +40,8 @@ SAMPLES = 10  # --samples by default (ROME averages 10 draws)
 
 @dataclass
 class PatchRequest:
-    base: runner.Request  # the shared input, model and engine options; TEXT is the clean text
+    base: Any  # the shared input, model and engine options (SharedOptions, or their fields);
+    # TEXT is the clean text
     clean: str | None = None  # --clean, the same as the TEXT argument
     corrupt: str | None = None
     corrupt_noise: str | None = None  # the subject whose embeddings get noise (causal tracing)
@@ -55,7 +57,11 @@ class PatchRequest:
     noise_seed: int = 0
     window: int = 1
     top: int = 10
-    json: bool = False  # --svg and --force are the base request's, checked with its outputs
+    json: bool = False
+    svg: Path | None = None
+    html: Path | None = None
+    width: int | None = None
+    force: bool = False
 
 
 @dataclass
@@ -94,17 +100,20 @@ class Result:
         return self.trace.config.layers
 
 
-def validate(a: PatchRequest) -> None:
-    runner.validate(a.base)
+def validate(a: PatchRequest, options: SharedOptions) -> None:
+    """`attn patch`'s own options (the session checks the shared ones first)."""
+    from attn_tracer.commands import output
+
+    i, m = options.input, options.model
     if (a.corrupt is None) == (a.corrupt_noise is None):
         raise UsageError("give the corruption one way: --corrupt TEXT (the same prompt, changed) "
                          "or --corrupt-noise SUBJECT (causal tracing)")
-    if a.clean is not None and (a.base.texts or a.base.file is not None):
-        raise UsageError("give the clean text once: --clean TEXT or the TEXT argument")
-    if a.base.lines is not None or len(a.base.texts) > 1:
+    if i.lines is not None or len(i.texts) > 1:
         raise UsageError("attn patch compares one clean text with its corruption: give one text "
                          "(quote a text that has spaces)")
-    if a.base.pad_to is not None:
+    if a.corrupt is not None and not a.corrupt.strip():
+        raise UsageError("--corrupt is empty: give the corrupted prompt")
+    if i.pad_to is not None:
         raise UsageError("--pad-to conflicts with attn patch: the two runs are matched position "
                          "by position, and padding adds nothing to match")
     if a.samples is not None and a.samples < 1:
@@ -126,12 +135,15 @@ def validate(a: PatchRequest) -> None:
         raise UsageError(f"--direction must be denoise or noise; got {a.direction!r}")
     if a.position is not None and a.position < 0:
         raise UsageError(f"--position counts tokens from 0; got {a.position}")
-    has_mlp = a.base.arch == "gpt2" or (a.base.arch is None and a.base.weights is not None)
+    has_mlp = m.arch == "gpt2" or (m.arch is None and m.weights is not None)
     patching.parse_targets(a.patch, has_mlp)
+    output.check_width(a.width)
+    output.check_files({flag: (getattr(a, flag[2:]), suffixes)
+                        for flag, suffixes in output.VIEW_SUFFIXES.items()}, a.force)
 
 
 def ignored(a: PatchRequest) -> list[str]:
-    out = runner.ignored_options(a.base)
+    out = []
     targets = {t for v in a.patch for t in v.lower().replace(" ", "").split(",")}
     if a.per_position and "z" not in targets:
         out.append("--per-position splits the z grid by position; without --patch z it changes "
@@ -150,30 +162,17 @@ def ignored(a: PatchRequest) -> list[str]:
 
 
 def execute(a: PatchRequest, notice: Callable[[str], None], console: Callable) -> None:
+    from attn_tracer.commands import output
+    from attn_tracer.render import patch as render_patch
+
     said: list[str] = []
     result = compute(a, said.append, announce=notice)
     for message in said:
         notice(message)
-    from attn_tracer.commands.save import staged, write_atomic
-    from attn_tracer.render import patch as render_patch
-
-    with staged():  # --svg is kept only if stdout is written too
-        if a.base.svg is not None:
-            from attn_tracer.render.terminal import export_svg
-
-            width = runner.SAVED_WIDTH if a.base.width is None else a.base.width
-            recorded = runner.buffer_like(console(), record=True, width=width)
-            render_patch.render(result, recorded)
-            write_atomic(a.base.svg, export_svg(recorded, "attn patch").encode())
-        if a.json:
-            sys.stdout.buffer.write(render_patch.document(result))
-            sys.stdout.buffer.flush()
-            return
-        target = console()
-        buffer = runner.buffer_like(target)
-        render_patch.render(result, buffer)
-        sys.stdout.write(buffer.file.getvalue())
-        sys.stdout.flush()
+    views = output.Views(console(), "attn patch", a.svg, a.html, a.width, on_screen=not a.json)
+    screen, saved = views.render(lambda c, _: render_patch.render(result, c))
+    out = render_patch.document(result) if a.json else screen.file.getvalue()
+    output.emit(out, views.writers(saved))
 
 
 def _difference(clean: list[Token], corrupt: list[Token]) -> str:
@@ -195,24 +194,22 @@ def _difference(clean: list[Token], corrupt: list[Token]) -> str:
 def compute(a: PatchRequest, notice: Callable[[str], None],
             announce: Callable[[str], None] = lambda message: None) -> Result:
     """Everything that can fail for a reason of the user's, then the forwards."""
-    r = a.base
-    validate(a)
+    options = SharedOptions.of(a.base)
     if a.clean is not None:
+        if options.input.texts or options.input.file is not None:
+            raise UsageError("give the clean text once: --clean TEXT or the TEXT argument")
         from attn_tracer.text import check_argument
 
-        r.texts = [check_argument(a.clean, "--clean")]
-    for message in ignored(a):
-        notice(message)
-    texts, _ = runner.read_inputs(r, notice)
-    clean_text = texts[0]
+        options.input.texts = [check_argument(a.clean, "--clean")]
+    session = open_session(options, notice, check=lambda: validate(a, options),
+                           ignored=ignored(a))
+    clean_text = session.texts[0]
     from attn_tracer.text import check_argument
 
     noisy = a.corrupt_noise is not None
     corrupt_text = None if noisy else check_argument(a.corrupt, "--corrupt")
-    if corrupt_text is not None and not corrupt_text.strip():
-        raise UsageError("--corrupt is empty: give the corrupted prompt")
-    limit = runner.memory_limit(r)
-    config, weights = runner.load_model(r, notice, limit)
+    config, limit, dtype = session.config, session.limit, options.engine.dtype
+    i = options.input
     targets = patching.parse_targets(a.patch, config.arch == "gpt2")
     metric = a.metric or ("prob" if noisy else "diff")
     target = parse_token(a.target, config.vocab, "--target") if a.target is not None else None
@@ -230,8 +227,8 @@ def compute(a: PatchRequest, notice: Callable[[str], None],
 
     samples = (a.samples or SAMPLES) if noisy else 1
     run_texts = [clean_text] * (1 + samples) if noisy else [clean_text, corrupt_text]
-    prepared = prepare(run_texts, config, max_length=r.max_length,
-                       allow_special=r.allow_special)
+    prepared = prepare(run_texts, config, max_length=i.max_length,
+                       allow_special=i.allow_special)
     inputs = prepared.batch.inputs
     clean_tokens = inputs[0].tokens
     corrupt_tokens = None if noisy else inputs[1].tokens
@@ -254,45 +251,43 @@ def compute(a: PatchRequest, notice: Callable[[str], None],
 
     kv_heads = getattr(config, "kv_heads", None)
     rows_base = len(run_texts)
-    cache_bytes = _cache_bytes(config, targets, rows_base, length, r.dtype)
-    needed = memory.estimate(config, r.dtype, rows_base, length, length,
+    cache_bytes = _cache_bytes(config, targets, rows_base, length, dtype)
+    needed = memory.estimate(config, dtype, rows_base, length, length,
                              0, 0, "patterns", False, predict=True) + cache_bytes
-    engine = runner.checked_engine(r, needed, limit, length)
-    per_row = _row_bytes(config, targets, length, r.dtype, metric)
-    fixed = memory.estimate(config, r.dtype, 1, length, length, 0, 0, "patterns", False,
+    engine = session.start(needed)
+    per_row = _row_bytes(config, targets, length, dtype, metric)
+    fixed = memory.estimate(config, dtype, 1, length, length, 0, 0, "patterns", False,
                             predict=True)
     room = limit - fixed - cache_bytes
     if room < per_row:
         memory.check(fixed + cache_bytes + per_row, limit)
     max_rows = max(1, min(MAX_ROWS, room // per_row))
 
-    from attn_tracer.model.pipeline import engine_params, resume, run
+    from attn_tracer.model.pipeline import engine_params, resume
 
-    with runner.progress_display(f"{rows_base} runs of {length} tokens through "
-                                 f"{config.layers} layers") as advance:
-        weights = runner.ensure_weights(config, weights)
-        noise_info = None
-        hooks: dict = {}
-        if noisy:
-            std = _embedding_std(weights, prepared)
-            draws = patching.noise(a.noise_seed, samples, len(differ), config.d_model,
-                                   a.noise_scale * std)
-            added = np.zeros((rows_base, length, config.d_model), np.float64)
-            added[1:, differ[0]:differ[-1] + 1] = draws
-            added_e = engine.asarray(added.astype(np.float32))
-            hooks["embed"] = lambda x: x + added_e
-            noise_info = {"subject": a.corrupt_noise, "positions": differ, "samples": samples,
-                          "std": std, "scale": a.noise_scale, "seed": a.noise_seed}
-        cache: dict[str, np.ndarray] = {}
-        names = {patching.step("resid_pre", layer) for layer in range(config.layers)}
-        names |= {patching.step(t, layer) for t in targets for layer in range(config.layers)}
-        final = "ln_f" if config.arch == "gpt2" else f"blocks.{config.layers - 1}.resid_post"
-        for name in names | {final}:  # never "embed": the noise hook stays as it is
-            keep = _keeper(cache, name, engine)
-            hooks[name] = keep
-        trace, _ = run(run_texts, config, engine, weights, _SELECT_NOTHING, prepared=prepared,
-                       hooks=hooks, progress=advance)
-    runner.notice_cuts(r, prepared, notice)
+    weights = session.draw_weights()
+    noise_info = None
+    hooks: dict = {}
+    if noisy:
+        std = _embedding_std(weights, prepared)
+        draws = patching.noise(a.noise_seed, samples, len(differ), config.d_model,
+                               a.noise_scale * std)
+        added = np.zeros((rows_base, length, config.d_model), np.float64)
+        added[1:, differ[0]:differ[-1] + 1] = draws
+        added_e = engine.asarray(added.astype(np.float32))
+        hooks["embed"] = lambda x: x + added_e
+        noise_info = {"subject": a.corrupt_noise, "positions": differ, "samples": samples,
+                      "std": std, "scale": a.noise_scale, "seed": a.noise_seed}
+    cache: dict[str, np.ndarray] = {}
+    names = {patching.step("resid_pre", layer) for layer in range(config.layers)}
+    names |= {patching.step(t, layer) for t in targets for layer in range(config.layers)}
+    final = "ln_f" if config.arch == "gpt2" else f"blocks.{config.layers - 1}.resid_post"
+    for name in names | {final}:  # never "embed": the noise hook stays as it is
+        hooks[name] = _keeper(cache, name, engine)
+    trace = session.forward(_SELECT_NOTHING, hooks, prepared=prepared, predict=False,
+                            description=f"{rows_base} runs of {length} tokens through "
+                                        f"{config.layers} layers")
+    session.notice_cuts()
     if noisy:  # the noisy runs are copies of the clean text: the view and JSON show it once
         trace = dataclasses.replace(trace, inputs=trace.inputs[:1])
 
@@ -379,7 +374,7 @@ def compute(a: PatchRequest, notice: Callable[[str], None],
     params = engine_params(weights, engine)
     xp = engine.xp
     resid_name = {layer: patching.step("resid_pre", layer) for layer in range(config.layers)}
-    with runner.progress_display(f"patching: {len(batches)} forwards") as advance:
+    with progress_display(f"patching: {len(batches)} forwards") as advance:
         for done, (start, group) in enumerate(batches, 1):
             n = len(group)
             b_idx = np.array([g[2] for g in group])

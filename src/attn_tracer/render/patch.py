@@ -20,14 +20,9 @@ from attn_tracer import __version__
 from attn_tracer.analysis import patching
 from attn_tracer.analysis.attribution import head_name
 from attn_tracer.model.tokens import Token
-from attn_tracer.render.attribution import (
-    _token,
-    decimals,
-    diverging_ramp,
-    head_blocks,
-    label,
-    signed,
-)
+from attn_tracer.render.attribution import _token, diverging_ramp, head_blocks, label
+from attn_tracer.render.formats import signed
+from attn_tracer.render.formats import signed_decimals as decimals
 from attn_tracer.render.heatmaps import cut_label, reading_labels
 from attn_tracer.render.json_doc import config_json, input_json, token_json
 from attn_tracer.render.layout import flow, plural
