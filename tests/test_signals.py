@@ -86,6 +86,7 @@ def run_in_a_pipe(args: list[str], env: dict[str, str]) -> subprocess.CompletedP
 
 # ── Ctrl-C ───────────────────────────────────────────────────────────────────────────────────
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_long_run_exits_130_with_one_line():
     long_text = " ".join(["word"] * 900)
     proc = subprocess.Popen(
@@ -107,6 +108,7 @@ def test_ctrl_c_during_a_long_run_exits_130_with_one_line():
 
 # ── a closed pipe ────────────────────────────────────────────────────────────────────────────
 
+@pytest.mark.slow
 @pytest.mark.parametrize("read_first_line", [True, False], ids=["head-1", "closed-at-once"])
 @pytest.mark.parametrize("json_", [False, True], ids=["view", "json"])
 def test_a_closed_pipe_ends_quietly(read_first_line: bool, json_: bool):
@@ -154,6 +156,7 @@ def test_a_terminal_gets_color_and_the_same_content():
     _readable(ESCAPE.sub("", out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switch", [{"NO_COLOR": "1"}, {"TERM": "dumb"}],
                          ids=["NO_COLOR", "TERM=dumb"])
 @pytest.mark.parametrize("command", ["trace", "tokens"])
@@ -174,6 +177,7 @@ def test_no_escape_codes(switch: dict[str, str], command: str):
     assert out == piped.stdout.decode()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["terminal", "pipe"])
 @pytest.mark.parametrize("extra", [
     [], ["--stages"], ["--predict"], ["--values", "--d-model", "4", "--heads", "2"],
@@ -255,6 +259,7 @@ def test_a_closed_stderr_does_not_break_a_run_or_reach_stdout():
     assert bad.returncode == 2 and bad.stdout == b""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["trace", "hi", *TINY], ["trace", "hi", *TINY, "--json"],
                                   ["tokens", "hi"], ["--help"], ["schema"]],
                          ids=["view", "json", "tokens", "help", "schema"])
@@ -294,6 +299,7 @@ def test_a_file_size_limit_on_save_leaves_nothing(tmp_path, suffix: str):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_at_once_is_exit_0_for_help_and_version():
     # `attn --help | true` under pipefail: the reader is gone before the first write.
     for args in (["--help"], ["--version"], ["trace", "--help"], [], ["tokens", "hi"],
@@ -307,6 +313,7 @@ def test_a_closed_pipe_at_once_is_exit_0_for_help_and_version():
         assert proc.stderr == b"", (args, proc.stderr.decode())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
 @pytest.mark.parametrize("args", [["--help"], ["trace", "--help"], [], ["trace", SENTENCE, *TINY],
                                   ["tokens", "hi"]],
@@ -330,6 +337,7 @@ def test_json_is_utf8_whatever_the_encoding(args):
         assert "今" in text or "\\u" not in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("columns", ["0", "5", "100000"])  # more in test_properties.py
 def test_degenerate_columns(columns: str):
     for args in (["trace", SENTENCE, *TINY, "--stages", "--predict"], ["tokens", SENTENCE],
@@ -343,6 +351,7 @@ def test_degenerate_columns(columns: str):
 
 # ── issue 12: signals while a file is written, and from the first moment ─────────────────────
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
 @pytest.mark.parametrize(("signum", "code", "word"), [
     (signal.SIGTERM, 143, "terminated (SIGTERM)"), (signal.SIGHUP, 129, "hung up (SIGHUP)"),
@@ -395,6 +404,7 @@ def test_a_signal_during_the_imports_is_one_line(signum, code):
     assert out == b"" and len(err.decode().splitlines()) == 1 and b"Traceback" not in err
 
 
+@pytest.mark.slow
 def test_an_ignored_signal_stays_ignored():
     # `nohup attn …`: SIGHUP was set to be ignored, and attn leaves it so.
     proc = subprocess.Popen([*ATTN, "trace", " ".join(["word"] * 900), "--d-model", "768",
