@@ -486,6 +486,22 @@ def bench_attribute_figure(reps: int) -> list[dict]:
     return out
 
 
+# ── p: attn patch against HF forward hooks ───────────────────────────────────────────────────
+
+def bench_patch_figure(reps: int) -> list[dict]:
+    out = []
+    for r in _sibling("bench_patch").measure(reps):
+        for kind in ("wall", "cpu"):
+            ratio = r[f"{kind}_ratio"]
+            out.append({**row(f"p1. attn patch IOI grids, --engine {r['engine']}: HF hooks ÷ attn "
+                              f"({kind} time)", ratio, 3.0,
+                              note=f"{r[f'attn_{kind}']:.1f} s vs {r[f'hf_{kind}']:.1f} s; "
+                                   f"{r['runs']} of {r['cells']} cells in {r['forwards']} "
+                                   f"forwards vs {r['hf_forwards']}", **r),
+                        "pass": ratio >= 3.0, "higher_is_better": True})
+    return out
+
+
 # ── l: outputs that scale ─────────────────────────────────────────────────────────────────────
 
 def bench_outputs_figure(quick: bool) -> list[dict]:
@@ -750,7 +766,7 @@ def show(rows: list[dict], header: bool = True) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and lengths")
-    parser.add_argument("--only", default="abcdefghijkl", help="which figures, e.g. --only ab")
+    parser.add_argument("--only", default="abcdefghijklp", help="which figures, e.g. --only ab")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--memory-child", choices=("traced", "untraced"), help=argparse.SUPPRESS)
     parser.add_argument("--explore-child", choices=EXPLORE_MODES, help=argparse.SUPPRESS)
@@ -778,7 +794,8 @@ def main() -> None:
              "i": lambda: bench_attribute_figure(reps["forward"]),
              "j": bench_explore_memory,
              "k": lambda: bench_explore_startup(reps["explore"]),
-             "l": lambda: bench_outputs_figure(args.quick)}
+             "l": lambda: bench_outputs_figure(args.quick),
+             "p": lambda: bench_patch_figure(1)}
     for key, step in steps.items():
         if key in args.only or (key == "b" and "c" in args.only):
             start = time.perf_counter()

@@ -104,6 +104,18 @@ RULES: dict[str, dict[str, object]] = {
     "heads-merge": {"states": "data", "--sort": "data", "--top": "data", "--json": "output",
                     "--thumbnails": "data", "--svg": "output", "--html": "output",
                     "--width": "data", "--force": "data"},
+    # attn patch: every option of its own changes the grids or is refused where it cannot
+    # (commands/patch.py says the ones a run leaves unused, --restore-window among them).
+    "patch": {
+        **INPUT, **MODEL, **ENGINE,
+        **{flag: "data" for flag in (
+            "--clean", "--corrupt", "--corrupt-noise", "--direction", "--metric", "--patch",
+            "--per-position", "--position", "--restore-window", "--samples", "--noise-scale",
+            "--noise-seed", "--target", "--versus", "--top", "--width", "--force")},
+        "--json": "output", "--svg": "output", "--html": "output",
+        # Its runs need a corruption: these two are said unused as in the other commands.
+        "--keep-newline": "data", "--seed": "data",
+    },
     "attribute": {
         **INPUT, **MODEL, **ENGINE,
         "--target": "data", "--versus": "data", "--position": "data", "--ablate": "data",

@@ -63,6 +63,10 @@ EXAMPLES = {
     "schema": "attn schema | jq .properties",
     "attribute": 'attn attribute --weights gpt2 "The Eiffel Tower is in the city of"    ·    '
                  'attn attribute "a b c a b" --target "␣c" --ablate L1H3 --rollout',
+    "patch": 'attn patch --weights gpt2 --clean "When Mary and John went to the store, John '
+             'gave a drink to" --corrupt "When Mary and John went to the store, Mary gave a '
+             'drink to" --patch resid_pre --patch z    ·    attn patch --weights gpt2 '
+             '"The Eiffel Tower is in the city of" --corrupt-noise "Eiffel Tower"',
 }
 
 
@@ -347,14 +351,15 @@ def tokens(
 
 # ── attn schema ───────────────────────────────────────────────────────────────────────────────
 
-SCHEMAS = ("trace", "trace-lines", "heads", "attribute", "tokens")  # data/NAME.schema.json
+SCHEMAS = ("trace", "trace-lines", "heads", "attribute", "patch", "tokens")  # data/NAME.schema.json
 
 @app.command(epilog=f"Example: {EXAMPLES['schema']}")
 def schema(
     which: Annotated[str, typer.Argument(help="trace (attn trace --json), trace-lines (attn "
                                               "trace --json-lines), heads (attn heads --json), "
-                                              "attribute (attn attribute --json) or tokens "
-                                              "(attn tokens --json).")] = "trace",
+                                              "attribute (attn attribute --json), patch "
+                                              "(attn patch --json) or tokens (attn tokens "
+                                              "--json).")] = "trace",
     debug: Debug = False,
 ) -> None:
     """Print the JSON Schema (draft 2020-12) of the --json output."""
@@ -599,6 +604,98 @@ def attribute(
         ablate=ablate or [], ablate_mode=ablate_mode.value, all_positions=all_positions,
         rollout=rollout, top_k=top_k, components=components, json=json_, **files)
     attr.execute(request, notice=_notice, console=_stdout_console)
+
+
+# ── attn patch ────────────────────────────────────────────────────────────────────────────────
+
+PatchMetric = Enum("PatchMetric", {t: t for t in ("diff", "logit", "logprob", "prob")}, type=str)
+Direction = Enum("Direction", {"denoise": "denoise", "noise": "noise"}, type=str)
+
+
+@app.command(epilog=f"Examples: {EXAMPLES['patch']}")
+@shared(INPUT, MODEL, ENGINE, FILES)
+def patch(
+    opts: dict,
+    clean: Annotated[str | None, Opt("--clean", help="The clean prompt (or give it as TEXT).",
+                                     rich_help_panel="Patching", show_default=False)] = None,
+    corrupt: Annotated[str | None, Opt("--corrupt", help="The corrupted prompt: the same number "
+                                       "of tokens, a few of them changed.",
+                                       rich_help_panel="Patching", show_default=False)] = None,
+    corrupt_noise: Annotated[str | None, Opt("--corrupt-noise", metavar="SUBJECT", help="Causal "
+                                             "tracing (ROME): corrupt by adding Gaussian noise "
+                                             "to the embeddings of these words of the text.",
+                                             rich_help_panel="Patching",
+                                             show_default=False)] = None,
+    patch_: Annotated[list[str] | None, Opt("--patch", help="What to patch (repeatable, or "
+                                            "comma-separated): resid_pre, attn_out, mlp_out "
+                                            "(layers × positions); z, q, k, v, pattern (layers × "
+                                            "heads) (default: resid_pre, attn_out, mlp_out).",
+                                            rich_help_panel="Patching",
+                                            show_default=False)] = None,
+    per_position: Annotated[bool, Opt("--per-position", help="Patch z one head and one position "
+                                      "at a time (layers × heads × positions).",
+                                      rich_help_panel="Patching")] = False,
+    direction: Annotated[Direction, Opt("--direction", help="denoise: each clean activation "
+                                        "into the corrupted run, alone (is it sufficient to "
+                                        "restore the behaviour?); noise: each corrupted "
+                                        "activation into the clean run (is it necessary: does "
+                                        "the behaviour break without it?). Heimersheim & Nanda "
+                                        "2024, How to use and interpret activation patching.",
+                                        rich_help_panel="Patching")] = Direction.denoise,
+    target: Annotated[str | None, Opt("--target", help="The token whose prediction is measured: "
+                                      "its text (a leading space as ' ' or ␣) or #ID (default: "
+                                      "the clean run's top prediction).",
+                                      rich_help_panel="Metric", show_default=False)] = None,
+    versus: Annotated[str | None, Opt("--versus", help="The other side of the logit difference "
+                                      "(default: the corrupted run's top prediction).",
+                                      rich_help_panel="Metric", show_default=False)] = None,
+    position: Annotated[int | None, Opt("--position", help="Measure the prediction made at this "
+                                        "position (default: the last token).",
+                                        rich_help_panel="Metric", show_default=False)] = None,
+    metric: Annotated[PatchMetric | None, Opt("--metric", help="diff: logit(target) − "
+                                              "logit(versus); logit, logprob, prob: of the "
+                                              "target alone (default: diff; prob with "
+                                              "--corrupt-noise, as ROME). Every cell shows "
+                                              "(patched − corrupted) / (clean − corrupted).",
+                                              rich_help_panel="Metric",
+                                              show_default=False)] = None,
+    samples: Annotated[int | None, Opt("--samples", help="Noise draws averaged by "
+                                       "--corrupt-noise (default: 10).",
+                                       rich_help_panel="Causal tracing",
+                                       show_default=False)] = None,
+    noise_scale: Annotated[float, Opt("--noise-scale", help="The noise's standard deviation, "
+                                      "times the token embeddings' (ROME: 3).",
+                                      rich_help_panel="Causal tracing")] = 3.0,
+    noise_seed: Annotated[int, Opt("--noise-seed", help="Seed of the noise.",
+                                   rich_help_panel="Causal tracing")] = 0,
+    restore_window: Annotated[int, Opt("--restore-window", help="Restore attn_out and mlp_out "
+                                       "of K consecutive layers around each layer at once "
+                                       "(ROME uses 10).",
+                                       rich_help_panel="Causal tracing")] = 1,
+    top: Annotated[int, Opt("--top", help="Strongest cells listed under each grid.",
+                            rich_help_panel="View")] = 10,
+    json_: Annotated[bool, Opt("--json", help="Write one JSON document (schema: attn schema "
+                               "patch).", rich_help_panel="Output")] = False,
+    debug: Debug = False,
+) -> None:
+    """Activation patching: which layer, position and head carry the difference between a clean
+    and a corrupted prompt.
+
+    Each activation of one run is replaced by the other run's, one at a time, and the
+    prediction at the last token (or --position) is measured again.
+    """
+    from attn_tracer.commands import patch as patch_command
+    from attn_tracer.commands.session import SharedOptions
+
+    files = {name: opts.pop(name) for name in ("svg", "html", "width", "force")}
+    request = patch_command.PatchRequest(
+        base=SharedOptions.of(opts), clean=clean, corrupt=corrupt,
+        corrupt_noise=corrupt_noise, target=target, versus=versus, position=position,
+        metric=metric.value if metric is not None else None, direction=direction.value,
+        patch=patch_ or [], per_position=per_position, samples=samples,
+        noise_scale=noise_scale, noise_seed=noise_seed, window=restore_window, top=top, json=json_,
+        **files)
+    patch_command.execute(request, notice=_notice, console=_stdout_console)
 
 
 # ── attn explore ──────────────────────────────────────────────────────────────────────────────

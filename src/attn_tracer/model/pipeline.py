@@ -223,9 +223,7 @@ def _run(texts, config, engine, weights, selection, *, cross_texts, padding, max
                                      selection.capture, cross is not None,
                                      predict=bool(predict_top_k)), max_memory)
 
-    # Embedding tables stay on the host: only the rows of this text are looked up and sent.
-    p = {name: engine.asarray(w) for name, w in weights.params.items()
-         if name not in ("wte", "wpe", "lm_head")}
+    p = engine_params(weights, engine)
     rec = Recorder(selection, engine, hooks)
     allowed = _on(engine, self_mask(config, batch.valid))
     # One text, causal, no padding: the mask is the plain triangle a fused kernel can skip.
@@ -311,6 +309,39 @@ def ids_text(toks: list[tokens.Token]) -> str:
     if all(t.bytes for t in toks):
         return b"".join(t.bytes for t in toks).decode("utf-8", errors="replace")
     return " ".join(t.text for t in toks)
+
+
+def engine_params(weights: Weights, engine: Engine) -> dict:
+    """The layers' parameters on the engine. Embedding tables stay on the host: only the rows
+    of a text are looked up and sent."""
+    return {name: engine.asarray(w) for name, w in weights.params.items()
+            if name not in ("wte", "wpe", "lm_head")}
+
+
+def resume(x, start: int, config: Config, engine: Engine, params: dict, valid: np.ndarray,
+           hooks: dict[str, Hook] | None = None):
+    """The stack from layer `start` on, for residuals x [batch, len, d_model] that enter it
+    there; returns what the unembedding reads [batch, len, d_model] (ln_f's output for GPT-2,
+    else the last residual). Activation patching reruns only the layers after a patch.
+
+    The same layer calls as `run` (self-attention only: no cross texts), with `hooks` as
+    there; nothing is kept. `params`: `engine_params`; `valid` [batch, len]: the real tokens.
+    """
+    arch = family(config)
+    rec = Recorder(Selection((), (), "patterns"), engine, hooks)
+    allowed = _on(engine, self_mask(config, valid))
+    causal = config.mask == "causal" and bool(valid.all()) and (
+        config.window is None or config.window >= valid.shape[1])
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)  # as make_batch counts them
+    rotary = (tuple(engine.asarray(a) for a in layers.rotary_angles(positions, config))
+              if config.pos == "rotary" else None)
+    with np.errstate(all="ignore"):
+        for layer in range(start, config.layers):
+            x = arch.block(x, params, config, allowed, rec, layer, engine, None, None, causal,
+                           rotary)
+        if arch.full_block:
+            x = arch.final(x, params, config, rec)
+    return x
 
 
 def tokenize_all(texts, allow_special, max_length, config: Config, what, reserve: int = 0,

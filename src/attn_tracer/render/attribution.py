@@ -184,28 +184,37 @@ def grid_scale(a) -> tuple[float, int]:
     return (float(np.max(np.abs(layered))) or 1.0), formats.signed_decimals(layered)
 
 
-def head_blocks(values: np.ndarray, scale: float, digits: int, width: int) -> list[Text]:
-    """The [layers × heads] grid, cut into blocks of heads that each fit `width`."""
+def head_blocks(values: np.ndarray, scale: float, digits: int, width: int, *,
+                rows: list[str] | None = None, cols: list[str] | None = None,
+                title: str = "heads", colors: np.ndarray | None = None) -> list[Text]:
+    """The [layers × heads] grid, cut into blocks of heads that each fit `width`.
+
+    Any other grid too: `rows` and `cols` label its axes (default L0…, H0…), and `colors`
+    (default: the values) are what the diverging scale shows of each cell."""
     layers, heads = values.shape
+    rows = rows or [f"L{layer}" for layer in range(layers)]
+    cols = cols or [f"H{h}" for h in range(heads)]
+    colors = values if colors is None else colors
     cell = max(len(signed(float(v), digits)) for v in values.ravel()) if values.size else 5
-    cell = max(cell, len(f"H{heads - 1}"))
-    label_w = len(f"L{layers - 1}")
+    cell = max(cell, *(cell_len(c) for c in cols))
+    label_w = max(cell_len(r) for r in rows)
     per_block = max(1, (width - label_w) // (cell + 1))
     blocks = []
     for start in range(0, heads, per_block):
         chosen = range(start, min(start + per_block, heads))
         t = Text(no_wrap=True, overflow="crop")
-        t.append("heads" if start == 0 else f"heads (H{start}–)", style="bold")
+        t.append(title if start == 0 else f"{title} ({cols[start]}–)", style="bold")
         t.append("\n" + " " * label_w)
         for h in chosen:
-            t.append(" " + f"H{h}".rjust(cell), style="cyan")
+            t.append(" " + " " * (cell - cell_len(cols[h])) + cols[h], style="cyan")
         for layer in range(layers):
             t.append("\n")
-            t.append(f"L{layer}".ljust(label_w), style="cyan")
+            t.append(rows[layer] + " " * (label_w - cell_len(rows[layer])), style="cyan")
             for h in chosen:
                 v = float(values[layer, h])
                 t.append(" ")
-                t.append(signed(v, digits).rjust(cell), style=diverging_style(v, scale))
+                t.append(signed(v, digits).rjust(cell),
+                         style=diverging_style(float(colors[layer, h]), scale))
         blocks.append(t)
     return blocks
 
@@ -236,19 +245,27 @@ def layer_block(result, scale: float, digits: int) -> Text | None:
 
 
 def diverging_legend(result, scale: float, digits: int, width: int) -> Text:
-    ramp = Text(f"{signed(-scale, digits)} ")
-    shades = "█▓▒░"
-    for i in range(4):
-        ramp.append(shades[i], style=Style(color=Color.from_rgb(*diverging(-1 + i / 4))))
-    ramp.append("0", style=Style(color=Color.from_rgb(*ZERO)))
-    for i in range(4):
-        ramp.append(shades[3 - i], style=Style(color=Color.from_rgb(*diverging((i + 1) / 4))))
-    ramp.append(f" {signed(scale, digits)}")
+    ramp = diverging_ramp(scale, digits)
     t = label(result.target, result) if result.versus is None else (
         f"{label(result.target, result)} over {label(result.versus, result)}")
     words = [ramp, Text(f"+ (blue) pushes toward {t}", style="dim"),
              Text("− (red) away", style="dim"), Text("0 gray", style="dim")]
     return flow(words, width, sep="  ·  ")
+
+
+def diverging_ramp(scale: float, digits: int, low: str | None = None, high: str | None = None,
+                   middle: str = "0") -> Text:
+    """−scale █▓▒░0░▒▓█ +scale: the diverging scale's key (its ends and middle labelled `low`,
+    `high`, `middle`)."""
+    ramp = Text(f"{signed(-scale, digits) if low is None else low} ")
+    shades = "█▓▒░"
+    for i in range(4):
+        ramp.append(shades[i], style=Style(color=Color.from_rgb(*diverging(-1 + i / 4))))
+    ramp.append(middle, style=Style(color=Color.from_rgb(*ZERO)))
+    for i in range(4):
+        ramp.append(shades[3 - i], style=Style(color=Color.from_rgb(*diverging((i + 1) / 4))))
+    ramp.append(f" {signed(scale, digits) if high is None else high}")
+    return ramp
 
 
 def ranked(result, count: int, width: int) -> Text:
