@@ -324,6 +324,15 @@ def schema(
 
 Opt = typer.Option
 
+# --plot and --plot-theme, the same on every command that draws a figure (render/plot.py).
+PlotTheme = Enum("PlotTheme", {"light": "light", "dark": "dark"}, type=str)
+Plot = Annotated[Path | None, Opt("--plot", help="Save a figure for a paper or a slide "
+                                  "(.png, .pdf or .svg; needs matplotlib: pip install "
+                                  "\"attn-tracer\\[plot]\").", rich_help_panel="Output",
+                                  show_default=False)]
+PlotThemeOption = Annotated[PlotTheme, Opt("--plot-theme", help="The figure's theme.",
+                                           rich_help_panel="Output")]
+
 
 @app.command(epilog=f"Examples: {EXAMPLES['trace']}")
 @shared(INPUT, CROSS, MODEL, ENGINE, PREDICT)
@@ -378,8 +387,10 @@ def trace(
     width: Annotated[int | None, Opt("--width", help="Columns of the view (default: the "
                                      "terminal's; 120 for --svg/--html from a pipe).",
                                      rich_help_panel="Output", show_default=False)] = None,
-    force: Annotated[bool, Opt("--force", help="Overwrite files given to --save/--svg/--html.",
-                               rich_help_panel="Output")] = False,
+    plot: Plot = None,
+    plot_theme: PlotThemeOption = PlotTheme.light,
+    force: Annotated[bool, Opt("--force", help="Overwrite files given to --save/--svg/--html/"
+                               "--plot.", rich_help_panel="Output")] = False,
     debug: Debug = False,
 ) -> None:
     """Run a text through a multi-head attention stack and show every step with its shape."""
@@ -390,6 +401,7 @@ def trace(
         query=query, keys=keys, numbers=numbers, width=width,
         values=values, cost=cost, circuits=circuits, json=json_, json_lines=json_lines,
         precision=precision, save=save, steps=steps or [], svg=svg, html=html, force=force,
+        plot=plot, plot_theme=plot_theme.value,
     )
     runner.execute(request, notice=_notice, console=_stdout_console)
 
@@ -424,11 +436,19 @@ def heads(
                                     show_default=False)] = None,
     json_: Annotated[bool, Opt("--json", help="Write the scores as JSON (schema: attn schema "
                                "heads).", rich_help_panel="Output")] = False,
-    thumbnails: Annotated[bool, Opt("--thumbnails", help="With --json: add each head's "
-                                    "16 × 16 thumbnail.", rich_help_panel="Output")] = False,
+    score: Annotated[list[str] | None, Opt("--score", metavar="NAME", help="Draw only this "
+                                           "score's grid (repeatable; all: every one).",
+                                           rich_help_panel="View", show_default=False)] = None,
+    thumbnails: Annotated[bool | None, Opt("--thumbnails/--no-thumbnails", help="--thumbnails:"
+                                           " with --json, add each head's 16 × 16 thumbnail; "
+                                           "--no-thumbnails: the view without the overview.",
+                                           rich_help_panel="Output", show_default=False)
+                          ] = None,
     svg: Annotated[Path | None, Opt("--svg", help="Save the view as SVG.",
                                     rich_help_panel="Output")] = None,
-    force: Annotated[bool, Opt("--force", help="Overwrite the file given to --svg.",
+    plot: Plot = None,
+    plot_theme: PlotThemeOption = PlotTheme.light,
+    force: Annotated[bool, Opt("--force", help="Overwrite the file given to --svg or --plot.",
                                rich_help_panel="Output")] = False,
     debug: Debug = False,
 ) -> None:
@@ -437,7 +457,7 @@ def heads(
 
     options = heads_command.HeadsOptions(
         sort=sort.value, top=top, repeat=repeat, bos=bos, json=json_, thumbnails=thumbnails,
-        svg=svg, force=force)
+        svg=svg, force=force, score=score or [], plot=plot, plot_theme=plot_theme.value)
     heads_command.execute(Request(**opts), options, notice=_notice, console=_stdout_console)
 
 
@@ -478,6 +498,10 @@ def attribute(
                                    "table.", rich_help_panel="View")] = 10,
     json_: Annotated[bool, Opt("--json", help="Write one JSON document (schema: attn schema "
                                "attribute).", rich_help_panel="Output")] = False,
+    plot: Plot = None,
+    plot_theme: PlotThemeOption = PlotTheme.light,
+    force: Annotated[bool, Opt("--force", help="Overwrite the file given to --plot.",
+                               rich_help_panel="Output")] = False,
     debug: Debug = False,
 ) -> None:
     """Which heads made the prediction: direct logit attribution, logit lens, ablation, rollout.
@@ -488,9 +512,10 @@ def attribute(
     from attn_tracer.commands import run as runner
 
     request = attr.AttributeRequest(
-        base=runner.Request(**opts), target=target, versus=versus, position=position,
+        base=runner.Request(**opts, force=force), target=target, versus=versus, position=position,
         ablate=ablate or [], ablate_mode=ablate_mode.value, all_positions=all_positions,
-        rollout=rollout, top_k=top_k, components=components, json=json_)
+        rollout=rollout, top_k=top_k, components=components, json=json_, plot=plot,
+        plot_theme=plot_theme.value)
     attr.execute(request, notice=_notice, console=_stdout_console)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +43,8 @@ class AttributeRequest:
     top_k: int = 5
     components: int = 10
     json: bool = False
+    plot: Path | None = None
+    plot_theme: str = "light"
 
 
 @dataclass
@@ -108,6 +111,7 @@ def validate(a: AttributeRequest) -> None:
         raise UsageError(f"--ablate-mode must be zero or mean; got {a.ablate_mode!r}")
     if a.position is not None and a.position < 0:
         raise UsageError(f"--position counts tokens from 0; got {a.position}")
+    runner.check_plot(a.plot, a.plot_theme, a.base.force)
 
 
 def execute(a: AttributeRequest, notice: Callable[[str], None], console: Callable) -> None:
@@ -115,15 +119,23 @@ def execute(a: AttributeRequest, notice: Callable[[str], None], console: Callabl
     result = compute(a, said.append)
     for message in said:
         notice(message)
-    if a.json:
-        from attn_tracer.render import attribution as render_attribution
+    from attn_tracer.commands.save import staged
 
-        sys.stdout.buffer.write(render_attribution.document(result))
-        sys.stdout.buffer.flush()
-        return
-    view = render(a, result, console())
-    sys.stdout.write(view.file.getvalue())
-    sys.stdout.flush()
+    with staged():  # --plot is kept only if stdout is written too
+        if a.plot is not None:
+            from attn_tracer.render import plot
+
+            runner.write_plot(a.plot, lambda: plot.attribution_figure(
+                **plot.attribution_data(result, a.components), theme=a.plot_theme))
+        if a.json:
+            from attn_tracer.render import attribution as render_attribution
+
+            sys.stdout.buffer.write(render_attribution.document(result))
+            sys.stdout.buffer.flush()
+            return
+        view = render(a, result, console())
+        sys.stdout.write(view.file.getvalue())
+        sys.stdout.flush()
 
 
 def render(a: AttributeRequest, result: Result, target):

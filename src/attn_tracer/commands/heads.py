@@ -12,15 +12,16 @@ from __future__ import annotations
 import io
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from attn_tracer.analysis.head_definitions import SORTS
+from attn_tracer.analysis.head_definitions import SCORES, SORTS
 from attn_tracer.commands.run import Request
 from attn_tracer.errors import UsageError
 from attn_tracer.model import memory
 
 JSON_BOX = (16, 16)  # --thumbnails: pattern rows × key columns of each head's thumbnail
+PLOT_BOX = (48, 48)  # --plot: a figure's thumbnails are finer than a terminal's cells
 
 
 @dataclass
@@ -32,9 +33,18 @@ class HeadsOptions:
     repeat: int | None = None
     bos: bool | None = None  # None: on with --repeat, off for a text
     json: bool = False
-    thumbnails: bool = False
+    thumbnails: bool | None = None  # True: --json adds them; False: the view leaves them out
     svg: Path | None = None
     force: bool = False
+    score: list[str] = field(default_factory=list)  # --score: only these grids (all: every one)
+    plot: Path | None = None
+    plot_theme: str = "light"
+
+    @property
+    def scores(self) -> list[str]:
+        """The scores whose grids are drawn (and plotted), in the definitions' order."""
+        chosen = {s for s in self.score if s != "all"}
+        return [s for s in SCORES if s in chosen or "all" in self.score]
 
     @property
     def with_bos(self) -> bool:
@@ -65,10 +75,16 @@ def validate(r: Request, h: HeadsOptions) -> None:
         if r.texts or r.file is not None or r.lines is not None:
             raise UsageError("--repeat builds its own input (random tokens, then the same "
                              "again): give it without a TEXT, --file or --lines")
+    for name in h.score:
+        if name != "all" and name not in SCORES:
+            raise UsageError(f"--score must be one of {', '.join(SCORES)} or all; got {name!r}")
     if h.svg is not None:
         from attn_tracer.commands.save import check_target
 
         check_target(h.svg, h.force, "--svg", (".svg",))
+    run.check_plot(h.plot, h.plot_theme, h.force)
+    if h.plot is not None and h.svg is not None and h.plot.resolve() == h.svg.resolve():
+        raise UsageError("--svg and --plot must name different files")
 
 
 def check_repeat(n: int, bos: bool, config) -> None:
@@ -102,8 +118,11 @@ def ignored(r: Request, h: HeadsOptions) -> list[str]:
                 out.append(f"{flag} shapes a text; --repeat's input is one row of "
                            f"{2 * h.repeat} tokens, so it changes nothing")
     if h.thumbnails and not h.json:
-        out.append("--thumbnails adds each head's thumbnail to --json; the view always "
-                   "draws them")
+        out.append("--thumbnails adds each head's thumbnail to --json; the view draws them "
+                   "unless --no-thumbnails")
+    if h.thumbnails is False and h.json:
+        out.append("--no-thumbnails leaves the overview out of the view; --json has no "
+                   "thumbnails unless --thumbnails")
     return out
 
 
@@ -118,19 +137,32 @@ def execute(r: Request, h: HeadsOptions, notice: Callable[[str], None],
     view = None
     if not h.json or h.svg is not None:
         view = render_view(result, target, record=h.svg is not None)
+    from attn_tracer.commands.save import staged
+
+    with staged():  # --svg and --plot are kept only if stdout is written too
+        write_files(result, h, view)
+        for message in said:
+            notice(message)
+        if h.json:
+            sys.stdout.buffer.write(render_heads.document(result))
+            sys.stdout.flush()
+        else:
+            sys.stdout.write(view.file.getvalue())
+            sys.stdout.flush()
+
+
+def write_files(result: HeadsResult, h: HeadsOptions, view) -> None:
     if h.svg is not None:
         from attn_tracer.commands.save import write_atomic
         from attn_tracer.render.terminal import export_svg
 
         write_atomic(h.svg, export_svg(view, "attn heads").encode())
-    for message in said:
-        notice(message)
-    if h.json:
-        sys.stdout.buffer.write(render_heads.document(result))
-        sys.stdout.flush()
-    else:
-        sys.stdout.write(view.file.getvalue())
-        sys.stdout.flush()
+    if h.plot is not None:
+        from attn_tracer.commands import run
+        from attn_tracer.render import plot
+
+        run.write_plot(h.plot, lambda: plot.heads_figure(*plot.heads_data(result),
+                                                         theme=h.plot_theme))
 
 
 def render_view(result: HeadsResult, target, record: bool = False):
@@ -177,10 +209,12 @@ def compute(r: Request, h: HeadsOptions, notice: Callable[[str], None], width: i
     batch = prepared.batch
     rows, length = batch.ids.shape
     boxes = {}
-    if not h.json or h.svg is not None:
+    if (not h.json or h.svg is not None) and h.thumbnails is not False:
         boxes["view"] = view_box(width, config.heads, color)
     if h.json and h.thumbnails:
         boxes["json"] = JSON_BOX
+    if h.plot is not None:
+        boxes["plot"] = PLOT_BOX
     # The run keeps no tensor; the scores add index pairs (at worst every pair of a text made
     # of one repeated token) and the thumbnails' block matrices.
     needed = memory.estimate(config, r.dtype, rows, length, length, 0, 0, "patterns", False)

@@ -73,6 +73,8 @@ class Request:
     steps: list[str] = field(default_factory=list)
     svg: Path | None = None
     html: Path | None = None
+    plot: Path | None = None  # --plot: a matplotlib figure (render/plot.py)
+    plot_theme: str = "light"
     force: bool = False
     device: str = "auto"
     engine: str = "auto"
@@ -240,9 +242,28 @@ def validate(r: Request) -> None:
         check_target(r.svg, r.force, "--svg", (".svg",))
     if r.html is not None:
         check_target(r.html, r.force, "--html", (".html", ".htm"))
-    if len({p.resolve() for p in (r.save, r.svg, r.html) if p is not None}) < sum(
-            p is not None for p in (r.save, r.svg, r.html)):
-        raise UsageError("--save, --svg and --html must name different files")
+    check_plot(r.plot, r.plot_theme, r.force)
+    files = [p for p in (r.save, r.svg, r.html, r.plot) if p is not None]
+    if len({p.resolve() for p in files}) < len(files):
+        raise UsageError("--save, --svg, --html and --plot must name different files")
+
+
+def check_plot(path: Path | None, theme: str, force: bool) -> None:
+    """--plot's target and matplotlib itself, before the run (as every file target)."""
+    from attn_tracer.commands.save import check_target
+    from attn_tracer.render import plot
+
+    if path is not None:
+        check_target(path, force, "--plot", plot.SUFFIXES)
+    plot.check(path, theme)
+
+
+def write_plot(path: Path, figure: Callable[[], object]) -> None:
+    """Draw the figure (`figure()`, a matplotlib Figure) and write it atomically to `path`."""
+    from attn_tracer.commands.save import write_atomic
+    from attn_tracer.render import plot
+
+    write_atomic(path, plot.to_bytes(figure(), path.suffix))
 
 
 def parse_range(text: str, count: int, flag: str) -> range:
@@ -449,6 +470,8 @@ def write_outputs(r: Request, trace, weights, console: Callable) -> None:
 
     if r.save is not None:
         save.save_tensors(trace, r.save, render_json.config_json(trace), save.parse_steps(r.steps))
+    if r.plot is not None:
+        write_plot(r.plot, lambda: plot_figure(r, trace))
     view = None
     stream = r.json or r.json_lines
     if not stream or r.svg or r.html:
@@ -466,6 +489,32 @@ def write_outputs(r: Request, trace, weights, console: Callable) -> None:
     else:
         sys.stdout.write(view.file.getvalue())
         sys.stdout.flush()
+
+
+def plot_figure(r: Request, trace):
+    """--plot of attn trace: the heads the view draws (its layers, --head), of the first
+    --batch-index text (default text 0), self-attention then cross-attention."""
+    from attn_tracer.render import plot
+
+    if not r.layer and len(trace.selection.layers) > 1:
+        trace = dataclasses.replace(
+            trace, selection=dataclasses.replace(trace.selection, layers=(0,)))
+    b = r.batch_index[0] if r.batch_index else 0
+    maps = plot.trace_data(trace, "attn", b)
+    if trace.cross:
+        for m in (cross := plot.trace_data(trace, "cross_attn", b)):
+            m.title += " (cross)"
+        maps += cross
+    layers = ", ".join(str(layer) for layer in trace.selection.layers)
+    text = plot.title_text(trace.inputs[b].text)
+    which = f"text {b} " if len(trace.inputs) > 1 else ""
+    cross = f"; keys of cross-attention: {plot.title_text(trace.cross[b].text)}" if trace.cross \
+        else ""
+    title = [f"attn trace · {plot.model_words(trace.config)}",
+             f"{which}{text}{cross}",
+             f"attention patterns of layer{'s' if len(trace.selection.layers) > 1 else ''} "
+             f"{layers}: softmax(Q·Kᵀ/√d_head + mask), queries down, keys across"]
+    return plot.patterns_figure(maps, title, r.plot_theme)
 
 
 def render_view(r: Request, trace, weights, target):
