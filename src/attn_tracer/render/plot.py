@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import textwrap
 import warnings
 from dataclasses import dataclass
@@ -92,18 +93,33 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def to_bytes(figure, suffix: str) -> bytes:
-    """The figure as a PNG, PDF or SVG file's bytes, with nothing in them that changes per run."""
+def to_bytes(figure, suffix: str, dpi: int = DPI) -> bytes:
+    """The figure as a PNG, PDF or SVG file's bytes, with nothing in them that changes per run
+    (`dpi`: of the PNG; the README's gallery and the tests' references are smaller)."""
     fmt = suffix.lower().lstrip(".")
     metadata = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None},
                 "pdf": {"CreationDate": None, "ModDate": None, "Producer": None,
                         "Creator": None}}[fmt]
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        figure.savefig(buffer, format=fmt, metadata=metadata,
+    # The parameters read while saving (the SVG's ids from svg.hashsalt, fonts embedded as
+    # paths) are the drawing's; the theme's colours are already in the figure's artists.
+    with _style("light"):
+        figure.savefig(buffer, format=fmt, metadata=metadata, dpi=dpi,
                        facecolor=figure.get_facecolor())
-    return buffer.getvalue()
+    data = buffer.getvalue()
+    return _renumber_ids(data) if fmt == "svg" else data
+
+
+_SVG_ID = re.compile(rb'(?<=["#])[a-z][0-9a-f]{10}(?=[")])')
+
+
+def _renumber_ids(svg: bytes) -> bytes:
+    """matplotlib names a clip rectangle by a hash of its corners' floats, whose last bits the
+    layout's iterations may change from one run to the next: the ids, numbered in order of
+    appearance instead, make the file the same on every run."""
+    seen: dict[bytes, bytes] = {}
+    return _SVG_ID.sub(lambda m: seen.setdefault(m.group(), b"%c%010d" % (m.group()[0],
+                                                                            len(seen))), svg)
 
 
 def title_text(text: str) -> str:
@@ -174,9 +190,7 @@ def patterns_figure(maps: list[Heatmap], title: list[str], theme: str = "light")
 def _masked_map(name: str, theme: str):
     import matplotlib
 
-    cmap = matplotlib.colormaps[name].copy()
-    cmap.set_bad(MASKED[theme])
-    return cmap
+    return matplotlib.colormaps[name].with_extremes(bad=MASKED[theme])
 
 
 def trace_data(trace, kind: str = "attn", batch: int = 0) -> list[Heatmap]:
@@ -236,9 +250,9 @@ def heads_figure(values: np.ndarray, drawn: np.ndarray, scores: dict[str, np.nda
         ax = top.subplots()
         import matplotlib
 
-        cmap = matplotlib.colormaps[PATTERN_MAP].copy()
-        cmap.set_under(MASKED[theme])
-        cmap.set_bad(alpha=0)  # the gaps: the background shows through
+        # Masked blocks below the scale, in the masked gray; the gaps transparent.
+        cmap = matplotlib.colormaps[PATTERN_MAP].with_extremes(under=MASKED[theme],
+                                                               bad=(0, 0, 0, 0))
         image = ax.imshow(np.ma.masked_invalid(mosaic(values, drawn)), cmap=cmap, vmin=0, vmax=1)
         ax.set_xticks([h * (c + 1) + (c - 1) / 2 for h in range(heads)],
                       [f"H{h}" for h in range(heads)], fontsize=7)
@@ -310,7 +324,7 @@ def attribution_figure(grid: np.ndarray, bars: list[tuple[str, float]], lens: Le
         bar.set_label(f"share: ±{scale:.3g} = the largest head's (blue: toward {target})")
         if layers * heads <= 64:
             for (y, x), value in np.ndenumerate(grid):
-                ax_grid.text(x, y, f"{value:+.2f}".replace("-", "−"), ha="center", va="center",
+                ax_grid.text(x, y, _signed(value), ha="center", va="center",
                              fontsize=6, color="white" if abs(value) > 0.6 * scale else "black")
         names = [n for n, _ in bars][::-1]
         values = np.array([v for _, v in bars][::-1], np.float64)
@@ -336,9 +350,15 @@ def attribution_figure(grid: np.ndarray, bars: list[tuple[str, float]], lens: Le
         ax_lens.set_xlabel("after layer")
         ax_lens.set_ylabel("probability")
         ax_lens.set_title("logit lens")
-        ax_lens.legend(fontsize=6, loc="upper left", frameon=False)
+        ax_lens.legend(fontsize=6, loc="lower right", frameon=False)
         _suptitle(figure, title)
         return figure
+
+
+def _signed(value: float) -> str:
+    """+0.12, −0.05; a value that rounds to 0 is 0.00, never −0.00."""
+    text = f"{value:+.2f}"
+    return "0.00" if float(text) == 0 else text.replace("-", "−")
 
 
 # ── titles ────────────────────────────────────────────────────────────────────────────────────
