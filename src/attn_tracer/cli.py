@@ -67,6 +67,7 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+_ARGS: list[str] = []  # the command line's words, for a view that prints a command to run next
 _DEBUG = [False]  # set by --debug (on the root or on a command) while a command line is parsed
 
 
@@ -115,6 +116,7 @@ class Group(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)
+        _ARGS[:] = args
         _DEBUG[0] = False
         if process.repair_streams():
             _fail("standard output is closed, so there is nowhere to write the output; "
@@ -494,8 +496,9 @@ def attribute(
                                  rich_help_panel="Attribution")] = False,
     top_k: Annotated[int, Opt("--top-k", help="Tokens listed in the prediction and the "
                               "ablation.", rich_help_panel="View")] = 5,
-    components: Annotated[int, Opt("--components", help="Rows of the strongest-components "
-                                   "table.", rich_help_panel="View")] = 10,
+    components: Annotated[int, Opt("--components", help="Rows of each strongest-components "
+                                   "table (heads; embeddings, b_O and MLPs).",
+                                   rich_help_panel="View")] = 10,
     json_: Annotated[bool, Opt("--json", help="Write one JSON document (schema: attn schema "
                                "attribute).", rich_help_panel="Output")] = False,
     plot: Plot = None,
@@ -515,7 +518,7 @@ def attribute(
         base=runner.Request(**opts, force=force), target=target, versus=versus, position=position,
         ablate=ablate or [], ablate_mode=ablate_mode.value, all_positions=all_positions,
         rollout=rollout, top_k=top_k, components=components, json=json_, plot=plot,
-        plot_theme=plot_theme.value)
+        plot_theme=plot_theme.value, command=["attn", *_ARGS] if _ARGS else None)
     attr.execute(request, notice=_notice, console=_stdout_console)
 
 

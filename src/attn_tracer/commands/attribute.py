@@ -45,6 +45,7 @@ class AttributeRequest:
     json: bool = False
     plot: Path | None = None
     plot_theme: str = "light"
+    command: list[str] | None = None  # the command line's words: the view's --ablate hint
 
 
 @dataclass
@@ -142,7 +143,8 @@ def render(a: AttributeRequest, result: Result, target):
     from attn_tracer.render import attribution as render_attribution
 
     buffer = runner.buffer_like(target)
-    render_attribution.render(result, buffer, top_k=a.top_k, components=a.components)
+    render_attribution.render(result, buffer, top_k=a.top_k, components=a.components,
+                              command=a.command)
     return buffer
 
 
