@@ -185,29 +185,36 @@ def order(result) -> list[tuple[int, int]]:
 
 
 def table(result, width: int) -> Text:
+    """Every head's scores; narrower than its seven columns, the scores go in blocks of columns
+    one under the other, each with the head names (never cropped at the edge)."""
     c = result.trace.config
     sort = result.options.sort
     first = max(4, len(name(c.layers - 1, c.heads - 1)))
     column = 10
+    per_block = max(1, min(len(SCORES), (width - first) // column))
     out = Text(no_wrap=True, overflow="crop")
-    top, bottom = Text(" " * first), Text("head".ljust(first))
-    for score in SCORES:
-        words = SHORT[score].split(" ")
-        style = "bold" if score == sort else ""
-        top.append((words[0] if len(words) > 1 else "").rjust(column), style=style)
-        bottom.append(words[-1].rjust(column), style=style)
-    top.rstrip()
-    out.append_text(top)
-    out.append("\n")
-    out.append_text(bottom)
-    out.append("\n")
-    out.append("─" * min(width, first + column * len(SCORES)) + "\n", style="dim")
-    for layer, h in order(result):
-        out.append(name(layer, h).ljust(first), style="cyan")
-        for score in SCORES:
-            v = float(result.scores[score][layer, h])
-            out.append(f"{v:.3f}".rjust(column), style="bold" if score == sort else "")
+    for start in range(0, len(SCORES), per_block):
+        scores = SCORES[start:start + per_block]
+        if start:
+            out.append("\n")
+        top, bottom = Text(" " * first), Text("head".ljust(first))
+        for score in scores:
+            words = SHORT[score].split(" ")
+            style = "bold" if score == sort else ""
+            top.append((words[0] if len(words) > 1 else "").rjust(column), style=style)
+            bottom.append(words[-1].rjust(column), style=style)
+        top.rstrip()
+        out.append_text(top)
         out.append("\n")
+        out.append_text(bottom)
+        out.append("\n")
+        out.append("─" * min(width, first + column * len(scores)) + "\n", style="dim")
+        for layer, h in order(result):
+            out.append(name(layer, h).ljust(first), style="cyan")
+            for score in scores:
+                v = float(result.scores[score][layer, h])
+                out.append(f"{v:.3f}".rjust(column), style="bold" if score == sort else "")
+            out.append("\n")
     return out
 
 
