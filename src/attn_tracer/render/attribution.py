@@ -322,7 +322,8 @@ def ablate_hint(result, command: list[str], width: int) -> Text | None:
     if not heads:
         return None
     top = a.components[heads[0]].name
-    words = drop_options(command, {"--plot": 1, "--plot-theme": 1, "--force": 0})
+    words = drop_options(command, {"--plot": 1, "--plot-theme": 1, "--svg": 1, "--html": 1,
+                                   "--force": 0})
     line = flow([Text(w, style="dim") for w in
                  f"the strongest head is {top}; its total effect, with it knocked out:".split()],
                 width, sep=" ")
