@@ -138,7 +138,8 @@ def test_view_fits_and_reads_the_same_with_and_without_color(full, width: int, c
     for line in plain.splitlines():
         assert cell_len(line) <= width, line
     assert plain == ANSI.sub("", view(full, width, not color))  # color only repeats the text
-    for needle in ("direct logit attribution", "strongest components", "check:", "logit lens",
+    for needle in ("direct logit attribution", "strongest heads", "the other components",
+                   "check:", "logit lens",
                    "ablation: L0H3, L1H1 zeroed", "attention rollout", "untrained",
                    "logit(", "− logit(␣dog)"):
         assert needle in " ".join(plain.split()), needle
@@ -165,21 +166,26 @@ def test_grid_shows_each_heads_share_with_its_sign(full, width: int):
     for c, v in zip(a.components, a.logits, strict=True):
         if c.kind == "head":
             want[c.layer, c.head] = v
-    _, digits = render_attribution.grid_scale(a)
+    _, digits = render_attribution.head_scale(a)  # the heads grid has a scale of its own
     np.testing.assert_allclose(shown, want, rtol=0, atol=0.5 * 10 ** -digits + 1e-12)
     assert (np.sign(shown) == np.sign(np.round(want, digits))).all()
 
 
-def test_ranked_table_is_by_magnitude_with_signed_values(full):
+@pytest.mark.parametrize("heads", [True, False])
+def test_ranked_table_is_by_magnitude_with_signed_values(full, heads: bool):
     plain = view(full, 160, False, components=6)
     lines = plain.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("strongest components"))
+    first = "strongest heads" if heads else "the other components"
+    start = next(i for i, line in enumerate(lines) if line.startswith(first))
     a = full.attribution
-    order = sorted(range(len(a.logits)), key=lambda i: -abs(a.logits[i]))[:6]
+    # Heads first, in a table of their own; embeddings, b_O and MLPs in the other one.
+    order = sorted((i for i in range(len(a.logits))
+                    if (a.components[i].kind == "head") == heads),
+                   key=lambda i: -abs(a.logits[i]))[:6]
     rows = lines[start + 2:start + 8]
     assert len({line.index("│") for line in rows}) == 1  # one axis for every bar
     for line, i in zip(rows, order, strict=True):
-        m = re.match(r"\s*(\d+)  (.+?)\s+([+−][\d.]+)\s", line)
+        m = re.match(r"\s*(\d+)  (.+?)\s{2,}([+−]?[\d.]+)\s", line)  # 0.00 has no sign
         assert m, line
         assert m.group(2) == a.components[i].name
         assert float(m.group(3).replace("−", "-")) == pytest.approx(a.logits[i], abs=0.006)
@@ -212,7 +218,7 @@ def test_diverging_colors_blue_toward_red_away_gray_zero():
     result = result_of("ablate", ["L0H0"])
     out = view(result, 160, True)
     a = result.attribution
-    _, digits = render_attribution.grid_scale(a)
+    _, digits = render_attribution.head_scale(a)
     seen = 0
     for c, v in zip(a.components, a.logits, strict=True):
         if c.kind != "head" or abs(v) < 10 ** -digits:
@@ -318,3 +324,34 @@ def test_pad_to_changes_nothing_but_the_padded_row(padding: str):
         valid = valid[::-1]
     np.testing.assert_allclose(R[np.ix_(valid, valid)], plain["rollout"]["matrix"], atol=1e-5)
     assert (R[~valid] == 0).all() and (R[:, ~valid] == 0).all()
+
+
+def test_json_components_have_no_null_layer_or_head():
+    doc = json_of(["--arch", "gpt2"])
+    for c in doc["components"]:
+        assert None not in c.values(), c
+        if c["kind"] == "head":
+            assert isinstance(c["layer"], int) and isinstance(c["head"], int)
+        elif c["kind"] in ("attn_bias", "mlp"):
+            assert isinstance(c["layer"], int) and "head" not in c
+        else:
+            assert "layer" not in c and "head" not in c
+
+
+def test_view_lists_heads_first_and_ends_with_the_ablate_command_for_the_top_head():
+    args = ["attribute", TEXT, "--arch", "gpt2", *SMALL]
+    result = runner.invoke(app, args, env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "−0.00" not in out and "+0.00" not in out
+    assert out.index("strongest heads") < out.index("the other components")
+    doc = json_of(["--arch", "gpt2"])
+    top = max((c for c in doc["components"] if c["kind"] == "head"), key=lambda c: abs(c["logit"]))
+    hint = [line for line in out.splitlines() if line.startswith("attn attribute ")][-1]
+    import shlex
+
+    words = shlex.split(hint)
+    assert words[:2] == ["attn", "attribute"] and words[-2:] == ["--ablate", top["name"]]
+    again = runner.invoke(app, words[1:], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert again.exit_code == 0, again.stderr
+    assert f"ablation: {top['name']} zeroed" in again.stdout

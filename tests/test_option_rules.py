@@ -65,6 +65,8 @@ MODEL = {
     "--seed": unused_with(["hi", "--seed", "3", "--weights", "{gpt2}"]),
 }
 ENGINE = {"--device": "data", "--engine": "data", "--dtype": "data", "--max-memory": "data"}
+# --plot writes a figure whatever stdout is (a file, like --svg); its theme only shapes it.
+PLOT = {"--plot": "output", "--plot-theme": "data"}
 PREDICT = {
     "--predict": "data",
     "--top-k": unused_with(["hi", "--top-k", "3"]),
@@ -77,7 +79,7 @@ RULES: dict[str, dict[str, object]] = {
                "--keep-newline": unused_with(["hi", "--keep-newline"])},
     "schema": {"which": "data"},
     "trace": {
-        **INPUT, **CROSS, **MODEL, **ENGINE, **PREDICT,
+        **INPUT, **CROSS, **MODEL, **ENGINE, **PREDICT, **PLOT,
         "--layer": "data", "--head": "data", "--stages": "data",
         "--batch-index": view(["--batch-index", "0"]), "--query": view(["--query", "0"]),
         "--keys": view(["--keys", "0"]), "--numbers": view(["--numbers", "--query", "0"]),
@@ -90,7 +92,7 @@ RULES: dict[str, dict[str, object]] = {
         "--force": unused_with(["hi", "--force"]),
     },
     "heads": {
-        **INPUT, **MODEL, **ENGINE,
+        **INPUT, **MODEL, **ENGINE, **PLOT, "--score": view(["--score", "induction"]),
         "--sort": view(["--sort", "induction"]), "--top": view(["--top", "1"]),
         "--repeat": "data", "--bos": "data", "--json": "output",
         "--thumbnails": json_only(["--thumbnails"]), "--svg": "output", "--html": "output",
@@ -117,7 +119,7 @@ RULES: dict[str, dict[str, object]] = {
         "--keep-newline": "data", "--seed": "data",
     },
     "attribute": {
-        **INPUT, **MODEL, **ENGINE,
+        **INPUT, **MODEL, **ENGINE, **PLOT,
         "--target": "data", "--versus": "data", "--position": "data", "--ablate": "data",
         "--ablate-mode": unused_with(["hi", "--ablate-mode", "mean"]),
         "--all-positions": "data", "--rollout": "data", "--top-k": "data",

@@ -80,6 +80,7 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+_ARGS: list[str] = []  # the command line's words, for a view that prints a command to run next
 _DEBUG = [False]  # set by --debug (on the root or on a command) while a command line is parsed
 
 
@@ -134,6 +135,7 @@ class Group(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = _heads_merge(list(sys.argv[1:] if args is None else args))
+        _ARGS[:] = args
         _DEBUG[0] = False
         if process.repair_streams():
             _fail("standard output is closed, so there is nowhere to write the output; "
@@ -377,6 +379,15 @@ def schema(
 
 Opt = typer.Option
 
+# --plot and --plot-theme, the same on every command that draws a figure (render/plot.py).
+PlotTheme = Enum("PlotTheme", {"light": "light", "dark": "dark"}, type=str)
+Plot = Annotated[Path | None, Opt("--plot", help="Save a figure for a paper or a slide "
+                                  "(.png, .pdf or .svg; needs matplotlib: pip install "
+                                  "\"attn-tracer\\[plot]\").", rich_help_panel="Output",
+                                  show_default=False)]
+PlotThemeOption = Annotated[PlotTheme, Opt("--plot-theme", help="The figure's theme.",
+                                           rich_help_panel="Output")]
+
 
 @app.command(epilog=f"Examples: {EXAMPLES['trace']}")
 @shared(INPUT, CROSS, MODEL, ENGINE, PREDICT, FILES)
@@ -424,6 +435,8 @@ def trace(
                                            "their name in a layer (pattern,z or attn.out,mlp.in;"
                                            " repeatable).", rich_help_panel="Output",
                                            show_default=False)] = None,
+    plot: Plot = None,
+    plot_theme: PlotThemeOption = PlotTheme.light,
     debug: Debug = False,
 ) -> None:
     """Run a text through a multi-head attention stack and show every step with its shape."""
@@ -434,6 +447,7 @@ def trace(
         query=query, keys=keys, numbers=numbers,
         values=values, cost=cost, circuits=circuits, json=json_, json_lines=json_lines,
         precision=precision, save=save, steps=steps or [],
+        plot=plot, plot_theme=plot_theme.value,
     )
     runner.execute(request, notice=_notice, console=_stdout_console)
 
@@ -469,8 +483,14 @@ def heads(
                                     show_default=False)] = None,
     json_: Annotated[bool, Opt("--json", help="Write the scores as JSON (schema: attn schema "
                                "heads).", rich_help_panel="Output")] = False,
-    thumbnails: Annotated[bool, Opt("--thumbnails", help="With --json: add each head's "
-                                    "16 × 16 thumbnail.", rich_help_panel="Output")] = False,
+    score: Annotated[list[str] | None, Opt("--score", metavar="NAME", help="Draw only this "
+                                           "score's grid (repeatable; all: every one).",
+                                           rich_help_panel="View", show_default=False)] = None,
+    thumbnails: Annotated[bool | None, Opt("--thumbnails/--no-thumbnails", help="--thumbnails:"
+                                           " with --json, add each head's 16 × 16 thumbnail; "
+                                           "--no-thumbnails: the view without the overview.",
+                                           rich_help_panel="Output", show_default=False)
+                          ] = None,
     corpus: Annotated[str | None, Opt("--corpus", help="Many texts: a .txt (one text a line), "
                                       "a .jsonl, a folder of .txt files, or - (stdin); the "
                                       "mean of each text's scores, ± 95% CI.",
@@ -498,6 +518,8 @@ def heads(
                                        show_default=False)] = None,
     skip_bad: Annotated[bool, Opt("--skip-bad", help="Skip unreadable records (counted, named)"
                                   " instead of stopping.", rich_help_panel="Corpus")] = False,
+    plot: Plot = None,
+    plot_theme: PlotThemeOption = PlotTheme.light,
     debug: Debug = False,
 ) -> None:
     from attn_tracer.commands import heads as heads_command
@@ -506,7 +528,7 @@ def heads(
     files = {name: opts.pop(name) for name in ("svg", "html", "width", "force")}
     options = heads_command.HeadsOptions(
         sort=sort.value, top=top, repeat=repeat, bos=bos, json=json_, thumbnails=thumbnails,
-        **files)
+        **files, score=score or [], plot=plot, plot_theme=plot_theme.value)
     many = CorpusOptions(corpus=corpus, text_field=text_field, batch_size=batch_size,
                          examples=examples, state=state, state_every=state_every, shard=shard,
                          ray=ray, workers=workers, skip_bad=skip_bad)
@@ -585,10 +607,13 @@ def attribute(
                                  rich_help_panel="Attribution")] = False,
     top_k: Annotated[int, Opt("--top-k", help="Tokens listed in the prediction and the "
                               "ablation.", rich_help_panel="View")] = 5,
-    components: Annotated[int, Opt("--components", help="Rows of the strongest-components "
-                                   "table.", rich_help_panel="View")] = 10,
+    components: Annotated[int, Opt("--components", help="Rows of each strongest-components "
+                                   "table (heads; embeddings, b_O and MLPs).",
+                                   rich_help_panel="View")] = 10,
     json_: Annotated[bool, Opt("--json", help="Write one JSON document (schema: attn schema "
                                "attribute).", rich_help_panel="Output")] = False,
+    plot: Plot = None,
+    plot_theme: PlotThemeOption = PlotTheme.light,
     debug: Debug = False,
 ) -> None:
     """Which heads made the prediction: direct logit attribution, logit lens, ablation, rollout.
@@ -602,7 +627,8 @@ def attribute(
     request = attr.AttributeRequest(
         base=SharedOptions.of(opts), target=target, versus=versus, position=position,
         ablate=ablate or [], ablate_mode=ablate_mode.value, all_positions=all_positions,
-        rollout=rollout, top_k=top_k, components=components, json=json_, **files)
+        rollout=rollout, top_k=top_k, components=components, json=json_, **files, plot=plot,
+        plot_theme=plot_theme.value, command=["attn", *_ARGS] if _ARGS else None)
     attr.execute(request, notice=_notice, console=_stdout_console)
 
 

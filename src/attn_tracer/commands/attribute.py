@@ -49,6 +49,9 @@ class AttributeRequest:
     html: Path | None = None
     width: int | None = None
     force: bool = False
+    plot: Path | None = None
+    plot_theme: str = "light"
+    command: list[str] | None = None  # the command line's words: the view's --ablate hint
 
 
 @dataclass
@@ -121,8 +124,12 @@ def validate(a: AttributeRequest) -> None:
     if a.position is not None and a.position < 0:
         raise UsageError(f"--position counts tokens from 0; got {a.position}")
     output.check_width(a.width)
-    output.check_files({flag: (getattr(a, flag[2:]), suffixes)
-                        for flag, suffixes in output.VIEW_SUFFIXES.items()}, a.force)
+    from attn_tracer.render import plot
+
+    output.check_files({**{flag: (getattr(a, flag[2:]), suffixes)
+                           for flag, suffixes in output.VIEW_SUFFIXES.items()},
+                        "--plot": (a.plot, plot.SUFFIXES)}, a.force)
+    plot.check(a.plot, a.plot_theme)
 
 
 def execute(a: AttributeRequest, notice: Callable[[str], None], console: Callable) -> None:
@@ -136,9 +143,16 @@ def execute(a: AttributeRequest, notice: Callable[[str], None], console: Callabl
     views = output.Views(console(), "attn attribute", a.svg, a.html, a.width,
                          on_screen=not a.json)
     screen, saved = views.render(lambda c, _: render_attribution.render(
-        result, c, top_k=a.top_k, components=a.components))
+        result, c, top_k=a.top_k, components=a.components, command=a.command))
     out = render_attribution.document(result) if a.json else screen.file.getvalue()
-    output.emit(out, views.writers(saved))
+    files = views.writers(saved)
+    if a.plot is not None:
+        from attn_tracer.commands import run as runner
+        from attn_tracer.render import plot
+
+        files.append(lambda: runner.write_plot(a.plot, lambda: plot.attribution_figure(
+            **plot.attribution_data(result, a.components), theme=a.plot_theme)))
+    output.emit(out, files)
 
 
 def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:

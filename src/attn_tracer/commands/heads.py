@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attn_tracer.analysis.head_definitions import SORTS
+from attn_tracer.analysis.head_definitions import SCORES, SORTS
 from attn_tracer.commands.session import SharedOptions, open_session
 from attn_tracer.errors import UsageError
 from attn_tracer.model import memory
 
 JSON_BOX = (16, 16)  # --thumbnails: pattern rows × key columns of each head's thumbnail
+PLOT_BOX = (48, 48)  # --plot: a figure's thumbnails are finer than a terminal's cells
 
 
 @dataclass
@@ -32,11 +33,20 @@ class HeadsOptions:
     repeat: int | None = None
     bos: bool | None = None  # None: on with --repeat, off for a text
     json: bool = False
-    thumbnails: bool = False
+    thumbnails: bool | None = None  # True: --json adds them; False: the view leaves them out
     svg: Path | None = None
     html: Path | None = None
     width: int | None = None
     force: bool = False
+    score: list[str] = field(default_factory=list)  # --score: only these grids (all: every one)
+    plot: Path | None = None
+    plot_theme: str = "light"
+
+    @property
+    def scores(self) -> list[str]:
+        """The scores whose grids are drawn (and plotted), in the definitions' order."""
+        chosen = {s for s in self.score if s != "all"}
+        return [s for s in SCORES if s in chosen or "all" in self.score]
 
     @property
     def with_bos(self) -> bool:
@@ -68,9 +78,16 @@ def validate(r: Any, h: HeadsOptions) -> None:
         if i.texts or i.file is not None or i.lines is not None:
             raise UsageError("--repeat builds its own input (random tokens, then the same "
                              "again): give it without a TEXT, --file or --lines")
+    for name in h.score:
+        if name != "all" and name not in SCORES:
+            raise UsageError(f"--score must be one of {', '.join(SCORES)} or all; got {name!r}")
     output.check_width(h.width)
-    output.check_files({flag: (getattr(h, flag[2:]), suffixes)
-                        for flag, suffixes in output.VIEW_SUFFIXES.items()}, h.force)
+    from attn_tracer.render import plot
+
+    output.check_files({**{flag: (getattr(h, flag[2:]), suffixes)
+                           for flag, suffixes in output.VIEW_SUFFIXES.items()},
+                        "--plot": (h.plot, plot.SUFFIXES)}, h.force)
+    plot.check(h.plot, h.plot_theme)
 
 
 def probe_length(h: HeadsOptions) -> int:
@@ -130,16 +147,19 @@ def ignored(r: Any, h: HeadsOptions) -> list[str]:
                 out.append(f"{flag} shapes a text; --repeat's input is one row of "
                            f"{probe_length(h)} tokens{first}, so it changes nothing")
     if h.thumbnails and not h.json:
-        out.append("--thumbnails adds each head's thumbnail to --json; the view always "
-                   "draws them")
+        out.append("--thumbnails adds each head's thumbnail to --json; the view draws them "
+                   "unless --no-thumbnails")
+    if h.thumbnails is False and h.json:
+        out.append("--no-thumbnails leaves the overview out of the view; --json has no "
+                   "thumbnails unless --thumbnails")
     from attn_tracer.commands import unused
 
     if h.json and h.svg is None and h.html is None:
         out += unused.view_notice("heads", h, "--json",
                                   "add --svg FILE or --html FILE to draw the view too")
-    if h.force and h.svg is None and h.html is None:
-        out.append("--force lets --svg and --html overwrite their files; without them it "
-                   "changes nothing")
+    if h.force and h.svg is None and h.html is None and h.plot is None:
+        out.append("--force lets --svg, --html and --plot overwrite their files; without them "
+                   "it changes nothing")
     return out
 
 
@@ -156,7 +176,7 @@ def execute(r: Any, h: HeadsOptions, notice: Callable[[str], None],
 
     def draw(console, for_files: bool) -> None:
         shown = result
-        if for_files:  # thumbnails sized for the files' console
+        if for_files and "saved" in result.thumbnails:  # sized for the files' console
             shown = dataclasses.replace(result, thumbnails={
                 **result.thumbnails, "view": result.thumbnails["saved"]})
         render_heads.render(shown, console)
@@ -165,7 +185,14 @@ def execute(r: Any, h: HeadsOptions, notice: Callable[[str], None],
     for message in said:
         notice(message)
     out = render_heads.document(result) if h.json else screen.file.getvalue()
-    output.emit(out, views.writers(saved))
+    files = views.writers(saved)
+    if h.plot is not None:
+        from attn_tracer.commands import run
+        from attn_tracer.render import plot
+
+        files.append(lambda: run.write_plot(h.plot, lambda: plot.heads_figure(
+            *plot.heads_data(result), theme=h.plot_theme)))
+    output.emit(out, files)
 
 
 def estimate(config, dtype: str, rows: int, length: int) -> int:
@@ -211,12 +238,15 @@ def compute(r: Any, h: HeadsOptions, notice: Callable[[str], None], width: int =
     config, batch = session.config, session.prepared.batch
     rows, length = batch.ids.shape
     boxes = {}
-    if not h.json or h.svg is not None or h.html is not None:
+    drawn = h.thumbnails is not False  # --no-thumbnails: the view has no overview
+    if drawn and (not h.json or h.svg is not None or h.html is not None):
         boxes["view"] = view_box(width, config.heads, color)
-    if saved_width is not None:
+    if drawn and saved_width is not None:
         boxes["saved"] = view_box(saved_width, config.heads, True)
     if h.json and h.thumbnails:
         boxes["json"] = JSON_BOX
+    if h.plot is not None:
+        boxes["plot"] = PLOT_BOX
     engine = session.start(estimate(config, options.engine.dtype, rows, length))
     scorer = HeadScorer(targets(batch.ids, batch.valid, config.mask == "causal", h.repeat),
                         engine, config.layers, config.heads, boxes)

@@ -62,6 +62,8 @@ class Request(InputOptions, ModelOptions, EngineOptions, PredictOptions):
     steps: list[str] = field(default_factory=list)
     svg: Path | None = None
     html: Path | None = None
+    plot: Path | None = None  # --plot: a matplotlib figure (render/plot.py)
+    plot_theme: str = "light"
     force: bool = False
 
 
@@ -136,14 +138,41 @@ def validate(r: Request) -> None:
         check_recordable(steps, arch, r.predict, bool(r.cross or r.cross_file),
                          r.pos or ("learned" if arch == "gpt2" else "sinusoidal"), r.scale)
     output.check_files(file_targets(r), r.force)
+    plot_check(r.plot, r.plot_theme)
 
 
 def file_targets(r: Request) -> dict:
     from attn_tracer.commands.output import VIEW_SUFFIXES
     from attn_tracer.commands.save import TENSOR_SUFFIXES
+    from attn_tracer.render.plot import SUFFIXES
 
     return {"--save": (r.save, TENSOR_SUFFIXES), "--svg": (r.svg, VIEW_SUFFIXES["--svg"]),
-            "--html": (r.html, VIEW_SUFFIXES["--html"])}
+            "--html": (r.html, VIEW_SUFFIXES["--html"]), "--plot": (r.plot, SUFFIXES)}
+
+
+def plot_check(path: Path | None, theme: str) -> None:
+    """--plot's theme, and matplotlib itself before the run (its target: output.check_files)."""
+    from attn_tracer.render import plot
+
+    plot.check(path, theme)
+
+
+def check_plot(path: Path | None, theme: str, force: bool) -> None:
+    """--plot's target and matplotlib itself, before the run (as every file target)."""
+    from attn_tracer.commands.save import check_target
+    from attn_tracer.render import plot
+
+    if path is not None:
+        check_target(path, force, "--plot", plot.SUFFIXES)
+    plot.check(path, theme)
+
+
+def write_plot(path: Path, figure: Callable[[], object]) -> None:
+    """Draw the figure (`figure()`, a matplotlib Figure) and write it atomically to `path`."""
+    from attn_tracer.commands.save import write_atomic
+    from attn_tracer.render import plot
+
+    write_atomic(path, plot.to_bytes(figure(), path.suffix))
 
 
 def parse_range(text: str, count: int, flag: str) -> range:
@@ -295,6 +324,8 @@ def write_outputs(r: Request, trace, weights, console: Callable) -> None:
         files.append(lambda: save.save_tensors(trace, r.save, render_json.config_json(trace),
                                                save.parse_steps(r.steps)))
     files += views.writers(saved)
+    if r.plot is not None:
+        files.append(lambda: write_plot(r.plot, lambda: plot_figure(r, trace)))
     if r.json:
         out = lambda stream: render_json.write(trace, stream, r.precision, r.stages)  # noqa: E731
     elif r.json_lines:
@@ -303,6 +334,32 @@ def write_outputs(r: Request, trace, weights, console: Callable) -> None:
     else:
         out = screen.file.getvalue()
     output.emit(out, files)
+
+
+def plot_figure(r: Request, trace):
+    """--plot of attn trace: the heads the view draws (its layers, --head), of the first
+    --batch-index text (default text 0), self-attention then cross-attention."""
+    from attn_tracer.render import plot
+
+    if not r.layer and len(trace.selection.layers) > 1:
+        trace = dataclasses.replace(
+            trace, selection=dataclasses.replace(trace.selection, layers=(0,)))
+    b = r.batch_index[0] if r.batch_index else 0
+    maps = plot.trace_data(trace, "attn", b)
+    if trace.cross:
+        for m in (cross := plot.trace_data(trace, "cross_attn", b)):
+            m.title += " (cross)"
+        maps += cross
+    layers = ", ".join(str(layer) for layer in trace.selection.layers)
+    text = plot.title_text(trace.inputs[b].text)
+    which = f"text {b} " if len(trace.inputs) > 1 else ""
+    cross = f"; keys of cross-attention: {plot.title_text(trace.cross[b].text)}" if trace.cross \
+        else ""
+    title = [f"attn trace · {plot.model_words(trace.config)}",
+             f"{which}{text}{cross}",
+             f"attention patterns of layer{'s' if len(trace.selection.layers) > 1 else ''} "
+             f"{layers}: softmax(Q·Kᵀ/√d_head + mask), queries down, keys across"]
+    return plot.patterns_figure(maps, title, r.plot_theme)
 
 
 def render_view(r: Request, trace, weights, console) -> None:

@@ -27,7 +27,7 @@ VIEW_ONLY: dict[str, dict[str, str]] = {
     "trace": {"--batch-index": "batch_index", "--query": "query", "--keys": "keys",
               "--numbers": "numbers", "--values": "values", "--cost": "cost",
               "--circuits": "circuits", "--width": "width"},
-    "heads": {"--sort": "sort", "--top": "top", "--width": "width"},
+    "heads": {"--sort": "sort", "--top": "top", "--width": "width", "--score": "score"},
     "attribute": {"--components": "components", "--width": "width"},
 }
 JSON_ONLY: dict[str, dict[str, str]] = {

@@ -75,7 +75,8 @@ def measure(result) -> str:
 
 # ── the view ──────────────────────────────────────────────────────────────────────────────────
 
-def render(result, console: Console, *, top_k: int = 5, components: int = 10) -> None:
+def render(result, console: Console, *, top_k: int = 5, components: int = 10,
+           command: list[str] | None = None) -> None:
     width = console.width
     trace = result.trace
     show(console, header(trace, width, title="attn attribute"))
@@ -104,6 +105,10 @@ def render(result, console: Console, *, top_k: int = 5, components: int = 10) ->
         console.print()
         for item in rollout_view(result, width):
             show(console, item)
+    if command is not None and result.ablated is None and (hint := ablate_hint(result, command,
+                                                                                width)):
+        console.print()
+        show(console, hint)
     if not result.trained:
         console.print()
         show(console, Text("These weights are random: the model is untrained, so what it "
@@ -152,8 +157,9 @@ def attribution_view(result, width: int, components: int) -> list[RenderableType
            else "random weights divide h by rms(h) before W_U: that scale frozen from the run")
     out: list[RenderableType] = [flow([title, Text(f"({how})", style="dim")], width, sep=" ")]
     grid_values = dla.head_grid(a, c.layers, c.heads)
+    heads_scale, heads_digits = head_scale(a)
     scale, digits = grid_scale(a)
-    blocks = head_blocks(grid_values, scale, digits, width)
+    blocks = head_blocks(grid_values, heads_scale, heads_digits, width)
     per_layer = layer_block(result, scale, digits)
     if per_layer is not None:
         blocks.append(per_layer)
@@ -165,23 +171,40 @@ def attribution_view(result, width: int, components: int) -> list[RenderableType
             item.append(signed(float(v), digits), style=diverging_style(float(v), scale))
             items.append(item)
     out.append(flow(items, width, sep="   "))
-    out.append(diverging_legend(result, scale, digits, width))
+    out.append(diverging_legend(result, heads_scale, heads_digits, width, "heads"))
+    if per_layer is not None or items:
+        out.append(diverging_legend(result, scale, digits, width, "b_O, MLP, embeddings",
+                                    key=False))
     out.append(Text())
-    out.append(ranked(result, components, width))
+    out.extend(ranked(result, components, width))
+    others = ranked(result, components, width, heads=False)
+    if others:
+        out.append(Text())
+        out.extend(others)
     out.append(check(result, width))
     return out
 
 
 def grid_scale(a) -> tuple[float, int]:
-    """The color scale (largest |share|) and decimals of the grids: the layers' parts alone.
+    """The color scale (largest |share|) and decimals of the layers' other parts (b_O, MLP) and
+    the embeddings' shares: the layers' parts alone set it.
 
     The token embedding is left out: with tied embeddings it is often the largest share by
-    far (the last token's own row), and on its scale every head would be drawn gray."""
+    far (the last token's own row), and on its scale everything else would be drawn gray."""
     layered = np.array([float(v) for c, v in zip(a.components, a.logits, strict=True)
-                        if c.layer is not None])
+                        if c.layer is not None and c.kind != "head"])
     if not layered.size or not np.any(layered):
-        layered = np.asarray(a.logits, np.float64)
+        layered = np.asarray([float(v) for c, v in zip(a.components, a.logits, strict=True)
+                              if c.kind != "head"] or [0.0], np.float64)
     return (float(np.max(np.abs(layered))) or 1.0), formats.signed_decimals(layered)
+
+
+def head_scale(a) -> tuple[float, int]:
+    """The heads grid's own color scale: the largest |head share| (an MLP's or an embedding's
+    share is often ten times larger, and on that scale every head would be gray)."""
+    heads = np.array([float(v) for c, v in zip(a.components, a.logits, strict=True)
+                      if c.kind == "head"] or [0.0])
+    return (float(np.max(np.abs(heads))) or 1.0), formats.signed_decimals(heads)
 
 
 def head_blocks(values: np.ndarray, scale: float, digits: int, width: int, *,
@@ -244,12 +267,16 @@ def layer_block(result, scale: float, digits: int) -> Text | None:
     return t
 
 
-def diverging_legend(result, scale: float, digits: int, width: int) -> Text:
-    ramp = diverging_ramp(scale, digits)
-    t = label(result.target, result) if result.versus is None else (
-        f"{label(result.target, result)} over {label(result.versus, result)}")
-    words = [ramp, Text(f"+ (blue) pushes toward {t}", style="dim"),
-             Text("− (red) away", style="dim"), Text("0 gray", style="dim")]
+def diverging_legend(result, scale: float, digits: int, width: int, what: str = "heads",
+                     key: bool = True) -> Text:
+    ramp = Text(f"{what}: ")
+    ramp.append_text(diverging_ramp(scale, digits))
+    words = [ramp, Text("(a scale of their own)", style="dim")]
+    if key:
+        t = label(result.target, result) if result.versus is None else (
+            f"{label(result.target, result)} over {label(result.versus, result)}")
+        words += [Text(f"+ (blue) pushes toward {t}", style="dim"),
+                  Text("− (red) away", style="dim"), Text("0 gray", style="dim")]
     return flow(words, width, sep="  ·  ")
 
 
@@ -268,23 +295,30 @@ def diverging_ramp(scale: float, digits: int, low: str | None = None, high: str 
     return ramp
 
 
-def ranked(result, count: int, width: int) -> Text:
-    """The strongest components by |logit|, each with a bar left (−) or right (+) of an axis."""
+def ranked(result, count: int, width: int, heads: bool = True) -> list[Text]:
+    """The strongest heads (or, `heads=False`, the other components: embeddings, b_O, MLPs) by
+    |logit|, each with a bar left (−) or right (+) of an axis, on the table's own scale."""
     a = result.attribution
-    order = dla.ranked(a)[:count]
-    scale = float(np.max(np.abs(a.logits))) or 1.0
+    chosen = [i for i in dla.ranked(a) if (a.components[i].kind == "head") == heads]
+    if not chosen:
+        return []
+    order = chosen[:count]
+    scale = float(np.max(np.abs(a.logits[chosen]))) or 1.0
     # Each value with the decimals its size allows: a +756 beside a −0.27 keeps both readable.
     values = {i: signed(float(a.logits[i]), formats.signed_decimals(a.logits[i:i + 1]))
               for i in order}
-    name_w = max(cell_len("component"), *(cell_len(a.components[i].name) for i in order))
+    what = "head" if heads else "component"
+    name_w = max(cell_len(what), *(cell_len(a.components[i].name) for i in order))
     value_w = max(len("logit"), *(len(values[i]) for i in order))
     rank_w = len(str(count))
     fixed = rank_w + GAP + name_w + GAP + value_w + GAP
     half = min(BAR_HALF, (width - fixed - 1) // 2)
     t = Text(no_wrap=True, overflow="crop")
-    t.append(f"strongest components ({len(order)} of {len(a.components)}, by |logit|)\n",
-             style="bold")
-    t.append(f"{'#':>{rank_w}}  {'component':<{name_w}}  {'logit':>{value_w}}", style="dim")
+    title = (f"strongest heads ({len(order)} of {len(chosen)}, by |logit|)" if heads else
+             f"the other components: embeddings, b_O, MLPs ({len(order)} of {len(chosen)}, "
+             "by |logit|)")
+    heading = flow([Text(w, style="bold") for w in title.split(" ")], width, sep=" ")
+    t.append(f"{'#':>{rank_w}}  {what:<{name_w}}  {'logit':>{value_w}}", style="dim")
     for rank, i in enumerate(order, 1):
         v = float(a.logits[i])
         t.append(f"\n{rank:>{rank_w}}  ", style="dim")
@@ -300,7 +334,41 @@ def ranked(result, count: int, width: int) -> Text:
             t.append("│", style="dim")
             if v > 0:
                 t.append("█" * n, style=color)
-    return t
+    return [heading, t]
+
+
+def ablate_hint(result, command: list[str], width: int) -> Text | None:
+    """The exact command that knocks the strongest head out (`command`: this one's words)."""
+    import shlex
+
+    a = result.attribution
+    heads = [i for i in dla.ranked(a) if a.components[i].kind == "head"]
+    if not heads:
+        return None
+    top = a.components[heads[0]].name
+    words = drop_options(command, {"--plot": 1, "--plot-theme": 1, "--svg": 1, "--html": 1,
+                                   "--force": 0})
+    line = flow([Text(w, style="dim") for w in
+                 f"the strongest head is {top}; its total effect, with it knocked out:".split()],
+                width, sep=" ")
+    line.append("\n")
+    line.append(shlex.join([*words, "--ablate", top]), style="bold")
+    return line
+
+
+def drop_options(words: list[str], options: dict[str, int]) -> list[str]:
+    """`words` without the options named (each with its count of values; `--opt=value` too)."""
+    out, skip = [], 0
+    for w in words:
+        if skip:
+            skip -= 1
+            continue
+        name = w.split("=", 1)[0]
+        if name in options:
+            skip = options[name] if "=" not in w else 0
+            continue
+        out.append(w)
+    return out
 
 
 def check(result, width: int) -> Text:
@@ -489,6 +557,18 @@ def _outcome(o, result) -> dict:
                     for i, p, lg in o.top]}
 
 
+def component_json(c, logit: float) -> dict:
+    """{name, kind, layer?, head?, logit}: `layer` only where the component has one (not the
+    embeddings), `head` only for a head; never null, so a table reads them as integers."""
+    out: dict = {"name": c.name, "kind": c.kind}
+    if c.layer is not None:
+        out["layer"] = c.layer
+    if c.head is not None:
+        out["head"] = c.head
+    out["logit"] = logit
+    return out
+
+
 def document(result) -> bytes:
     """The whole `attn-attribute/1` document (data/attribute.schema.json)."""
     a = result.attribution
@@ -509,9 +589,8 @@ def document(result) -> bytes:
         "prediction": _outcome(result.before, result),
         "final_norm": None if a.norm is None else {
             "kind": "layer_norm" if a.norm.centred else "rms", "scale": a.norm.scale},
-        "components": [{"name": c.name, "kind": c.kind, "layer": c.layer, "head": c.head,
-                        "logit": float(v)} for c, v in zip(a.components, a.logits,
-                                                           strict=True)],
+        "components": [component_json(c, float(v))
+                       for c, v in zip(a.components, a.logits, strict=True)],
         "constant": a.constant,
         "total": a.total,
         "logit_lens_positions": lens.positions,

@@ -24,10 +24,11 @@ def score(value: float, name: str) -> str:
 
 
 def signed(v: float, digits: int) -> str:
-    """+0.12, −0.05 (a real minus sign); exactly 0 without a sign."""
-    if v == 0:
+    """+0.12, −0.05 (a real minus sign); what rounds to 0 is 0.00, never −0.00 or +0.00."""
+    text = f"{v:+.{digits}f}"
+    if float(text) == 0:
         return f"{0:.{digits}f}"
-    return f"{v:+.{digits}f}".replace("-", "−", 1)
+    return text.replace("-", "−", 1)
 
 
 def signed_decimals(values: np.ndarray) -> int:

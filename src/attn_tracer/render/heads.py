@@ -30,6 +30,10 @@ from attn_tracer.render.terminal import header, show, token_notes, token_strip
 SCHEMA = "attn-heads/1"
 GAP_CELLS = 1  # between two thumbnails of a row
 MIN_CELLS, MAX_CELLS = 3, 12  # a thumbnail's width in cells
+# Beyond this many heads (GPT-2 small has 144), the default view is the overview and each
+# score's strongest heads: every grid and the table of every head are asked for (--score, --top).
+COMPACT_HEADS = 48
+STRONGEST = 4  # heads named per score in that summary
 SHORT = {"previous_token": "previous token", "duplicate_token": "duplicate token",
          "induction": "induction", "first_token": "first token", "self": "self",
          "entropy": "entropy bits", "entropy_norm": "entropy norm"}
@@ -177,29 +181,36 @@ def order(result) -> list[tuple[int, int]]:
 
 
 def table(result, width: int) -> Text:
+    """Every head's scores; narrower than its seven columns, the scores go in blocks of columns
+    one under the other, each with the head names (never cropped at the edge)."""
     c = result.trace.config
     sort = result.options.sort
     first = max(4, len(name(c.layers - 1, c.heads - 1)))
     column = 10
+    per_block = max(1, min(len(SCORES), (width - first) // column))
     out = Text(no_wrap=True, overflow="crop")
-    top, bottom = Text(" " * first), Text("head".ljust(first))
-    for score in SCORES:
-        words = SHORT[score].split(" ")
-        style = "bold" if score == sort else ""
-        top.append((words[0] if len(words) > 1 else "").rjust(column), style=style)
-        bottom.append(words[-1].rjust(column), style=style)
-    top.rstrip()
-    out.append_text(top)
-    out.append("\n")
-    out.append_text(bottom)
-    out.append("\n")
-    out.append("─" * min(width, first + column * len(SCORES)) + "\n", style="dim")
-    for layer, h in order(result):
-        out.append(name(layer, h).ljust(first), style="cyan")
-        for score in SCORES:
-            v = float(result.scores[score][layer, h])
-            out.append(f"{v:.3f}".rjust(column), style="bold" if score == sort else "")
+    for start in range(0, len(SCORES), per_block):
+        scores = SCORES[start:start + per_block]
+        if start:
+            out.append("\n")
+        top, bottom = Text(" " * first), Text("head".ljust(first))
+        for score in scores:
+            words = SHORT[score].split(" ")
+            style = "bold" if score == sort else ""
+            top.append((words[0] if len(words) > 1 else "").rjust(column), style=style)
+            bottom.append(words[-1].rjust(column), style=style)
+        top.rstrip()
+        out.append_text(top)
         out.append("\n")
+        out.append_text(bottom)
+        out.append("\n")
+        out.append("─" * min(width, first + column * len(scores)) + "\n", style="dim")
+        for layer, h in order(result):
+            out.append(name(layer, h).ljust(first), style="cyan")
+            for score in scores:
+                v = float(result.scores[score][layer, h])
+                out.append(f"{v:.3f}".rjust(column), style="bold" if score == sort else "")
+            out.append("\n")
     return out
 
 
@@ -214,25 +225,68 @@ def table_title(result) -> Text:
                 style="bold")
 
 
+def compact(result) -> bool:
+    """Whether the view is the short one: a big model, and neither --score nor --top asked."""
+    c = result.trace.config
+    o = result.options
+    return c.layers * c.heads > COMPACT_HEADS and not o.score and o.top is None \
+        and o.sort == "layer"
+
+
+def strongest(result, width: int) -> Text:
+    """Each score's STRONGEST heads, highest first: one line a score."""
+    c = result.trace.config
+    label = max(len(SHORT[s]) for s in SCORES)
+    out = Text()
+    out.append(f"the strongest heads of each score (of {c.layers * c.heads}, highest first)\n",
+               style="bold")
+    for score in SCORES:
+        values = result.scores[score]
+        heads = sorted(((layer, h) for layer in range(c.layers) for h in range(c.heads)),
+                       key=lambda lh: -values[lh])[:STRONGEST]
+        items = []
+        for layer, h in heads:
+            item = Text(name(layer, h), style="cyan")
+            item.append(" ")
+            norm = result.scores["entropy_norm"] if score == "entropy" else values
+            item.append(formats.score(float(values[layer, h]), score),
+                        style=cell_style(float(norm[layer, h])))
+            items.append(item)
+        out.append_text(flow(items, width, sep="  ", first=Text(SHORT[score].ljust(label + 2))))
+        out.append("\n")
+    hint = ("every score as a layers × heads grid: --score NAME (repeatable) or --score all; "
+            "every head's scores: --top N or --sort NAME; all of it: --json")
+    out.append_text(flow([Text(w, style="dim") for w in hint.split(" ")], width, sep=" "))
+    return out
+
+
 def render(result, console: Console) -> None:
     width = console.width
     color = colored(console)
+    o = result.options
     show(console, header(result.trace, width, title="attn heads"))
     console.print()
     for line in input_lines(result, width):
         show(console, line)
     console.print()
-    show(console, overview_title(result, width))
-    thumbnails = overview(result, width, color)
-    thumbnails.rstrip()
-    show(console, thumbnails)
-    console.print()
-    show(console, thumbnail_legend(result, width, color))
-    console.print()
+    if "view" in result.thumbnails:
+        show(console, overview_title(result, width))
+        thumbnails = overview(result, width, color)
+        thumbnails.rstrip()
+        show(console, thumbnails)
+        console.print()
+        show(console, thumbnail_legend(result, width, color))
+        console.print()
+    if compact(result):
+        show(console, strongest(result, width))
+        return
     console.print(Text("scores (rows: layers, columns: heads)", style="bold"))
-    grids = grid([score_grid(result, s) for s in SCORES], width)
+    grids = grid([score_grid(result, s) for s in (o.scores if o.score else SCORES)], width)
     grids.rstrip()
     show(console, grids)
+    c = result.trace.config
+    if o.score and o.top is None and o.sort == "layer" and c.layers * c.heads > COMPACT_HEADS:
+        return  # --score alone on a big model: its grids, not a table of every head
     console.print()
     show(console, table_title(result))
     show(console, table(result, width))

@@ -92,7 +92,7 @@ def grid(items: list[Text], width: int) -> Text:
             out.append_text(row.rstrip() or row)
             out.append("\n")
         if any(widths[i] > width for i in row_of):
-            out.append(f"(cut at {width} columns; --json has every number)\n",
+            out.append(f"(cut at {width} columns; all in --json)\n",
                        style="dim italic")
     return out
 

@@ -170,7 +170,10 @@ def mask_blocks(trace: Trace, kind: str, b: int, width: int | None = None) -> li
     padded = not padding.all()
     if causal is None and not padded:
         why = "cross-attention has no causal mask" if kind == "cross_attn" else "--mask none"
-        return [Text(f"mask: none ({why}, no padding): the scores pass unchanged", style="dim")]
+        sentence = f"mask: none ({why}, no padding): the scores pass unchanged"
+        # A block of its own in a grid of blocks: wrapped here, never cut at the width.
+        lines = wrap_words(sentence, width) if width else [sentence]
+        return [Text("\n".join(lines), style="dim")]
     parts = []
     if causal is not None:
         parts.append(additive(causal, rows, cols, "causal mask (k > q)" if window is None

@@ -10,9 +10,14 @@ from rich.table import Table
 from rich.text import Text
 
 from attn_tracer.model.trace import Step
-from attn_tracer.render.layout import GAP, wrap_words
+from attn_tracer.render.layout import GAP, flow, wrap_words
 
 MIN_FORMULA = 24  # the shape trace changes layout rather than give a formula less room
+# Where the dims do not fit beside or under the shape in full (below about 100 columns with long
+# step names, as cross-attention has), they are abbreviated, with the key under the table:
+# a dims cell wrapped word by word over three lines no longer reads as one.
+SHORT_DIMS = {"batch": "B", "len": "L", "q_len": "Lq", "k_len": "Lk", "d_model": "D",
+              "heads": "H", "kv_heads": "Hkv", "d_head": "Dh", "d_mlp": "M", "vocab": "V"}
 
 
 def shape_table(steps: list[Step], width: int = 120) -> RenderableType:
@@ -33,9 +38,24 @@ def shape_table(steps: list[Step], width: int = 120) -> RenderableType:
         return _table(rows, narrow=False)
     if width - name_w - max(shape_w, dims_w) - 2 * rich_gap >= MIN_FORMULA:
         return _table(rows, narrow=True)
+    short_w = max(len(short_dims(dims)) for *_, shape, dims in rows if shape is not None)
+    if width - name_w - shape_w - 1 - short_w - 2 * GAP >= MIN_FORMULA:
+        return _columns(rows, width, name_w, shape_w, short_w)  # the dims beside the shape
     if width - name_w - shape_w - 2 * GAP >= MIN_FORMULA:
         return _columns(rows, width, name_w, shape_w)
     return _stacked(rows, width)
+
+
+def short_dims(dims: tuple[str, ...]) -> str:
+    return ",".join(SHORT_DIMS.get(d, d) for d in dims)
+
+
+def _dims_key(rows: list[tuple], width: int) -> Text:
+    """The abbreviations the table used, said once under it."""
+    used = dict.fromkeys(d for *_, shape, dims in rows if shape is not None for d in dims)
+    items = [Text(f"{SHORT_DIMS[d]} {d}", style="dim") for d in used if d in SHORT_DIMS]
+    first = Text("dims abbreviated at this width: ", style="dim")
+    return flow(items, width, sep=" · ", first=first)
 
 
 def _table(rows: list[tuple], narrow: bool) -> Table:
@@ -60,8 +80,11 @@ def _table(rows: list[tuple], narrow: bool) -> Table:
     return table
 
 
-def _columns(rows: list[tuple], width: int, name_w: int, right_w: int) -> Text:
-    """step · formula · shape, with the dims wrapped under the shape in its narrow column."""
+def _columns(rows: list[tuple], width: int, name_w: int, shape_w: int, short_w: int = 0
+             ) -> Text:
+    """step · formula · shape, with the dims abbreviated: beside the shape (`short_w`: their
+    column's width), or under it in its narrow column (`short_w` 0)."""
+    right_w = shape_w + (1 + short_w if short_w else 0)
     formula_w = width - name_w - right_w - 2 * GAP
     gap = " " * GAP
     t = Text()
@@ -74,16 +97,24 @@ def _columns(rows: list[tuple], width: int, name_w: int, right_w: int) -> Text:
             t.append("\n")
             continue
         formula = wrap_words(op, formula_w)
-        right = [_shape(shape), *wrap_words(", ".join(dims), right_w)]
+        if short_w:
+            right = [f"{_shape(shape):>{shape_w}} {short_dims(dims)}"]
+        else:
+            right = [_shape(shape), *wrap_words(short_dims(dims), right_w)]
         for i in range(max(len(formula), len(right))):
             t.append_text(name if i == 0 else Text())
             t.append(" " * ((name_w - name.cell_len if i == 0 else name_w) + GAP))
             f = formula[i] if i < len(formula) else ""
             t.append(f + " " * (formula_w - cell_len(f) + GAP))
             r = right[i] if i < len(right) else ""
-            t.append(f"{r:>{right_w}}", style="bold" if i == 0 else "dim")
+            if short_w and i == 0:  # the shape right-aligned, its dims after it
+                shape_text, _, dims_text = r.rpartition(" ")
+                t.append(shape_text, style="bold")
+                t.append(" " + dims_text, style="dim")
+            else:
+                t.append(f"{r:>{right_w}}", style="bold" if i == 0 else "dim")
             t.append("\n")
-    t.rstrip()
+    t.append_text(_dims_key(rows, width))
     return t
 
 
@@ -108,7 +139,7 @@ def _stacked(rows: list[tuple], width: int) -> Text:
             t.append("\n" + " " * max(width - len(s), 0))
         t.append(s + "\n", style="bold")
         formula = wrap_words(op, width - len(indent))
-        dim_lines = wrap_words(", ".join(dims), width)
+        dim_lines = wrap_words(short_dims(dims), width)
         for i, f in enumerate(formula):
             t.append(indent + f)
             last = indent + f
@@ -119,7 +150,7 @@ def _stacked(rows: list[tuple], width: int) -> Text:
             t.append("\n")
         for d in dim_lines:
             t.append(f"{d:>{width}}\n", style="dim")
-    t.rstrip()
+    t.append_text(_dims_key(rows, width))
     return t
 
 
