@@ -44,11 +44,14 @@ def linear(x, W, b=None):
 
 
 def attention(x, x_kv, p: dict, config: Config, allowed, rec, engine: Engine, layer: int,
-              block: str = "attn", causal: bool = False):
+              block: str = "attn", causal: bool = False, cache=None):
     """Multi-head attention of `x` over `x_kv` (the same array for self-attention).
 
     `allowed` [batch, 1, q_len, k_len] is True where a query may look at a key, or None;
     `causal` says it is exactly the causal triangle, which a fused kernel can exploit.
+    `cache` (generation, model/generate.py's KVCache): this call's K and V are appended to the
+    earlier tokens' and the scores are taken against all of them; `allowed` is then
+    [batch, 1, q_len, past + q_len], from the positions.
     """
     prefix = f"blocks.{layer}.{block}"
     xp = namespace(x)
@@ -73,6 +76,9 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, engine: Engine, la
     q = project("Q", x, q_len, lq)  # [batch, heads, q_len, d_head]
     k = project("K", x_kv, k_len, lk)  # [batch, heads, k_len, d_head]
     v = project("V", x_kv, k_len, lk)  # [batch, heads, k_len, d_head]
+    if cache is not None:  # generation: K, V of every token so far, this one's appended
+        k, v = cache.append(layer, k, v, rec, prefix)  # [batch, kv_heads, past + q_len, d_head]
+        k_len = k.shape[2]
 
     shown = list(rec.selection.heads) if rec.selection.shows(layer) else []
     # When every head is shown, the explicit path below already has the patterns: fusing too
@@ -237,22 +243,23 @@ def mlp(x, p: dict, rec, prefix: str):
 
 
 def block(x, p: dict, config: Config, allowed, rec, layer: int, engine: Engine,
-          x_cross=None, cross_allowed=None, causal: bool = False):
+          x_cross=None, cross_allowed=None, causal: bool = False, cache=None):
     """One layer: attention (+ cross-attention) with residuals; GPT-2 adds LayerNorms and MLP.
 
-    `causal`: `allowed` is exactly the causal triangle (see attention).
+    `causal`: `allowed` is exactly the causal triangle (see attention). `cache`: the KV cache of
+    generation (see attention).
     """
     b = f"blocks.{layer}"
     if config.arch == "gpt2":
         h = rec(f"{b}.ln_1", "LayerNorm(X)", layer_norm(x, p[f"{b}.ln_1.w"], p[f"{b}.ln_1.b"],
                                                         config.ln_eps), BLD)
-        a = attention(h, h, p, config, allowed, rec, engine, layer, causal=causal)
+        a = attention(h, h, p, config, allowed, rec, engine, layer, causal=causal, cache=cache)
         x = rec(f"{b}.resid_mid", "X + attn(LayerNorm(X))", x + a, BLD)
         h = rec(f"{b}.ln_2", "LayerNorm(X)", layer_norm(x, p[f"{b}.ln_2.w"], p[f"{b}.ln_2.b"],
                                                         config.ln_eps), BLD)
         return rec(f"{b}.resid_post", "X + mlp(LayerNorm(X))", x + mlp(h, p, rec, f"{b}.mlp"),
                    BLD)
-    a = attention(x, x, p, config, allowed, rec, engine, layer, causal=causal)
+    a = attention(x, x, p, config, allowed, rec, engine, layer, causal=causal, cache=cache)
     x = rec(f"{b}.resid_post" if x_cross is None else f"{b}.resid_mid", "X + attn(X)", x + a, BLD)
     if x_cross is not None:
         c = attention(x, x_cross, p, config, cross_allowed, rec, engine, layer, "cross_attn")
