@@ -139,8 +139,8 @@ class _Lines:
                             style="bold"))
         line = Text()
         line.append(f"{step.index:>4}  ")
-        line.append(f"{label(step.token):<12}", style="bold cyan")
-        line.append(f" p {step.prob:.4f}   ")
+        line.append(f"{label(step.token):<10}", style="bold cyan")
+        line.append(f" p {step.prob:.4f}  ")
         where = "prefill" if step.cached == 0 else f"{step.cached} cached"
         line.append(f"{where}: q {_shape(sh['q'])} · cache {_shape(sh['k_cache'])} · scores "
                     f"{_shape(sh['scores'])}", style="dim")
@@ -158,16 +158,20 @@ class _Lines:
         return out
 
     def cost_line(self, step: gen.Generated) -> Text:
+        """Two rows: this forward's work with the cache, and a forward over every token."""
         c = self.prompt.config
         dtype = self.prompt.engine.dtype
         cached, full = gen.step_costs(self.prefill, step, c, dtype)
-        t = Text("        cost: ", style="dim")
-        t.append(f"{_count(cached.multiply_adds)} multiply-adds, "
-                 f"{memory.human(cached.bytes)} with the cache · recomputing all "
-                 f"{step.position} tokens {_count(full.multiply_adds)}, {memory.human(full.bytes)}"
-                 f" (×{full.multiply_adds / max(cached.multiply_adds, 1):.1f})")
-        t.append(f"\n              Q·Kᵀ and pattern·V alone: {_count(cached.attention)} "
-                 f"(one row) against {_count(full.attention)} (every row)")
+        t = Text()
+        t.append("        cost, with the cache ", style="dim")
+        t.append(f"{_count(cached.multiply_adds):>8} multiply-adds  "
+                 f"{memory.human(cached.bytes):>9}   Q·Kᵀ, pattern·V {_count(cached.attention)}")
+        t.append(f"\n{'recomputing ' + str(step.position) + ' tokens':>29} ", style="dim")
+        ratio = full.multiply_adds / max(cached.multiply_adds, 1)
+        attention = full.attention / max(cached.attention, 1)
+        t.append(f"{_count(full.multiply_adds):>8} {f'(×{ratio:.1f})':<13}  "
+                 f"{memory.human(full.bytes):>9}   Q·Kᵀ, pattern·V {_count(full.attention)} "
+                 f"(×{attention:.1f})")
         return t
 
     def row_line(self, layer: int, head: int, row: np.ndarray, context: list[int]) -> Text:
