@@ -58,3 +58,13 @@ def fresh_encoding():
     tokens.encoding.cache_clear()
     yield
     tokens.encoding.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """Build (once per session) a small transformers checkpoint: see helpers/checkpoints.py."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from helpers.checkpoints import Checkpoints
+
+    return Checkpoints(tmp_path_factory.mktemp("hf"))

@@ -160,6 +160,7 @@ def compute(model, engine: str = "numpy", **options) -> attr.Result:
 # -- the per-head outputs -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("position", [8, 3])
 def test_per_head_outputs_match_hf(model, loaded, engine: str, position: int):
@@ -209,6 +210,7 @@ def reference_attribution(hf, ref: dict, position: int, u: np.ndarray) -> dict:
             "constant": float(t.ln_f.bias.detach().double().numpy() @ u)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("versus", [None, " cat"])
 def test_components_match_hf_and_sum_to_its_logit(model, engine: str, versus):
@@ -289,6 +291,7 @@ def test_logit_lens_at_one_position_is_that_column(model):
 # -- ablation ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mode", ["zero", "mean"])
 def test_ablation_matches_hf_with_c_proj_pre_hooks(model, engine: str, mode: str):

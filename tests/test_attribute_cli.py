@@ -224,17 +224,12 @@ def test_diverging_colors_blue_toward_red_away_gray_zero():
     assert seen >= 4
 
 
-def test_random_weights_say_untrained_and_a_checkpoint_does_not(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_embd=32, n_head=4, n_layer=1, n_positions=16, vocab_size=50257))
-    hf.save_pretrained(tmp_path / "m")
-    result = runner.invoke(app, ["attribute", TEXT, "--weights", str(tmp_path / "m")],
+def test_random_weights_say_untrained_and_a_checkpoint_does_not(hf_checkpoint):
+    built = hf_checkpoint("gpt2", n_embd=32, n_head=4, n_layer=1, n_positions=16)
+    result = runner.invoke(app, ["attribute", TEXT, "--weights", str(built.directory)],
                            env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.stderr
-    assert "untrained" not in result.stdout and f"GPT-2 weights from {tmp_path}" in " ".join(
+    assert "untrained" not in result.stdout and f"GPT-2 weights from {built.directory}" in " ".join(
         result.stdout.split())
     plain = runner.invoke(app, ["attribute", TEXT, *SMALL], env={"COLUMNS": "80"})
     assert "untrained" in plain.stdout
@@ -247,6 +242,7 @@ def test_notices_go_to_stderr_after_the_run():
     json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_nothing_is_nan_even_for_extreme_weights():
     """Huge random embeddings (attn arch, d_model 512): logits in the thousands, softmax
     probabilities that underflow to 0 — still finite numbers, still a valid document."""
@@ -265,6 +261,7 @@ def test_nothing_is_nan_even_for_extreme_weights():
     walk(doc)
 
 
+@pytest.mark.slow
 def test_a_small_attribution_does_not_import_torch():
     import subprocess
     import sys
@@ -281,23 +278,19 @@ def test_a_small_attribution_does_not_import_torch():
     assert "direct logit attribution" in done.stdout
 
 
-def test_a_padded_vocabulary_has_targets_without_text(tmp_path):
+def test_a_padded_vocabulary_has_targets_without_text(hf_checkpoint):
     """nanoGPT-style checkpoints pad wte to 50304 rows: ids past the tokenizer can be targets
     (#ID), labelled <unused ID>, with empty bytes in the JSON."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(1)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_embd=32, n_head=2, n_layer=1, n_positions=16, vocab_size=50304))
-    hf.save_pretrained(tmp_path / "m")
-    doc = json_of(["--weights", str(tmp_path / "m"), "--target", "#50300", "--versus", "#7"],
-                  sizes=[])
+    m = hf_checkpoint("gpt2", seed=1, n_embd=32, n_head=2, n_layer=1, n_positions=16,
+                      vocab_size=50304).directory
+    doc = json_of(["--weights", str(m), "--target", "#50300", "--versus", "#7"], sizes=[])
     assert doc["target"] == {"id": 50300, "text": "<unused 50300>", "bytes": ""}
-    result = runner.invoke(app, ["attribute", TEXT, "--weights", str(tmp_path / "m"),
+    result = runner.invoke(app, ["attribute", TEXT, "--weights", str(m),
                                  "--target", "#50304"])
     assert result.exit_code == 2 and "token ids run from 0 to 50303" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("padding", ["right", "left"])
 def test_pad_to_changes_nothing_but_the_padded_row(padding: str):
     """--pad-to pads the one text: every figure is the unpadded run's, positions count real

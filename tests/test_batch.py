@@ -51,6 +51,7 @@ def real(x: np.ndarray, valid: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
 
 # ── the batch row equals the text alone ───────────────────────────────────────────────────────
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
 @pytest.mark.parametrize("padding", ["right", "left"])
 def test_row_equals_text_alone(engine, padding):
@@ -166,6 +167,7 @@ SEEDS = [
 ]
 
 
+@pytest.mark.slow
 def test_seed_example_shapes(runner, tmp_path):
     lengths = [len(tokens.tokenize(t)) for t in SEEDS]
     assert max(lengths) > 16 and min(lengths) < 16

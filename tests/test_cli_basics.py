@@ -64,6 +64,7 @@ def test_the_commands():
     assert {"tokens", "trace", "schema"} <= set(COMMANDS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [[], *[[c] for c in COMMANDS]],
                          ids=lambda a: " ".join(a) or "attn")
 @pytest.mark.parametrize("flag", ["--help", "-h"])

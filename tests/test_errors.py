@@ -487,6 +487,7 @@ def test_the_table_is_big_enough():
     assert len({row[0] for row in ROWS}) == len(ROWS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", ROWS, ids=[row[0] for row in ROWS])
 def test_bad_invocation(row, bad_files: Path, hostile: Path, monkeypatch: pytest.MonkeyPatch):
     _, args, code, fragment, *stdin = row
@@ -532,6 +533,7 @@ SUBPROCESS_ROWS = ["unknown-option", "int-junk", "unknown-command", "missing-fil
                    "safetensors-aliased-layers", "save-name-too-long"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SUBPROCESS_ROWS)
 def test_bad_invocation_in_a_real_process(name: str, bad_files: Path, hostile: Path):
     row = next(r for r in ROWS if r[0] == name)
@@ -561,6 +563,7 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (two_gb, two_gb))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes", [
     ["--d-model", "1000000", "--heads", "10"],
     ["--layers", "100000"],
@@ -673,6 +676,7 @@ def torch_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "fragment"), [
     ("meta.bin", "'wte.weight' is a meta tensor"),
     ("quantized.bin", "'wte.weight' is a quantized tensor"),

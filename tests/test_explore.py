@@ -40,7 +40,7 @@ from attn_tracer.explore.app import ExploreApp  # noqa: E402
 from attn_tracer.explore.data import STAGES, Section  # noqa: E402
 from attn_tracer.explore.head_view import HeadScreen, HeatmapView  # noqa: E402
 from attn_tracer.explore.overview import MODES, OverviewGrid, OverviewScreen  # noqa: E402
-from attn_tracer.render.heatmaps import _fmt01  # noqa: E402
+from attn_tracer.render import formats  # noqa: E402
 from explore_setup import SENTENCE, SMALL, drive, explore_data, reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,6 +172,7 @@ _PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_textual_is_imported_by_explore_alone():
     cases = [["--help"], ["trace", SENTENCE, "--d-model", "16", "--heads", "2"],
              ["trace", "--help"], ["heads", "--help"], ["explore", "--help"],
@@ -198,6 +199,7 @@ def test_textual_is_an_extra_pinned_for_the_snapshots():
 
 # ── the overview ──────────────────────────────────────────────────────────────────────────────
 
+@pytest.mark.slow
 def test_the_overview_cursor_moves_colors_and_opens():
     data = explore_data([SENTENCE], **SMALL)
 
@@ -224,7 +226,7 @@ def test_the_overview_cursor_moves_colors_and_opens():
             y = grid.HEADER + layer * (grid.lines + 1) + (grid.lines - 1) // 2
             row = grid.render_line(y).text[grid.label_width():]
             cells = row.replace("▐", " ").replace("▌", " ").split()  # the cursor's bars
-            assert cells == [panels.fmt_score(v, "previous_token") for v in values[layer]]
+            assert cells == [formats.score(v, "previous_token") for v in values[layer]]
         await pilot.press("enter")
         await pilot.pause()
         screen = pilot.app.screen
@@ -280,10 +282,11 @@ def rendered_rows(view: HeatmapView) -> list[list[str]]:
 
 
 def expected_pattern_rows(pattern: np.ndarray, marks: np.ndarray) -> list[list[str]]:
-    return [[marks[q, k] or _fmt01(float(pattern[q, k])) for k in range(pattern.shape[1])]
+    return [[marks[q, k] or formats.unit(float(pattern[q, k])) for k in range(pattern.shape[1])]
             for q in range(pattern.shape[0])]
 
 
+@pytest.mark.slow
 def test_the_heatmap_draws_the_patterns_values_and_follows_the_keys():
     texts = [SENTENCE, "A dog"]
     data = explore_data(texts, **SMALL)
@@ -351,6 +354,7 @@ def test_the_heatmap_draws_the_patterns_values_and_follows_the_keys():
     drive(ExploreApp(data), (100, 30), steps)
 
 
+@pytest.mark.slow
 def test_the_cross_attention_block_is_one_key_away():
     fields = {**SMALL, "cross": ["Le chat était assis sur le tapis"]}
     data = explore_data([SENTENCE], **fields)
@@ -369,6 +373,7 @@ def test_the_cross_attention_block_is_one_key_away():
     drive(ExploreApp(data), (120, 30), steps)
 
 
+@pytest.mark.slow
 def test_a_long_text_draws_only_what_is_on_the_screen(monkeypatch):
     text = (ROOT / "sample_texts" / "long.txt").read_text("utf-8")
     data = explore_data([text], **SMALL)
@@ -414,6 +419,7 @@ def test_a_long_text_draws_only_what_is_on_the_screen(monkeypatch):
 
 # ── the panels, saving, quitting ──────────────────────────────────────────────────────────────
 
+@pytest.mark.slow
 def test_the_side_panel_has_the_step_predictions_and_other_sections():
     data = explore_data([SENTENCE], **SMALL, predict=True, top_k=3)
     data.sections.append(Section("attribution", lambda b, width: Text(f"SECTION of text {b}")))
@@ -447,6 +453,7 @@ def test_s_saves_the_screen_as_svg_without_overwriting(tmp_path):
     assert not re.search(r"url\(\s*[\"']?https?:", svg) and "cdnjs" not in svg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("key", "code"), [("q", 0), ("ctrl+c", 130)])
 def test_q_and_ctrl_c_end_the_app(key, code):
     data = explore_data([SENTENCE], **SMALL)
@@ -505,6 +512,7 @@ def on_a_terminal(args: list[str], keys: list[bytes], wait: float = 60) -> tuple
     return proc.wait(timeout=10), out.decode("utf-8", "replace")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("key", "code"), [(b"q", 0), (b"\x03", 130)])
 def test_q_and_ctrl_c_give_the_terminal_back(key, code):
     status, out = on_a_terminal([SENTENCE, "--d-model", "64", "--heads", "4"], [key])

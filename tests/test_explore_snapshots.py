@@ -30,6 +30,7 @@ def app(texts: list[str], size: tuple[int, int], **fields) -> ExploreApp:
     return ExploreApp(explore_data(texts, width=size[0], **fields))
 
 
+@pytest.mark.slow
 class TestOverview:
     def test_80x24(self, snap_compare):
         assert snap_compare(app([SENTENCE], (80, 24)), terminal_size=(80, 24))
@@ -44,6 +45,7 @@ class TestOverview:
         assert snap_compare(app(texts, (80, 24)), press=["c", "c", "c"], terminal_size=(80, 24))
 
 
+@pytest.mark.slow
 class TestHead:
     def test_a_focused_query_80x24(self, snap_compare):
         assert snap_compare(app([SENTENCE], (80, 24)),

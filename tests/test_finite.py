@@ -218,6 +218,7 @@ def failed_step(result, deep) -> str:
     return name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", [["--json", "--predict"], [], ["--stages"]],
                          ids=["json", "view", "stages"])
 def test_a_deep_stack_fails_at_the_first_step_beyond_float32(deep, output) -> None:
@@ -255,6 +256,7 @@ def test_float64_carries_the_same_stack_and_the_json_has_no_nan() -> None:
     np.testing.assert_allclose(rows.sum(axis=-1), 1.0, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_the_torch_engine_names_the_same_step(deep) -> None:
     # Its fused kernel for unseen heads never forms Q·Kᵀ: the step is found by running the
     # stack again step by step, so it is the same as NumPy's, within the window.
@@ -262,6 +264,7 @@ def test_the_torch_engine_names_the_same_step(deep) -> None:
     failed_step(result, deep)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("warnings", ["default", "error"])
 def test_overflow_warnings_never_reach_stderr(warnings: str, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONWARNINGS": warnings, "NO_COLOR": "1"}

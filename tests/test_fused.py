@@ -65,6 +65,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_and_explicit_paths_agree(case):
     options = dict(CASES[case])

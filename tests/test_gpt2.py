@@ -216,6 +216,7 @@ PARITY += [(size, source, engine, "left") for size in SIZES for source in SOURCE
            for engine in ENGINES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("size", "source", "engine", "texts_name"), PARITY)
 def test_patterns_and_logits_match_hf(size, source, engine, texts_name, loaded, reference,
                                       tolerances):
@@ -304,6 +305,7 @@ def invoke(args: list[str], env: dict | None = None):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("source", SOURCES)
 def test_cli_json_matches_hf(source, engine, models, reference, tolerances) -> None:

@@ -158,6 +158,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_scores_match_the_reference_on_hf_attentions(case, gpt2):
     hf, path = gpt2
@@ -180,6 +181,7 @@ def test_the_torch_engine_gives_the_same_scores(gpt2):
     assert_scores_match(doc, reference(attentions, ids, valid))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bos", [True, False])
 def test_the_repeat_probe_matches_the_reference(bos, gpt2):
     hf, path = gpt2
@@ -225,6 +227,7 @@ def assert_known_head_first(doc: dict, score: str, expected: float, margin: floa
     assert value - runner_up >= margin, (score, order[:3])
 
 
+@pytest.mark.slow
 def test_built_heads_rank_first_on_the_probe(built):
     n = 10
     doc = heads_json("--weights", str(built), "--repeat", str(n))
@@ -310,6 +313,7 @@ def test_thumbnails_in_json(built):
     assert "thumbnails" not in heads_json("Hi", "--weights", str(built))
 
 
+@pytest.mark.slow
 def test_no_nan_ever(built):
     # Inputs that could divide by zero: one token, a text of one repeated token, a pad-heavy batch.
     for args in (["x"], ["a a a a a a a a"], ["a", "b c d e f g h i j"]):

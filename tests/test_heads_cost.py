@@ -31,6 +31,7 @@ def peak(layers: int) -> tuple[int, object]:
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_layers():
     peak(1)  # warm: caches (the vocabulary, the word list) allocated once, outside the figures
     low, result = peak(2)

@@ -66,6 +66,7 @@ def rendered() -> dict:
             for name, r in CASES.items() for width in (80, 160) for color in (True, False)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("color", [True, False], ids=["color", "plain"])
 @pytest.mark.parametrize("width", [80, 160])
 @pytest.mark.parametrize("case", CASES)
@@ -120,6 +121,7 @@ def plain_thumbnail(text: str, layer: int, head: int) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_each_thumbnail_draws_its_own_head(built):
     # 160 columns: 6 tokens get one cell per query and key, in plain text as in color.
     text = view(Request(texts=[SIX], weights=str(built)), 160, False)

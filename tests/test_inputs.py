@@ -15,6 +15,7 @@ TINY = ["--d-model", "8", "--heads", "2", "--layers", "1"]
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_an_argument_that_is_not_utf8_is_refused_not_replaced():
     # Python hands undecodable argv bytes over as lone surrogates; tiktoken would turn them
     # into U+FFFD and trace a different text. A real process, since that is where argv comes from.
@@ -113,6 +114,7 @@ ENDINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("data", "text"), ENDINGS)
 def test_final_line_ending_of_a_file_or_stdin_is_dropped(tmp_path, data, text):
     path = tmp_path / "input.txt"
@@ -125,6 +127,7 @@ def test_final_line_ending_of_a_file_or_stdin_is_dropped(tmp_path, data, text):
     assert _tokens(["-"], stdin=data.encode()) == text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("data", "_"), ENDINGS)
 def test_keep_newline_keeps_the_file_exactly(tmp_path, data, _):
     path = tmp_path / "input.txt"
@@ -137,6 +140,7 @@ def test_keep_newline_keeps_the_file_exactly(tmp_path, data, _):
     assert _tokens(["-", *keep], stdin=data.encode()) == data
 
 
+@pytest.mark.slow
 def test_echo_into_trace_gives_the_tokens_typed():
     # The case: `echo "hello world" | attn trace -` traced a third token, the newline.
     result = subprocess.run([sys.executable, "-m", "attn_tracer", "trace", *TINY, "-", "--json"],

@@ -306,6 +306,7 @@ def test_precision_rounds_to_n_decimals():
                 engine[finite]).max()
 
 
+@pytest.mark.slow
 def test_default_size_and_float64_round_trip():
     doc = trace_json("The cat sat on the mat", "--engine", "numpy", "--layer", "1", "--head",
                      "11", "--dtype", "float64")
@@ -321,6 +322,7 @@ def test_default_size_and_float64_round_trip():
     assert doc["steps"][-1]["shape"] == [1, 6, 768]
 
 
+@pytest.mark.slow
 def test_default_size_float32():
     doc = trace_json("The cat sat on the mat", "--engine", "numpy")
     trace = engine_trace(["The cat sat on the mat"], d_model=768, heads=12)
@@ -407,6 +409,7 @@ def test_json_numbers_have_no_exponent_surprises():
 
 # ── pipes ─────────────────────────────────────────────────────────────────────────────────────
 
+@pytest.mark.slow
 def test_closed_pipe_ends_quietly():
     text = "the cat sat on the mat " * 35  # about 210 tokens: megabytes of JSON
     proc = subprocess.Popen(
@@ -462,6 +465,7 @@ LINE_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(LINE_CASES))
 def test_json_lines_are_the_document_line_by_line(case):
     args = LINE_CASES[case]
@@ -486,6 +490,7 @@ def test_json_lines_weights_are_the_engines_float32_bit_for_bit():
                           trace)
 
 
+@pytest.mark.slow
 def test_json_lines_stream_through_jq():
     if shutil.which("jq") is None:
         pytest.skip("jq is not installed")
@@ -526,6 +531,7 @@ def test_lines_schema_rejects_what_the_contract_forbids():
         assert not LINES_VALIDATOR.is_valid(bad), bad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--json", "--json-lines"])
 def test_closed_pipe_ends_quietly_while_the_next_matrix_is_made(flag):
     text = "the cat sat on the mat " * 35
@@ -570,6 +576,7 @@ def test_the_helper_thread_stops_when_the_writer_does():
     assert len(made) < 10  # it stopped at once, not after making everything
 
 
+@pytest.mark.slow
 def test_the_whole_vocabulary_is_in_the_json():
     """--top-k 50257: the terminal draws 100 rows, JSON and JSON Lines have every token."""
     result = runner.invoke(app, ["trace", "The cat", *SMALL, "--layer", "0", "--predict",

@@ -134,6 +134,7 @@ def assert_attention_close(trace, block: str, pattern, z):
     assert_close(f"{block}.z", z, trace.tensors[f"{block}.z"], tolerance(magnitude(z), dtype, gain))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
 @pytest.mark.parametrize("options", [{}, {"mask": "none"}, {"bias": False},
                                      {"mask": "none", "bias": False}])
@@ -145,6 +146,7 @@ def test_each_layer_matches_multihead_attention(engine, options):
         check_against_mha(trace, weights.params, config, layer)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
 @pytest.mark.parametrize("options", [{}, {"mask": "none"}, {"scale": False},
                                      {"scale": False, "mask": "none", "bias": False}])
@@ -168,6 +170,7 @@ def allowed_from_inputs(trace, causal: bool):
     return allowed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
 @pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("mask", ["causal", "none"])
@@ -199,6 +202,7 @@ def test_cross_attention_matches_sdpa(engine):
 # --- Properties -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
 @pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("options", [{}, {"scale": False}, {"arch": "gpt2"}])

@@ -54,6 +54,7 @@ def test_tiny_max_memory_refuses_a_normal_run(runner, no_weights, one_line_error
     assert "--max-length" in message and "--max-memory" in message
 
 
+@pytest.mark.slow
 def test_activations_are_refused_before_the_weights_are_drawn(runner, no_weights,
                                                              one_line_error):
     # Small parameters, but 3,000 tokens: the len × len matrices are what does not fit.
@@ -108,6 +109,7 @@ print(json.dumps({"growth": status("VmHWM") - before, "estimate": estimate}))
 
 # ru_maxrss would carry pytest's own peak across the subprocess's exec; the process's own
 # high-water mark (VmHWM, what getrusage reports for a fresh process) does not.
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("engine, capture", [
     ("numpy", "all"), pytest.param("torch", "patterns", marks=pytest.mark.slow)])
@@ -129,6 +131,7 @@ def long_text() -> str:
     return " ".join(f"sentence {i} goes on about attention, masks and shapes." for i in range(100))
 
 
+@pytest.mark.slow
 def test_long_text_traces_and_stays_readable(runner, tmp_path):
     path = tmp_path / "long.txt"
     path.write_text(long_text(), encoding="utf-8")
@@ -181,6 +184,7 @@ print(json.dumps({"growth": status("VmHWM") - before, "estimate": estimate}))
 
 # A deep stack of one-number layers: the arrays are nothing, Python's bookkeeping per step is
 # all (the 20,000 layers were estimated at 640 KB and peaked at 401 MB).
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("capture", ["patterns", "all"])
 def test_the_estimate_counts_the_cost_of_each_layer(capture: str):

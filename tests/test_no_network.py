@@ -112,6 +112,7 @@ PATHS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PATHS))
 def test_main_paths_offline_and_writing_nothing_else(name: str, tmp_path: Path,
                                                      checkpoint: dict[str, Path]):

@@ -67,6 +67,7 @@ def untied(tmp_path_factory: pytest.TempPathFactory):
 SOURCES = {"dir": "saved", "file": "weights.safetensors", "bin": "weights.bin"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
 @pytest.mark.parametrize("source", list(SOURCES))
 def test_untied_logits_match_hf(untied, source: str, engine: str) -> None:

@@ -34,17 +34,15 @@ TEXTS = ["The capital of France is", "Hello", "One, two, three,"]
 runner = CliRunner()
 
 
+def _sharpen(hf) -> None:
+    hf.transformer.ln_f.weight.mul_(30.0)  # logits with a spread of several units
+
+
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory):
-    torch.manual_seed(3)
-    config = transformers.GPT2Config(n_embd=64, n_head=4, n_layer=2, n_positions=64,
-                                     vocab_size=VOCAB, attn_implementation="eager")
-    hf = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        hf.transformer.ln_f.weight.mul_(30.0)  # logits with a spread of several units
-    directory = tmp_path_factory.mktemp("predict") / "gpt2-tiny"
-    hf.save_pretrained(directory)
-    return hf, directory
+def model(hf_checkpoint):
+    built = hf_checkpoint("gpt2", seed=3, prepare=_sharpen, n_embd=64, n_head=4, n_layer=2,
+                          n_positions=64, vocab_size=VOCAB)
+    return built.model, built.directory
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +98,7 @@ CASES = [(t, "numpy", pad) for t in (1.0, 0.5, 2.0) for pad in ("right", "left")
 CASES += [(t, "torch", "left") for t in (1.0, 0.5, 2.0)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("temperature", "engine", "padding"), CASES)
 def test_top_k_matches_hf(model, loaded, temperature: float, engine: str, padding: str) -> None:
     config, weights = loaded

@@ -116,6 +116,7 @@ def check_document(text: str) -> dict:
 
 # ── any text ─────────────────────────────────────────────────────────────────────────────────
 
+@pytest.mark.slow
 @settings(max_examples=250, **SETTINGS)
 @given(text=TEXTS)
 @example(text="<|endoftext|>")
@@ -155,6 +156,7 @@ def test_tokens_json_of_any_text(text: str):
 
 # ── arbitrary bytes on standard input ────────────────────────────────────────────────────────
 
+@pytest.mark.slow
 @settings(max_examples=150, **SETTINGS)
 @given(data=st.one_of(
     st.binary(max_size=40),
@@ -249,6 +251,7 @@ BAD = {
        arch=st.sampled_from(["attn", "gpt2"]), padding=st.sampled_from(["right", "left"]),
        texts=st.lists(st.sampled_from(["The cat sat", "a", "今天天气很好", "🙂 ok", "x y z w"]),
                       min_size=1, max_size=3))
+@pytest.mark.slow
 def test_option_values(data, broken, d_model, layers, temperature, top_k, predict, stages,
                        no_scale, mask, pos, arch, padding, texts):
     heads = data.draw(st.sampled_from([h for h in (1, 2, 3, 4, 6) if d_model % h == 0]))
@@ -307,6 +310,7 @@ def test_top_k_of_the_whole_vocabulary_is_a_distribution():
         assert np.all(np.diff(logits) <= 0)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, **SETTINGS)
 @given(texts=st.lists(VISIBLE, min_size=1, max_size=3), cross=VISIBLE,
        padding=st.sampled_from(["right", "left"]))
@@ -334,6 +338,7 @@ MARKUP = st.lists(st.sampled_from(["[bold]", "[/]", "[red]", "[/bold]", "[link=x
                   ).map("".join).filter(lambda t: t.strip())
 
 
+@pytest.mark.slow
 @settings(max_examples=50, **SETTINGS)
 @given(text=MARKUP)
 @example(text="[bold]x[/] [red]")
@@ -368,6 +373,7 @@ WIDTHS = st.one_of(st.integers(-10**6, 10**6).map(str), st.text(max_size=6),
                                     "80.5", "+40", "٤٠"]))
 
 
+@pytest.mark.slow
 @settings(max_examples=60, **SETTINGS)
 @given(columns=WIDTHS, lines=WIDTHS,
        command=st.sampled_from(["trace", "stages", "tokens", "help"]))

@@ -6,6 +6,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from attn_tracer.cli import app
@@ -51,6 +52,7 @@ def test_ci_runs_the_readme_test_command():
     assert line.endswith("|| exit 1") or line == ci.strip().splitlines()[-1], line
 
 
+@pytest.mark.slow
 def test_learning_walkthrough_shows_what_each_command_prints():
     """Each block of "Learning attention with attn": its command's real output, excerpted; the
     lines between two `…` markers are consecutive lines of the output, in order."""

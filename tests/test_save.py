@@ -343,6 +343,7 @@ STEP_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
 @pytest.mark.parametrize("case", list(STEP_CASES))
 def test_steps_chooses_what_is_saved(tmp_path, suffix, case):
@@ -393,6 +394,7 @@ def test_step_names_are_every_step_a_run_records():
         assert save.step_kinds(name) <= set(save.STEP_NAMES), name
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(heads=st.sets(st.integers(0, 3), min_size=1), layers=st.sets(st.integers(0, 1), min_size=1),

@@ -37,6 +37,19 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _default_signals(then=None):
+    """A preexec_fn: the signals these tests send reach attn with their default disposition,
+    even when the suite runs where they arrive ignored (under nohup, SIGHUP; in a background
+    job of a script, SIGINT), which the child would inherit — and attn rightly keeps an
+    inherited SIG_IGN (test_an_ignored_signal_stays_ignored)."""
+    def preexec() -> None:
+        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        if then is not None:
+            then()
+    return preexec
+
+
 def run_on_a_terminal(args: list[str], env: dict[str, str], columns: int = 100,
                       timeout: float = 60) -> tuple[int, str, str]:
     """Run `attn` with stdout on a pty of `columns` columns; (exit code, stdout, stderr)."""
@@ -73,12 +86,14 @@ def run_in_a_pipe(args: list[str], env: dict[str, str]) -> subprocess.CompletedP
 
 # ── Ctrl-C ───────────────────────────────────────────────────────────────────────────────────
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_long_run_exits_130_with_one_line():
     long_text = " ".join(["word"] * 900)
     proc = subprocess.Popen(
         [*ATTN, "trace", long_text, "--d-model", "768", "--heads", "12", "--layers", "12",
          "--layer", "all", "--engine", "numpy", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), stdin=subprocess.DEVNULL)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), stdin=subprocess.DEVNULL,
+        preexec_fn=_default_signals())
     time.sleep(1.5)  # past the imports: the model is running
     assert proc.poll() is None, "the run ended before it could be interrupted; make it longer"
     started = time.monotonic()
@@ -93,6 +108,7 @@ def test_ctrl_c_during_a_long_run_exits_130_with_one_line():
 
 # ── a closed pipe ────────────────────────────────────────────────────────────────────────────
 
+@pytest.mark.slow
 @pytest.mark.parametrize("read_first_line", [True, False], ids=["head-1", "closed-at-once"])
 @pytest.mark.parametrize("json_", [False, True], ids=["view", "json"])
 def test_a_closed_pipe_ends_quietly(read_first_line: bool, json_: bool):
@@ -140,6 +156,7 @@ def test_a_terminal_gets_color_and_the_same_content():
     _readable(ESCAPE.sub("", out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switch", [{"NO_COLOR": "1"}, {"TERM": "dumb"}],
                          ids=["NO_COLOR", "TERM=dumb"])
 @pytest.mark.parametrize("command", ["trace", "tokens"])
@@ -160,6 +177,7 @@ def test_no_escape_codes(switch: dict[str, str], command: str):
     assert out == piped.stdout.decode()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["terminal", "pipe"])
 @pytest.mark.parametrize("extra", [
     [], ["--stages"], ["--predict"], ["--values", "--d-model", "4", "--heads", "2"],
@@ -241,6 +259,7 @@ def test_a_closed_stderr_does_not_break_a_run_or_reach_stdout():
     assert bad.returncode == 2 and bad.stdout == b""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["trace", "hi", *TINY], ["trace", "hi", *TINY, "--json"],
                                   ["tokens", "hi"], ["--help"], ["schema"]],
                          ids=["view", "json", "tokens", "help", "schema"])
@@ -280,6 +299,7 @@ def test_a_file_size_limit_on_save_leaves_nothing(tmp_path, suffix: str):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_at_once_is_exit_0_for_help_and_version():
     # `attn --help | true` under pipefail: the reader is gone before the first write.
     for args in (["--help"], ["--version"], ["trace", "--help"], [], ["tokens", "hi"],
@@ -293,6 +313,7 @@ def test_a_closed_pipe_at_once_is_exit_0_for_help_and_version():
         assert proc.stderr == b"", (args, proc.stderr.decode())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
 @pytest.mark.parametrize("args", [["--help"], ["trace", "--help"], [], ["trace", SENTENCE, *TINY],
                                   ["tokens", "hi"]],
@@ -316,6 +337,7 @@ def test_json_is_utf8_whatever_the_encoding(args):
         assert "今" in text or "\\u" not in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("columns", ["0", "5", "100000"])  # more in test_properties.py
 def test_degenerate_columns(columns: str):
     for args in (["trace", SENTENCE, *TINY, "--stages", "--predict"], ["tokens", SENTENCE],
@@ -329,6 +351,7 @@ def test_degenerate_columns(columns: str):
 
 # ── issue 12: signals while a file is written, and from the first moment ─────────────────────
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
 @pytest.mark.parametrize(("signum", "code", "word"), [
     (signal.SIGTERM, 143, "terminated (SIGTERM)"), (signal.SIGHUP, 129, "hung up (SIGHUP)"),
@@ -342,7 +365,8 @@ def test_a_signal_while_save_is_written_leaves_nothing(tmp_path, suffix, signum,
     proc = subprocess.Popen(
         [*ATTN, "trace", " ".join(["word"] * 400), *size, "--heads", "4", "--engine", "numpy",
          "--save", str(target)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), stdin=subprocess.DEVNULL)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), stdin=subprocess.DEVNULL,
+        preexec_fn=_default_signals())
     deadline, writing = time.monotonic() + 120, False
     while time.monotonic() < deadline and proc.poll() is None and not writing:
         # The temporary file with bytes in it (the target's probe before the run is empty).
@@ -372,13 +396,15 @@ def test_a_signal_during_the_imports_is_one_line(signum, code):
     # does before importing Typer: delivered then, it lands in the middle of the imports.
     proc = subprocess.Popen([*ATTN, "trace", "hi"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=_env(), stdin=subprocess.DEVNULL,
-                            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signum}))
+                            preexec_fn=_default_signals(
+                                lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signum})))
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert out == b"" and len(err.decode().splitlines()) == 1 and b"Traceback" not in err
 
 
+@pytest.mark.slow
 def test_an_ignored_signal_stays_ignored():
     # `nohup attn …`: SIGHUP was set to be ignored, and attn leaves it so.
     proc = subprocess.Popen([*ATTN, "trace", " ".join(["word"] * 900), "--d-model", "768",

@@ -380,6 +380,7 @@ EDGES = [*"ab 'sltvdmre\n\t0123456789.,!?-_()\u00a0\u3000\x1c\x00今天🙂é\u0
 EDGE_TEXT = st.lists(st.sampled_from(EDGES), min_size=1, max_size=40).map("".join)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(text=EDGE_TEXT, repeat=st.integers(1, 30), limit=st.integers(1, 40),
        special=st.booleans())
@@ -393,6 +394,7 @@ def test_a_bounded_prefix_tokenizes_as_the_whole_text(r50k, text, repeat, limit,
     assert tokens.count(text, allow_special=special, chunk=7) == len(whole)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(text=EDGE_TEXT, special=st.booleans(), data=st.data())
 def test_every_boundary_found_splits_the_tokens(r50k, text, special, data):
@@ -406,6 +408,7 @@ def test_every_boundary_found_splits_the_tokens(r50k, text, special, data):
                 == r50k.encode(text, disallowed_special=(), **allowed))
 
 
+@pytest.mark.slow
 def test_max_length_bounds_what_is_tokenized(runner, monkeypatch, tmp_path, r50k):
     """A 4 MB text cut to 10 tokens: tiktoken sees a few hundred characters, not 4 MB, and the
     number of tokens cut is counted only for the JSON that reports it."""

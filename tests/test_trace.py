@@ -59,6 +59,7 @@ def engine(request):
     return request.param
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_step_has_the_shape_of_its_tensor(case, engine):
     options = dict(CASES[case])

@@ -39,7 +39,16 @@ from attn_tracer import __version__
 from attn_tracer.analysis.head_definitions import SORTS  # names and words only: no NumPy
 from attn_tracer.analysis.head_definitions import help_text as _heads_help
 from attn_tracer.errors import AttnError, UsageError
-from attn_tracer.options import CROSS, ENGINE, INPUT, KEEP_NEWLINE_HELP, MODEL, PREDICT, shared
+from attn_tracer.options import (
+    CROSS,
+    ENGINE,
+    FILES,
+    INPUT,
+    KEEP_NEWLINE_HELP,
+    MODEL,
+    PREDICT,
+    shared,
+)
 
 EXAMPLES = {
     "tokens": 'attn tokens "hello world"    ·    attn tokens --file notes.txt --json',
@@ -332,7 +341,7 @@ Opt = typer.Option
 
 
 @app.command(epilog=f"Examples: {EXAMPLES['trace']}")
-@shared(INPUT, CROSS, MODEL, ENGINE, PREDICT)
+@shared(INPUT, CROSS, MODEL, ENGINE, PREDICT, FILES)
 def trace(
     opts: dict,
     layer: Annotated[list[str] | None, Opt("--layer", "-l", help="Layers to show: a number "
@@ -377,15 +386,6 @@ def trace(
                                            "their name in a layer (pattern,z or attn.out,mlp.in;"
                                            " repeatable).", rich_help_panel="Output",
                                            show_default=False)] = None,
-    svg: Annotated[Path | None, Opt("--svg", help="Save the terminal view as SVG.",
-                                    rich_help_panel="Output")] = None,
-    html: Annotated[Path | None, Opt("--html", help="Save the terminal view as HTML.",
-                                     rich_help_panel="Output")] = None,
-    width: Annotated[int | None, Opt("--width", help="Columns of the view (default: the "
-                                     "terminal's; 120 for --svg/--html from a pipe).",
-                                     rich_help_panel="Output", show_default=False)] = None,
-    force: Annotated[bool, Opt("--force", help="Overwrite files given to --save/--svg/--html.",
-                               rich_help_panel="Output")] = False,
     debug: Debug = False,
 ) -> None:
     """Run a text through a multi-head attention stack and show every step with its shape."""
@@ -393,9 +393,9 @@ def trace(
 
     request = runner.Request(
         **opts, layer=layer or [], head=head or [], batch_index=batch_index, stages=stages,
-        query=query, keys=keys, numbers=numbers, width=width,
+        query=query, keys=keys, numbers=numbers,
         values=values, cost=cost, circuits=circuits, json=json_, json_lines=json_lines,
-        precision=precision, save=save, steps=steps or [], svg=svg, html=html, force=force,
+        precision=precision, save=save, steps=steps or [],
     )
     runner.execute(request, notice=_notice, console=_stdout_console)
 
@@ -410,7 +410,7 @@ HeadsSort = Enum("HeadsSort", {s: s for s in SORTS}, type=str)
     "heads as columns), then the scores that say what each head does, as grids and as a table."
     "\n\nThe scores (A: a head's pattern of one text; pad queries and keys never count):\n\n"
     + _heads_help(markup=True)))
-@shared(INPUT, MODEL, ENGINE)
+@shared(INPUT, MODEL, ENGINE, FILES)
 def heads(
     opts: dict,
     sort: Annotated[HeadsSort, Opt("--sort", metavar="NAME", help="Order the table by a score "
@@ -432,19 +432,15 @@ def heads(
                                "heads).", rich_help_panel="Output")] = False,
     thumbnails: Annotated[bool, Opt("--thumbnails", help="With --json: add each head's "
                                     "16 × 16 thumbnail.", rich_help_panel="Output")] = False,
-    svg: Annotated[Path | None, Opt("--svg", help="Save the view as SVG.",
-                                    rich_help_panel="Output")] = None,
-    force: Annotated[bool, Opt("--force", help="Overwrite the file given to --svg.",
-                               rich_help_panel="Output")] = False,
     debug: Debug = False,
 ) -> None:
     from attn_tracer.commands import heads as heads_command
-    from attn_tracer.commands.run import Request
 
+    files = {name: opts.pop(name) for name in ("svg", "html", "width", "force")}
     options = heads_command.HeadsOptions(
         sort=sort.value, top=top, repeat=repeat, bos=bos, json=json_, thumbnails=thumbnails,
-        svg=svg, force=force)
-    heads_command.execute(Request(**opts), options, notice=_notice, console=_stdout_console)
+        **files)
+    heads_command.execute(opts, options, notice=_notice, console=_stdout_console)
 
 
 # ── attn attribute ────────────────────────────────────────────────────────────────────────────
@@ -453,7 +449,7 @@ AblateMode = Enum("AblateMode", {"zero": "zero", "mean": "mean"}, type=str)
 
 
 @app.command(epilog=f"Examples: {EXAMPLES['attribute']}")
-@shared(INPUT, MODEL, ENGINE)
+@shared(INPUT, MODEL, ENGINE, FILES)
 def attribute(
     opts: dict,
     target: Annotated[str | None, Opt("--target", help="The token to explain: its text (a "
@@ -491,12 +487,13 @@ def attribute(
     Of the prediction at the last token (or --position), for one text: each part's logit share.
     """
     from attn_tracer.commands import attribute as attr
-    from attn_tracer.commands import run as runner
+    from attn_tracer.commands.session import SharedOptions
 
+    files = {name: opts.pop(name) for name in ("svg", "html", "width", "force")}
     request = attr.AttributeRequest(
-        base=runner.Request(**opts), target=target, versus=versus, position=position,
+        base=SharedOptions.of(opts), target=target, versus=versus, position=position,
         ablate=ablate or [], ablate_mode=ablate_mode.value, all_positions=all_positions,
-        rollout=rollout, top_k=top_k, components=components, json=json_)
+        rollout=rollout, top_k=top_k, components=components, json=json_, **files)
     attr.execute(request, notice=_notice, console=_stdout_console)
 
 
@@ -583,10 +580,10 @@ def explore(
                                       ] = False,  # the start-up benchmark's stop
     debug: Debug = False,
 ) -> int:
-    from attn_tracer.commands.run import Request
+    from attn_tracer.commands.session import SharedOptions
     from attn_tracer.explore import command
 
-    return command.execute(Request(**opts), notice=_notice,
+    return command.execute(SharedOptions.of(opts), notice=_notice,
                            exit_after_first_frame=exit_after_first_frame)
 
 

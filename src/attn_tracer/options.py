@@ -1,7 +1,8 @@
 """The options that every command running the model shares, defined once.
 
 `attn trace`, `attn heads`, `attn explore` and `attn attribute` take the same input, model and
-engine options (and `trace` and `explore` the same --predict).
+engine options (and `trace` and `explore` the same --predict; every command that draws a view
+the same --svg, --html, --width and --force).
 Each group below is written as the signature of a function, the way Typer reads options;
 `@shared(INPUT, MODEL, ENGINE)` splices those parameters into a command's own signature and
 hands their values to the command as one dict, `opts`, ready for `run.Request(**opts, …)`.
@@ -143,6 +144,19 @@ def _predict(
 ) -> None: ...
 
 
+def _files(
+    svg: Annotated[Path | None, Opt("--svg", help="Save the view as SVG (in colour, whatever "
+                                    "stdout is).", rich_help_panel="Output")] = None,
+    html: Annotated[Path | None, Opt("--html", help="Save the view as HTML.",
+                                     rich_help_panel="Output")] = None,
+    width: Annotated[int | None, Opt("--width", help="Columns of the view (default: the "
+                                     "terminal's; 120 for --svg/--html from a pipe).",
+                                     rich_help_panel="Output", show_default=False)] = None,
+    force: Annotated[bool, Opt("--force", help="Overwrite the files given to the Output "
+                               "options if they exist.", rich_help_panel="Output")] = False,
+) -> None: ...
+
+
 def _parameters(group: Callable) -> list[inspect.Parameter]:
     params = inspect.signature(group, eval_str=True).parameters.values()
     return [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
@@ -153,6 +167,7 @@ CROSS = _parameters(_cross)
 MODEL = _parameters(_model)
 ENGINE = _parameters(_engine)
 PREDICT = _parameters(_predict)
+FILES = _parameters(_files)  # the view's files, in every command that draws one (output.py)
 
 
 def to_request(values: dict[str, Any]) -> dict[str, Any]:

@@ -142,7 +142,7 @@ class HeadScorer:
                        for name in ("previous", "duplicate", "induction", "first", "diagonal")}
         self._queries = e.asarray(t.queries.astype(np.float32))
         self._norm = e.asarray(t.norm.astype(np.float32))
-        from attn_tracer.render.thumbnails import batch_blocks
+        from attn_tracer.analysis.pooling import batch_blocks
 
         self._blocks = {}
         self._kept: dict[str, list[np.ndarray]] = {}

@@ -4,21 +4,22 @@ The order: validation → input → weights → the target → memory check → 
 whose hooks keep, per layer, only what the analyses need at the explained position (the
 heads' Z there [heads, d_head], the MLP's output and the residual there [d_model]) → the
 analyses (analysis/attribution, logit_lens, rollout) → with --ablate, one more forward with the
-heads knocked out → the view or one JSON document. As with `attn trace`, everything is
-computed before the first byte reaches stdout, and the checks of run.py are reused.
+heads knocked out → the view or one JSON document. The run is a session (session.py), as for
+every command: everything is computed before the first byte reaches stdout.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from attn_tracer.analysis import ablation, attribution, logit_lens, rollout
 from attn_tracer.analysis.decompose import head_outputs
-from attn_tracer.commands import run as runner
+from attn_tracer.commands.session import SharedOptions, open_session
 from attn_tracer.errors import UsageError
 from attn_tracer.model import memory
 from attn_tracer.model.tokens import VOCAB
@@ -31,7 +32,7 @@ _SELECT_NOTHING = Selection((), (), "patterns")
 
 @dataclass
 class AttributeRequest:
-    base: runner.Request  # the shared input, model and engine options
+    base: Any  # the shared input, model and engine options (SharedOptions, or their fields)
     target: str | None = None
     versus: str | None = None
     position: int | None = None
@@ -42,6 +43,10 @@ class AttributeRequest:
     top_k: int = 5
     components: int = 10
     json: bool = False
+    svg: Path | None = None
+    html: Path | None = None
+    width: int | None = None
+    force: bool = False
 
 
 @dataclass
@@ -98,7 +103,9 @@ def parse_token(value: str, vocab: int, flag: str) -> int:
 
 
 def validate(a: AttributeRequest) -> None:
-    runner.validate(a.base)
+    """`attn attribute`'s own options (the session checks the shared ones first)."""
+    from attn_tracer.commands import output
+
     if not 1 <= a.top_k <= VOCAB:
         raise UsageError(
             f"--top-k must be between 1 and the vocabulary size {VOCAB}; got {a.top_k}")
@@ -108,61 +115,50 @@ def validate(a: AttributeRequest) -> None:
         raise UsageError(f"--ablate-mode must be zero or mean; got {a.ablate_mode!r}")
     if a.position is not None and a.position < 0:
         raise UsageError(f"--position counts tokens from 0; got {a.position}")
+    output.check_width(a.width)
+    output.check_files({flag: (getattr(a, flag[2:]), suffixes)
+                        for flag, suffixes in output.VIEW_SUFFIXES.items()}, a.force)
 
 
 def execute(a: AttributeRequest, notice: Callable[[str], None], console: Callable) -> None:
+    from attn_tracer.commands import output
+    from attn_tracer.render import attribution as render_attribution
+
     said: list[str] = []
     result = compute(a, said.append)
     for message in said:
         notice(message)
-    if a.json:
-        from attn_tracer.render import attribution as render_attribution
-
-        sys.stdout.buffer.write(render_attribution.document(result))
-        sys.stdout.buffer.flush()
-        return
-    view = render(a, result, console())
-    sys.stdout.write(view.file.getvalue())
-    sys.stdout.flush()
-
-
-def render(a: AttributeRequest, result: Result, target):
-    from attn_tracer.render import attribution as render_attribution
-
-    buffer = runner.buffer_like(target)
-    render_attribution.render(result, buffer, top_k=a.top_k, components=a.components)
-    return buffer
+    views = output.Views(console(), "attn attribute", a.svg, a.html, a.width,
+                         on_screen=not a.json)
+    screen, saved = views.render(lambda c, _: render_attribution.render(
+        result, c, top_k=a.top_k, components=a.components))
+    out = render_attribution.document(result) if a.json else screen.file.getvalue()
+    output.emit(out, views.writers(saved))
 
 
 def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
     """Everything that can fail for a reason of the user's, then the forward(s)."""
-    r = a.base
-    validate(a)
-    for ignored in runner.ignored_options(r):
-        notice(ignored)
+    options = SharedOptions.of(a.base)
+    unused = []
     if not a.ablate and a.ablate_mode != "zero":
-        notice("--ablate-mode says how --ablate knocks heads out; without --ablate it changes "
-               "nothing")
-    texts, _ = runner.read_inputs(r, notice)
-    if len(texts) > 1:
+        unused.append("--ablate-mode says how --ablate knocks heads out; without --ablate it "
+                      "changes nothing")
+    session = open_session(options, notice, check=lambda: validate(a), ignored=unused)
+    if len(session.texts) > 1:
         raise UsageError(f"attn attribute explains one prediction: give one text (got "
-                         f"{len(texts)}; quote a text that has spaces)")
-    limit = runner.memory_limit(r)
-    config, weights = runner.load_model(r, notice, limit)
+                         f"{len(session.texts)}; quote a text that has spaces)")
+    config = session.config
     target = parse_token(a.target, config.vocab, "--target") if a.target is not None else None
     versus = parse_token(a.versus, config.vocab, "--versus") if a.versus is not None else None
     if target is not None and target == versus:
         raise UsageError("--versus is the same token as --target: their logit difference is 0; "
                          "give another token")
     heads = ablation.parse_heads(a.ablate, config.layers, config.heads)
-    from attn_tracer.model.pipeline import prepare
-
-    prepared = prepare(texts, config, padding=r.padding, max_length=r.max_length,
-                       allow_special=r.allow_special, pad_to=r.pad_to)
+    prepared = session.prepared
     valid = prepared.batch.valid[0]  # --pad-to may pad the one text, on either side
     real = np.flatnonzero(valid)  # the batch position of each real token
     count = len(real)
-    length = prepared.batch.ids.shape[1]
+    length = session.length
     position = count - 1 if a.position is None else a.position  # among the real tokens
     if position >= count:
         raise UsageError(f"--position {position} is out of range: the text has {count} "
@@ -170,21 +166,18 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
     at = int(real[position])  # where the hooks read it
     layers = config.layers
     # The forward keeps almost nothing; the rollout keeps one [len, len] pattern per layer.
-    needed = memory.estimate(config, r.dtype, 1, length, length, layers if a.rollout else 0,
-                             1 if a.rollout else 0, "patterns", False, predict=True)
+    needed = memory.estimate(config, options.engine.dtype, 1, length, length,
+                             layers if a.rollout else 0, 1 if a.rollout else 0, "patterns",
+                             False, predict=True)
     lens_rows = length if a.all_positions else 1
     needed += layers * lens_rows * config.d_model * 8 + 3 * logit_lens.CHUNK * config.vocab * 4
-    engine = runner.checked_engine(r, needed, limit, length)
-    from attn_tracer.model.pipeline import run
-
-    with runner.progress_display(f"{length} tokens through {layers} layers") as advance:
-        weights = runner.ensure_weights(config, weights)
-        W_U = weights.unembedding()  # [vocab, d_model]: W_E, lm_head, or a random W_U
-        means = ablation.by_layer(heads) if a.ablate_mode == "mean" else {}
-        gather = Gather(engine, config, at, a.all_positions, a.rollout, means, valid)
-        trace, _ = run(texts, config, engine, weights, _SELECT_NOTHING, prepared=prepared,
-                       hooks=gather.hooks(), progress=advance)
-    runner.notice_cuts(r, prepared, notice)
+    engine = session.start(needed)
+    weights = session.draw_weights()
+    W_U = weights.unembedding()  # [vocab, d_model]: W_E, lm_head, or a random W_U
+    means = ablation.by_layer(heads) if a.ablate_mode == "mean" else {}
+    gather = Gather(engine, config, at, a.all_positions, a.rollout, means, valid)
+    trace = session.forward(_SELECT_NOTHING, gather.hooks(), predict=False)
+    session.notice_cuts()
 
     logits = gather.final_logits(W_U, weights.normalizes_logits)
     if target is None:
@@ -214,12 +207,11 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
         patterns = np.stack([gather.patterns[layer] for layer in range(layers)])
         result.rollout = rollout.rollout(patterns, valid)
     if heads:
-        with runner.progress_display(f"ablating {', '.join(ablation.names(heads))}") as advance:
-            final_only = Gather(engine, config, at, final_only=True)
-            hooks = {**final_only.hooks(),
-                     **ablation_hooks(engine, config, heads, gather.means if means else None)}
-            run(texts, config, engine, weights, _SELECT_NOTHING, prepared=prepared,
-                hooks=hooks, progress=advance)
+        final_only = Gather(engine, config, at, final_only=True)
+        hooks = {**final_only.hooks(),
+                 **ablation_hooks(engine, config, heads, gather.means if means else None)}
+        session.forward(_SELECT_NOTHING, hooks, predict=False,
+                        description=f"ablating {', '.join(ablation.names(heads))}")
         after = ablation.outcome(final_only.final_logits(W_U, weights.normalizes_logits),
                                  target, versus, a.top_k)
         result.ablated = Ablated(a.ablate_mode, heads, before, after)

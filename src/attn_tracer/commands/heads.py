@@ -1,22 +1,22 @@
 """`attn heads`: from the command line's request to the overview and the scores of every head.
 
-The same steps as `attn trace` (run.py: validation, inputs, weights, the memory estimate, the
-engine, the forward), with two differences: the input may be the induction probe (--repeat),
-and nothing is captured: a hook on every layer's pattern reduces it to the head scores and
-the thumbnails as it is made (analysis/heads.py), so memory does not grow with layers × heads ×
-len². Everything is checked and computed before the first byte reaches stdout.
+The same run session as `attn trace` (session.py: validation, inputs, weights, the memory
+estimate, the engine, the forward), with two differences: the input may be the induction probe
+(--repeat), and nothing is captured: a hook on every layer's pattern reduces it to the head
+scores and the thumbnails as it is made (analysis/heads.py), so memory does not grow with
+layers × heads × len². Everything is checked and computed before the first byte reaches stdout.
 """
 
 from __future__ import annotations
 
-import io
-import sys
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from attn_tracer.analysis.head_definitions import SORTS
-from attn_tracer.commands.run import Request
+from attn_tracer.commands.session import SharedOptions, open_session
 from attn_tracer.errors import UsageError
 from attn_tracer.model import memory
 
@@ -34,6 +34,8 @@ class HeadsOptions:
     json: bool = False
     thumbnails: bool = False
     svg: Path | None = None
+    html: Path | None = None
+    width: int | None = None
     force: bool = False
 
     @property
@@ -50,10 +52,10 @@ class HeadsResult:
     seed: int
 
 
-def validate(r: Request, h: HeadsOptions) -> None:
-    from attn_tracer.commands import run
+def validate(r: Any, h: HeadsOptions) -> None:
+    """`attn heads`' own options (the session checks the shared ones first)."""
+    from attn_tracer.commands import output
 
-    run.validate(r)
     if h.sort not in SORTS:
         raise UsageError(f"--sort must be one of {', '.join(SORTS)}; got {h.sort!r}")
     if h.top is not None and h.top < 1:
@@ -62,13 +64,13 @@ def validate(r: Request, h: HeadsOptions) -> None:
         if h.repeat < 1:
             raise UsageError(f"--repeat must be at least 1 (tokens before the copy); "
                              f"got {h.repeat}")
-        if r.texts or r.file is not None or r.lines is not None:
+        i = SharedOptions.of(r).input
+        if i.texts or i.file is not None or i.lines is not None:
             raise UsageError("--repeat builds its own input (random tokens, then the same "
                              "again): give it without a TEXT, --file or --lines")
-    if h.svg is not None:
-        from attn_tracer.commands.save import check_target
-
-        check_target(h.svg, h.force, "--svg", (".svg",))
+    output.check_width(h.width)
+    output.check_files({flag: (getattr(h, flag[2:]), suffixes)
+                        for flag, suffixes in output.VIEW_SUFFIXES.items()}, h.force)
 
 
 def check_repeat(n: int, bos: bool, config) -> None:
@@ -89,15 +91,18 @@ def check_repeat(n: int, bos: bool, config) -> None:
                          f"{words:,}; at most --repeat {words}")
 
 
-def ignored(r: Request, h: HeadsOptions) -> list[str]:
+SEED_UNUSED = ("--seed draws random weights (and the --repeat tokens); with --weights and a "
+               "text it changes nothing")
+
+
+def ignored(r: Any, h: HeadsOptions) -> list[str]:
+    """`attn heads`' own options, and the input options --repeat makes moot, unused here."""
+    i = SharedOptions.of(r).input
     out = []
-    if h.repeat is None and r.weights is not None and r.seed != 0:
-        out.append("--seed draws random weights (and the --repeat tokens); with --weights and "
-                   "a text it changes nothing")
     if h.repeat is not None:
-        for flag, given in (("--max-length", r.max_length is not None),
-                            ("--allow-special", r.allow_special),
-                            ("--padding", r.padding != "right")):
+        for flag, given in (("--max-length", i.max_length is not None),
+                            ("--allow-special", i.allow_special),
+                            ("--padding", i.padding != "right")):
             if given:
                 out.append(f"{flag} shapes a text; --repeat's input is one row of "
                            f"{2 * h.repeat} tokens, so it changes nothing")
@@ -107,89 +112,76 @@ def ignored(r: Request, h: HeadsOptions) -> list[str]:
     return out
 
 
-def execute(r: Request, h: HeadsOptions, notice: Callable[[str], None],
+def execute(r: Any, h: HeadsOptions, notice: Callable[[str], None],
             console: Callable) -> None:
-    target = console()
+    from attn_tracer.commands import output
     from attn_tracer.render import heads as render_heads
 
-    color = render_heads.colored(target)
+    views = output.Views(console(), "attn heads", h.svg, h.html, h.width, on_screen=not h.json)
     said: list[str] = []
-    result = compute(r, h, said.append, target.width, color)
-    view = None
-    if not h.json or h.svg is not None:
-        view = render_view(result, target, record=h.svg is not None)
-    if h.svg is not None:
-        from attn_tracer.commands.save import write_atomic
-        from attn_tracer.render.terminal import export_svg
+    result = compute(r, h, said.append, views.screen_width, render_heads.colored(views.target),
+                     saved_width=views.saved_width if views.files and not views.shared()
+                     else None)
 
-        write_atomic(h.svg, export_svg(view, "attn heads").encode())
+    def draw(console, for_files: bool) -> None:
+        shown = result
+        if for_files:  # thumbnails sized for the files' console
+            shown = dataclasses.replace(result, thumbnails={
+                **result.thumbnails, "view": result.thumbnails["saved"]})
+        render_heads.render(shown, console)
+
+    screen, saved = views.render(draw)
     for message in said:
         notice(message)
-    if h.json:
-        sys.stdout.buffer.write(render_heads.document(result))
-        sys.stdout.flush()
-    else:
-        sys.stdout.write(view.file.getvalue())
-        sys.stdout.flush()
+    out = render_heads.document(result) if h.json else screen.file.getvalue()
+    output.emit(out, views.writers(saved))
 
 
-def render_view(result: HeadsResult, target, record: bool = False):
-    """Render into memory with the target console's settings; printed only once it is whole."""
-    from rich.console import Console
-
-    from attn_tracer.render import heads as render_heads
-
-    buffer = Console(file=io.StringIO(), width=target.width, color_system=target.color_system,
-                     force_terminal=target.is_terminal, no_color=target.no_color,
-                     legacy_windows=False, highlight=False, record=record)
-    render_heads.render(result, buffer)
-    return buffer
-
-
-def compute(r: Request, h: HeadsOptions, notice: Callable[[str], None], width: int = 80,
-            color: bool = True) -> HeadsResult:
+def compute(r: Any, h: HeadsOptions, notice: Callable[[str], None], width: int = 80,
+            color: bool = True, saved_width: int | None = None) -> HeadsResult:
     """Everything that can fail for a reason of the user's, then the run and its reductions.
 
-    `width` and `color`: the console the view will be drawn on, which sizes the thumbnails.
+    `r`: the shared options (SharedOptions, or anything with their fields). `width` and
+    `color`: the console the view will be drawn on, which sizes the thumbnails;
+    `saved_width`: the --svg/--html files' console (in colour), when it is another.
     """
     from attn_tracer.analysis.heads import HeadScorer, repeat_probe, targets
-    from attn_tracer.commands import run
-    from attn_tracer.model.pipeline import Prepared, make_batch, prepare
+    from attn_tracer.model.pipeline import Prepared, make_batch
     from attn_tracer.model.tokens import token
     from attn_tracer.model.trace import Selection
     from attn_tracer.render.heads import view_box
 
-    validate(r, h)
-    for message in ignored(r, h):
-        notice(message)
-    texts = run.read_inputs(r, notice)[0] if h.repeat is None else []
-    limit = run.memory_limit(r)
-    config, weights = run.load_model(r, notice, limit)
+    options = SharedOptions.of(r)
     bos = h.with_bos
-    if h.repeat is not None:
+
+    def probe(config) -> Prepared:
         check_repeat(h.repeat, bos, config)
-        toks = [token(i) for i in repeat_probe(h.repeat, r.seed, bos)]
+        toks = [token(i) for i in repeat_probe(h.repeat, options.model.seed, bos)]
         text = b"".join(t.bytes for t in toks).decode("utf-8", "replace")
-        prepared = Prepared(make_batch([toks], [text], "right"), None)
-    else:
-        prepared = prepare(texts, config, padding=r.padding, max_length=r.max_length,
-                           allow_special=r.allow_special, pad_to=r.pad_to, bos=bos)
-    batch = prepared.batch
+        return Prepared(make_batch([toks], [text], "right"), None)
+
+    session = open_session(options, notice, check=lambda: validate(options, h),
+                           ignored=ignored(options, h), read_input=h.repeat is None,
+                           batch=probe if h.repeat is not None else None, bos=bos,
+                           seed_unused=None if h.repeat is not None else SEED_UNUSED)
+    config, batch = session.config, session.prepared.batch
     rows, length = batch.ids.shape
     boxes = {}
-    if not h.json or h.svg is not None:
+    if not h.json or h.svg is not None or h.html is not None:
         boxes["view"] = view_box(width, config.heads, color)
+    if saved_width is not None:
+        boxes["saved"] = view_box(saved_width, config.heads, True)
     if h.json and h.thumbnails:
         boxes["json"] = JSON_BOX
     # The run keeps no tensor; the scores add index pairs (at worst every pair of a text made
     # of one repeated token) and the thumbnails' block matrices.
-    needed = memory.estimate(config, r.dtype, rows, length, length, 0, 0, "patterns", False)
+    needed = memory.estimate(config, options.engine.dtype, rows, length, length, 0, 0,
+                             "patterns", False)
     needed += rows * length * length * (1 + 3 * 16)
-    engine = run.checked_engine(r, needed, limit, length)
+    engine = session.start(needed)
     scorer = HeadScorer(targets(batch.ids, batch.valid, config.mask == "causal", h.repeat),
                         engine, config.layers, config.heads, boxes)
     hooks = {f"blocks.{layer}.attn.pattern": scorer.hook(layer) for layer in range(config.layers)}
-    trace, weights = run.forward(r, config, weights, engine, prepared,
-                                 Selection((), (), "patterns"), hooks)
-    run.notice_cuts(r, prepared, notice)
-    return HeadsResult(trace, scorer.scores(), scorer.thumbnail_sets(), h, r.seed)
+    trace = session.forward(Selection((), (), "patterns"), hooks)
+    session.notice_cuts()
+    return HeadsResult(trace, scorer.scores(), scorer.thumbnail_sets(), h, options.model.seed)

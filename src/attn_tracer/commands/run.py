@@ -1,57 +1,47 @@
 """`attn trace`: from the command line's request to the outputs, checking everything first.
 
-Every option is validated and every output target checked before the model runs, and the
-model runs to the end before the first byte reaches stdout: a failed run prints nothing there.
+The run is a session (session.py: options, inputs, the model, memory, the engine, in that
+order); this module adds what only `attn trace` has — the layers and heads it shows, what it
+keeps (--values, --save --steps), its view and its JSON. The outputs go through output.py: the
+model runs to the end before the first byte reaches stdout, and a failed run prints nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
-import math
-import os
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The shared steps, importable from here as before the session existed.
+from attn_tracer.commands.session import (  # noqa: F401
+    EngineOptions,
+    InputOptions,
+    ModelOptions,
+    PredictOptions,
+    SharedOptions,
+    checked_engine,
+    ensure_weights,
+    load_model,
+    memory_limit,
+    open_session,
+    progress_display,
+    read_inputs,
+)
 from attn_tracer.errors import UsageError
 from attn_tracer.model import memory
 from attn_tracer.model.config import Config
-from attn_tracer.model.tokens import VOCAB
 
 VALUES_LIMIT = 16  # --values prints every number: beyond this, nobody reads them
-SAVED_WIDTH = 120  # columns of --svg/--html when neither a terminal nor COLUMNS says
 # The attention width heads·d_head may be wider: the notes' worked example concatenates 8 heads
 # of 3 into 24 columns, and wider matrices wrap into blocks of columns.
 VALUES_WIDTH = 32
 
 
 @dataclass
-class Request:
-    texts: list[str] = field(default_factory=list)
-    file: Path | None = None
-    lines: Path | None = None
-    cross: list[str] = field(default_factory=list)
-    cross_file: Path | None = None
-    allow_special: bool = False
-    keep_newline: bool = False  # keep the final line ending of a file or standard input
-    padding: str = "right"
-    max_length: int | None = None
-    pad_to: int | None = None
-    d_model: int | None = None
-    heads: int | None = None
-    d_head: int | None = None
-    layers: int | None = None
-    n_ctx: int | None = None
-    pos: str | None = None
-    mask: str = "causal"
-    scale: bool = True
-    bias: bool = True
-    seed: int = 0
-    arch: str | None = None
-    weights: str | None = None
+class Request(InputOptions, ModelOptions, EngineOptions, PredictOptions):
+    """`attn trace`'s request: the shared option groups (session.py), then its own."""
+
     layer: list[str] = field(default_factory=list)
     head: list[str] = field(default_factory=list)
     batch_index: list[int] | None = None
@@ -63,9 +53,6 @@ class Request:
     values: bool = False
     cost: bool = False
     circuits: bool = False
-    predict: bool = False
-    top_k: int = 10
-    temperature: float = 1.0
     json: bool = False
     json_lines: bool = False
     precision: int | None = None
@@ -74,56 +61,6 @@ class Request:
     svg: Path | None = None
     html: Path | None = None
     force: bool = False
-    device: str = "auto"
-    engine: str = "auto"
-    dtype: str = "float32"
-    max_memory: str | None = None
-
-
-def read_inputs(r: Request, notice: Callable[[str], None]) -> tuple[list[str], list[str]]:
-    from attn_tracer.text import read_file, read_text
-
-    sources = sum([bool(r.texts), r.file is not None, r.lines is not None])
-    if sources > 1:
-        raise UsageError("give the text one way: TEXT arguments, --file, or --lines")
-    if r.lines is not None:
-        # Kept: the split below treats a final line ending as the end of the last line.
-        raw = read_file(r.lines, "--lines file", keep_newline=True)
-        # One text per "\n" (a trailing \r of Windows files dropped): str.splitlines would
-        # also split inside a text at U+2028, form feeds and other separators.
-        rows = [line.removesuffix("\r") for line in raw.split("\n")]
-        if rows and rows[-1] == "":
-            rows.pop()
-        texts = [t for t in rows if t.strip()]
-        if not texts:
-            raise UsageError(f"--lines {r.lines} has no text: every line is empty")
-        if len(texts) < len(rows):
-            skipped = [str(i + 1) for i, t in enumerate(rows) if not t.strip()]
-            notice(f"skipped {len(skipped)} empty line{'s' if len(skipped) > 1 else ''} of "
-                   f"{r.lines} (line {', '.join(skipped[:10])}{'…' if len(skipped) > 10 else ''})")
-    elif r.file is not None:
-        texts = [read_text(None, r.file, r.keep_newline)]
-    elif r.texts:
-        if r.texts.count("-") > 1:
-            raise UsageError("- (standard input) can be given only once")
-        texts = [read_text(t, None, r.keep_newline) for t in r.texts]
-    else:
-        texts = [read_text(None, None)]
-    for i, t in enumerate(texts):
-        if not t.strip():
-            where = f"text {i}" if len(texts) > 1 else "the text"
-            raise UsageError(f"{where} is empty or only whitespace: there is nothing to attend to")
-    if r.cross and r.cross_file is not None:
-        raise UsageError("give the cross text either with --cross or with --cross-file, not both")
-    from attn_tracer.text import check_argument
-
-    cross = [check_argument(t, "the --cross text") for t in r.cross]
-    if r.cross_file is not None:
-        cross = [read_file(r.cross_file, "--cross-file", r.keep_newline)]
-    for t in cross:
-        if not t.strip():
-            raise UsageError("--cross text is empty: cross-attention needs keys to attend to")
-    return texts, cross
 
 
 def build_config(r: Request, notice: Callable[[str], None] = lambda message: None,
@@ -202,23 +139,11 @@ def parse_selection(values: list[str], count: int, flag: str,
 
 
 def validate(r: Request) -> None:
-    if r.padding not in ("right", "left"):
-        raise UsageError(f"--padding must be right or left; got {r.padding!r}")
-    if r.max_length is not None and r.max_length < 1:
-        raise UsageError(f"--max-length must be at least 1; got {r.max_length}")
-    if r.pad_to is not None and r.pad_to < 1:
-        raise UsageError(f"--pad-to must be at least 1; got {r.pad_to}")
-    if not 1 <= r.top_k <= VOCAB:
-        raise UsageError(
-            f"--top-k must be between 1 and the vocabulary size {VOCAB}; got {r.top_k}")
-    if not (math.isfinite(r.temperature) and r.temperature > 0):
-        raise UsageError(f"--temperature must be a positive number (it divides the logits); "
-                         f"got {r.temperature:g}")
-    from attn_tracer.model.engine import check_choices, check_torch
+    """`attn trace`'s own options (the session checks the shared ones first)."""
+    from attn_tracer.commands import output
+    from attn_tracer.commands.save import parse_steps
 
-    check_torch(r.engine, check_choices(r.engine, r.device, r.dtype))
-    if r.width is not None and not 40 <= r.width <= 1000:
-        raise UsageError(f"--width must be between 40 and 1000 columns; got {r.width}")
+    output.check_width(r.width)
     if r.precision is not None and not 0 <= r.precision <= 12:
         raise UsageError(f"--precision must be between 0 and 12 decimals; got {r.precision}")
     if r.json and r.json_lines:
@@ -226,23 +151,16 @@ def validate(r: Request) -> None:
     if r.values and (r.json or r.json_lines):
         flag = "--json" if r.json else "--json-lines"
         raise UsageError(f"--values prints numbers in the terminal view; with {flag} use --save")
-    if r.arch == "gpt2" and (r.cross or r.cross_file):
-        raise UsageError("--cross needs --arch attn: GPT-2 is decoder-only, it has no "
-                         "cross-attention")
-    if r.weights is not None and (r.cross or r.cross_file):
-        raise UsageError("--cross conflicts with --weights: GPT-2 has no cross-attention")
-    from attn_tracer.commands.save import TENSOR_SUFFIXES, check_target, parse_steps
-
     parse_steps(r.steps)
-    if r.save is not None:
-        check_target(r.save, r.force, "--save", TENSOR_SUFFIXES)
-    if r.svg is not None:
-        check_target(r.svg, r.force, "--svg", (".svg",))
-    if r.html is not None:
-        check_target(r.html, r.force, "--html", (".html", ".htm"))
-    if len({p.resolve() for p in (r.save, r.svg, r.html) if p is not None}) < sum(
-            p is not None for p in (r.save, r.svg, r.html)):
-        raise UsageError("--save, --svg and --html must name different files")
+    output.check_files(file_targets(r), r.force)
+
+
+def file_targets(r: Request) -> dict:
+    from attn_tracer.commands.output import VIEW_SUFFIXES
+    from attn_tracer.commands.save import TENSOR_SUFFIXES
+
+    return {"--save": (r.save, TENSOR_SUFFIXES), "--svg": (r.svg, VIEW_SUFFIXES["--svg"]),
+            "--html": (r.html, VIEW_SUFFIXES["--html"])}
 
 
 def parse_range(text: str, count: int, flag: str) -> range:
@@ -267,18 +185,11 @@ def view_ranges(r: Request, length: int, k_len: int) -> tuple[range | None, rang
 
 
 def ignored_options(r: Request) -> list[str]:
-    """Options given that this run will not use: said, so that nothing is silently dropped."""
+    """`attn trace`'s own options given that this run will not use (the session says the
+    shared ones): said, so that nothing is silently dropped."""
     out = []
-    if not r.predict and (r.top_k != 10 or r.temperature != 1.0):
-        out.append("--top-k and --temperature shape --predict's table; add --predict to see it")
     if r.numbers and (r.query is None or ":" in r.query):
         out.append("--numbers writes the weights beside the text shaded by one --query P")
-    if r.weights is not None and r.seed != 0:
-        out.append("--seed draws random weights; with --weights it changes nothing")
-    reads_a_file = r.file is not None or r.cross_file is not None or "-" in r.texts
-    if r.keep_newline and not reads_a_file:
-        out.append("--keep-newline keeps the final line ending of --file, --cross-file or "
-                   "standard input; TEXT arguments are always exact, --lines splits at it")
     if r.steps and r.save is None:
         out.append("--steps chooses what --save writes; without --save it changes nothing")
     return out
@@ -290,10 +201,7 @@ def execute(r: Request, notice: Callable[[str], None], console: Callable) -> Non
     trace, weights = compute(r, said.append)
     for message in said:
         notice(message)
-    from attn_tracer.commands.save import staged
-
-    with staged():  # --save, --svg and --html are kept only if stdout is written too
-        write_outputs(r, trace, weights, console)
+    write_outputs(r, trace, weights, console)
 
 
 def estimate(config: Config, r: Request, batch: int, length: int, k_len: int,
@@ -307,13 +215,9 @@ def estimate(config: Config, r: Request, batch: int, length: int, k_len: int,
 
 def compute(r: Request, notice: Callable[[str], None]):
     """Everything that can fail for a reason of the user's: validation, inputs, the run."""
-    validate(r)
-    for ignored in ignored_options(r):
-        notice(ignored)
-    texts, cross = read_inputs(r, notice)
-    limit = memory_limit(r)
-    config, weights = load_model(r, notice, limit)
-
+    session = open_session(SharedOptions.of(r), notice, check=lambda: validate(r), cross=True,
+                           ignored=ignored_options(r))
+    config = session.config
     if r.values and config.d_model > VALUES_LIMIT:
         raise UsageError(f"--values prints every number: use it with --d-model ≤ {VALUES_LIMIT} "
                          f"(e.g. --d-model 4 --heads 2); this run has d_model {config.d_model}")
@@ -328,105 +232,22 @@ def compute(r: Request, notice: Callable[[str], None]):
     from attn_tracer.model.trace import Selection
 
     selection = Selection(layers, heads, capture, extra)
-    from attn_tracer.model.pipeline import prepare
-
-    prepared = prepare(texts, config, cross_texts=cross or None, padding=r.padding,
-                       max_length=r.max_length, allow_special=r.allow_special, pad_to=r.pad_to)
-    length = prepared.batch.ids.shape[1]
-    k_len = prepared.cross.ids.shape[1] if prepared.cross else length
+    length, k_len = session.length, session.k_len
     if r.values and max(length, k_len) > VALUES_LIMIT:
         raise UsageError(f"--values prints every number: use it with at most {VALUES_LIMIT} "
                          "tokens in each text (cut with --max-length)")
     view_ranges(r, length, k_len)  # refused now, before the run, not after
+    texts = session.texts
     if r.batch_index is not None:
         for b in r.batch_index:
             if not 0 <= b < len(texts):
                 raise UsageError(f"--batch-index {b} is out of range: the batch has {len(texts)} "
                                  f"text{'s' if len(texts) > 1 else ''} (0 to {len(texts) - 1})")
     # The whole run, weights included, before a single weight is drawn: absurd sizes end here.
-    needed = estimate(config, r, len(texts), length, k_len, selection, bool(cross))
-    engine = checked_engine(r, needed, limit, length)
-    trace, weights = forward(r, config, weights, engine, prepared, selection)
-    notice_cuts(r, prepared, notice, len(cross))
-    return trace, weights
-
-
-# The steps of a run that every command running the model shares (trace, heads, attribute).
-
-def memory_limit(r: Request) -> int:
-    return memory.parse_size(r.max_memory) if r.max_memory is not None else memory.default_limit()
-
-
-def load_model(r: Request, notice: Callable[[str], None], limit: int | None = None):
-    """build_config with a progress display while a checkpoint loads (refused from its header
-    if it would need more than `limit` bytes)."""
-    with progress_display("loading weights", show=r.weights is not None):
-        return build_config(r, notice, limit)
-
-
-def checked_engine(r: Request, needed: int, limit: int, length: int):
-    """The engine for this run, once the estimate `needed` fits the host (and a GPU) limit."""
-    from attn_tracer.model.engine import free_memory, select_engine
-
-    memory.check(needed, limit)
-    engine = select_engine(r.engine, r.device, r.dtype, length)
-    if r.max_memory is None and (gpu := free_memory(engine)) is not None:
-        memory.check(needed, gpu)  # on a GPU the tensors live in its memory
-    return engine
-
-
-def forward(r: Request, config, weights, engine, prepared, selection, hooks=None):
-    """The run itself, behind a progress bar; random weights are drawn only now."""
-    from attn_tracer.model.pipeline import run
-
-    texts = [inp.text for inp in prepared.batch.inputs]
-    cross = [inp.text for inp in prepared.cross.inputs] if prepared.cross else None
-    length = prepared.batch.ids.shape[1]
-    with progress_display(f"{length} tokens through {config.layers} layers") as advance:
-        weights = ensure_weights(config, weights, cross=bool(cross))
-        trace, _ = run(texts, config, engine, weights, selection, cross_texts=cross,
-                       padding=r.padding, max_length=r.max_length,
-                       allow_special=r.allow_special, predict_top_k=r.top_k if r.predict
-                       else None, temperature=r.temperature,
-                       progress=advance, prepared=prepared, hooks=hooks)
-    return trace, weights
-
-
-def ensure_weights(config: Config, weights, cross: bool = False):
-    """The checkpoint's weights, or random ones drawn now (after every check has passed)."""
-    if weights is not None:
-        return weights
-    from attn_tracer.model.weights import random_weights
-
-    return random_weights(config, cross=cross)
-
-
-def notice_cuts(r: Request, prepared, notice: Callable[[str], None], cross_given: int = 0
-                ) -> None:
-    """Say which texts --max-length cut (`cross_given`: how many --cross texts were given)."""
-    if cut := prepared.cut:
-        notice(f"--max-length {r.max_length} cut text{'s' if len(cut) > 1 else ''} "
-               f"{', '.join(map(str, cut))}")
-    if prepared.cross_cut:
-        rows = prepared.cross_cut
-        which = "the --cross text" if cross_given == 1 else (
-            f"--cross text{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}")
-        notice(f"--max-length {r.max_length} cut {which}")
-
-
-@contextlib.contextmanager
-def progress_display(description: str, show: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """A transient Rich progress bar on stderr, only when stderr is a terminal (never in pipes,
-    CI logs or tests). Yields `advance(done, total)`, a no-op when nothing is shown."""
-    if not (show and sys.stderr.isatty()):
-        yield lambda done, total: None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+    session.start(estimate(config, r, len(texts), length, k_len, selection, bool(session.cross)))
+    trace = session.forward(selection)
+    session.notice_cuts()
+    return trace, session.weights
 
 
 def captures(r: Request, layers: tuple[int, ...]) -> tuple[str, tuple[str, ...], str]:
@@ -444,37 +265,31 @@ def captures(r: Request, layers: tuple[int, ...]) -> tuple[str, tuple[str, ...],
 
 
 def write_outputs(r: Request, trace, weights, console: Callable) -> None:
-    from attn_tracer.commands import save
+    from attn_tracer.commands import output, save
     from attn_tracer.render import json_doc as render_json
 
+    views = output.Views(console(), "attn trace", r.svg, r.html, r.width,
+                         on_screen=not (r.json or r.json_lines))
+    screen, saved = views.render(lambda c, _: render_view(r, trace, weights, c))
+    files = []
     if r.save is not None:
-        save.save_tensors(trace, r.save, render_json.config_json(trace), save.parse_steps(r.steps))
-    view = None
-    stream = r.json or r.json_lines
-    if not stream or r.svg or r.html:
-        view = render_view(r, trace, weights, console())
-        if r.svg is not None:
-            from attn_tracer.render.terminal import export_svg
-
-            save.write_atomic(r.svg, export_svg(view, "attn trace").encode())
-        if r.html is not None:
-            save.write_atomic(r.html, view.export_html(clear=False).encode())
+        files.append(lambda: save.save_tensors(trace, r.save, render_json.config_json(trace),
+                                               save.parse_steps(r.steps)))
+    files += views.writers(saved)
     if r.json:
-        render_json.write(trace, sys.stdout.buffer, r.precision, r.stages)
+        out = lambda stream: render_json.write(trace, stream, r.precision, r.stages)  # noqa: E731
     elif r.json_lines:
-        render_json.write_lines(trace, sys.stdout.buffer, r.precision, r.stages)
+        out = lambda stream: render_json.write_lines(  # noqa: E731
+            trace, stream, r.precision, r.stages)
     else:
-        sys.stdout.write(view.file.getvalue())
-        sys.stdout.flush()
+        out = screen.file.getvalue()
+    output.emit(out, files)
 
 
-def render_view(r: Request, trace, weights, target):
-    """Render into memory with the target console's settings; printed only once it is whole."""
+def render_view(r: Request, trace, weights, console) -> None:
+    """Draw the trace's view onto `console` (a buffer: printed only once it is whole)."""
     from attn_tracer.render import terminal as render_terminal
 
-    width = r.width or (target.width if target.is_terminal or "COLUMNS" in os.environ
-                        or not (r.svg or r.html) else SAVED_WIDTH)
-    buffer = buffer_like(target, record=r.svg is not None or r.html is not None, width=width)
     peaks = None
     if r.cost:  # the estimate that --max-memory checks, for this text and one twice as long
         length = trace.inputs[0].length + trace.inputs[0].padding
@@ -491,19 +306,7 @@ def render_view(r: Request, trace, weights, target):
     length = len(trace.inputs[0].valid)
     k_len = len(trace.cross[0].valid) if trace.cross else length
     queries, keys = view_ranges(r, length, k_len)
-    render_terminal.render(trace, buffer, show_stages=r.stages, weights=weights.params,
+    render_terminal.render(trace, console, show_stages=r.stages, weights=weights.params,
                            show_values=r.values, batch_rows=r.batch_index, queries=queries,
                            keys=keys, numbers=r.numbers, show_cost=r.cost, peaks=peaks,
                            show_circuits=r.circuits)
-    return buffer
-
-
-def buffer_like(target, record: bool = False, width: int | None = None):
-    """A Console writing to memory with `target`'s width (or `width`) and colors: a view is
-    rendered whole there, and printed only once nothing can fail any more."""
-    from rich.console import Console
-
-    return Console(file=io.StringIO(), width=width or target.width,
-                   color_system=target.color_system, force_terminal=target.is_terminal,
-                   no_color=target.no_color,
-                   legacy_windows=False, highlight=False, record=record)

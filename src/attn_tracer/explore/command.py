@@ -15,8 +15,8 @@ import sys
 import threading
 from collections.abc import Callable
 from importlib.util import find_spec
+from typing import Any
 
-from attn_tracer.commands.run import Request
 from attn_tracer.errors import AttnError, UsageError
 
 INSTALL = 'pip install "attn-tracer[explore]"'
@@ -38,7 +38,7 @@ def _import_app() -> None:
         import attn_tracer.explore.app  # noqa: F401
 
 
-def execute(r: Request, notice: Callable[[str], None], exit_after_first_frame: bool = False
+def execute(r: Any, notice: Callable[[str], None], exit_after_first_frame: bool = False
             ) -> int:
     """Run the explorer; its exit code (0, or 130 when Ctrl-C ended it)."""
     if find_spec("textual") is None:

@@ -1,7 +1,7 @@
 """Everything `attn explore` shows, computed before the app starts; no Textual here.
 
-One run of the model, through the same steps as `attn trace` (run.py: validation, inputs,
-weights, the memory estimate, the engine, the forward), keeps three things:
+One run of the model, through the same session as every command (commands/session.py:
+validation, inputs, weights, the memory estimate, the engine, the forward), keeps three things:
 
 - the Trace: the inputs, every step's name, formula and shape (the side panel's shape trace),
   the predictions, and as tensors only each layer's Q and K split into heads
@@ -25,10 +25,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from attn_tracer.commands.run import Request
 from attn_tracer.model.trace import Input, Trace
 from attn_tracer.render.heatmaps import mask_marks
 
@@ -145,46 +145,40 @@ def q_k_names(layers: int, kinds: tuple[str, ...]) -> tuple[str, ...]:
                  for x in "qk")
 
 
-def compute(r: Request, notice: Callable[[str], None], width: int, color: bool = True
+def compute(r: Any, notice: Callable[[str], None], width: int, color: bool = True
             ) -> Explore:
     """Everything that can fail for a reason of the user's, then the run.
 
-    `width`: the terminal's columns, which size the overview's thumbnails.
+    `r`: the shared options (SharedOptions, or anything with their fields). `width`: the
+    terminal's columns, which size the overview's thumbnails.
     """
     from attn_tracer.analysis.heads import HeadScorer, targets
-    from attn_tracer.commands import run
+    from attn_tracer.commands.session import SharedOptions, open_session
     from attn_tracer.explore.layout import thumbnail_box
     from attn_tracer.model import memory
-    from attn_tracer.model.pipeline import prepare
     from attn_tracer.model.trace import Selection
 
-    run.validate(r)
-    for message in run.ignored_options(r):
-        notice(message)
-    texts, cross = run.read_inputs(r, notice)
-    limit = run.memory_limit(r)
-    with run.progress_display("loading weights", show=r.weights is not None):
-        config, weights = run.build_config(r, notice)
-    prepared = prepare(texts, config, cross_texts=cross or None, padding=r.padding,
-                       max_length=r.max_length, allow_special=r.allow_special)
+    options = SharedOptions.of(r)
+    session = open_session(options, notice, cross=True)
+    config, prepared = session.config, session.prepared
     batch = prepared.batch
-    rows, length = batch.ids.shape
-    k_len = prepared.cross.ids.shape[1] if prepared.cross else length
+    rows, length, k_len = session.rows, session.length, session.k_len
     kinds = ("attn", "cross_attn") if prepared.cross else ("attn",)
     # The run keeps no pattern; on top of it: Q and K of every layer (float32 on the host),
     # the scores' index pairs and the thumbnails' block matrices (as attn heads counts them),
     # and the stages of the heads opened last.
-    needed = memory.estimate(config, r.dtype, rows, length, k_len, 0, 0, "patterns",
-                             bool(cross), predict=r.predict)
+    needed = memory.estimate(config, options.engine.dtype, rows, length, k_len, 0, 0,
+                             "patterns", bool(session.cross),
+                             predict=options.predict.predict)
     needed += config.layers * rows * (length + k_len) * config.d_model * 4 * len(kinds)
     needed += rows * length * length * (1 + 3 * 16) + CACHE_BYTES
-    engine = run.checked_engine(r, needed, limit, length)
+    engine = session.start(needed)
     box = thumbnail_box(width, config.heads, config.layers, color)
     scorer = HeadScorer(targets(batch.ids, batch.valid, config.mask == "causal"), engine,
                         config.layers, config.heads, {"overview": box})
     hooks = {f"blocks.{layer}.attn.pattern": scorer.hook(layer) for layer in range(config.layers)}
     selection = Selection((), tuple(range(config.heads)), "patterns",
                           q_k_names(config.layers, kinds))
-    trace, _ = run.forward(r, config, weights, engine, prepared, selection, hooks)
-    run.notice_cuts(r, prepared, notice, len(cross))
+    trace = session.forward(selection, hooks)
+    session.notice_cuts()
     return Explore(trace, scorer.per_row, scorer.thumbnail_sets()["overview"], color)

@@ -32,16 +32,15 @@ from attn_tracer.explore import panels
 from attn_tracer.explore.data import STAGE_NAMES, Explore
 from attn_tracer.explore.grid import CYAN, DIM, REVERSE, FrozenGrid, cells, weight_style
 from attn_tracer.explore.layout import panel_shown
+from attn_tracer.render import formats
 from attn_tracer.render.heatmaps import (
     MAX_LABEL,
     PADDED,
-    _fmt01,
     column_labels,
     reading_labels,
     shaded_text,
 )
 from attn_tracer.render.layout import fit
-from attn_tracer.render.numbers import _decimals, _fmt
 
 CELL = {"pattern": 4, "stage": 6, "colors": 2}  # a key's columns: ".42 ", "-1.23 ", or a block
 NARROW_LABEL = 10  # the widest a row label's token grows below 120 columns
@@ -124,7 +123,7 @@ class HeatmapView(FrozenGrid):
         finite = self.matrix[np.isfinite(self.matrix)]
         self.lo, self.hi = ((0.0, 1.0) if self.stage == "pattern" or not finite.size
                             else (float(finite.min()), float(finite.max())))
-        self.digits = _decimals(finite, CELL["stage"] - 1)
+        self.digits = formats.fitting_decimals(finite, CELL["stage"] - 1)
         self.resize_body()
 
     def label_width(self) -> int:
@@ -282,9 +281,9 @@ class HeatmapView(FrozenGrid):
                 if cell == 2:
                     text = " "
                 elif self.stage == "pattern":
-                    text = " " * (cell - 4) + _fmt01(v)
+                    text = " " * (cell - 4) + formats.unit(v)
                 else:
-                    text = f"{_fmt(v, self.digits):>{cell - 1}}"
+                    text = f"{formats.number(v, self.digits):>{cell - 1}}"
             if here:
                 style = CURSOR
                 text = "[" if cell == 2 else text

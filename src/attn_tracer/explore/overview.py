@@ -25,6 +25,7 @@ from attn_tracer.explore import panels
 from attn_tracer.explore.data import Explore
 from attn_tracer.explore.grid import BOLD, CYAN, DIM, REVERSE, FrozenGrid, cells, weight_style
 from attn_tracer.explore.layout import PAD, label_width, panel_shown
+from attn_tracer.render import formats
 from attn_tracer.render import thumbnails as render_thumbnails
 from attn_tracer.render.layout import color as viridis
 from attn_tracer.render.layout import flow
@@ -183,7 +184,7 @@ class OverviewGrid(FrozenGrid):
         style = weight_style(panels.score_color(self.data, self.mode, layer, head, self.at_text))
         if not self.data.color:
             style = BOLD if value >= 0.5 else DIM
-        text = panels.fmt_score(value, self.mode) if line == (self.lines - 1) // 2 else ""
+        text = formats.score(value, self.mode) if line == (self.lines - 1) // 2 else ""
         return [Segment(f"{text:^{self.cols}}", self.on_base(style))]
 
 

@@ -20,6 +20,7 @@ from textual.widgets import Static
 from attn_tracer.analysis.head_definitions import DEFINITIONS, SCORES
 from attn_tracer.explore.data import STAGE_NAMES, Explore
 from attn_tracer.explore.layout import PANEL_WIDTH
+from attn_tracer.render import formats
 from attn_tracer.render.layout import cell_style, flow, plural
 from attn_tracer.render.shapes import shape_table
 
@@ -82,12 +83,6 @@ def title_line(data: Explore, width: int) -> Text:
     return flow([Text(i, style="dim") for i in items], width, first=first)
 
 
-def fmt_score(value: float, score: str) -> str:
-    if score == "entropy":
-        return f"{value:.1f}" if value < 9.95 else f"{value:.0f}"
-    return "1.0" if value >= 0.995 else f"{value:.2f}"[1:]
-
-
 def score_color(data: Explore, score: str, layer: int, head: int, batch: int) -> float:
     """A score on the 0–1 color scale: entropy in bits is colored by its normalized twin."""
     name = "entropy_norm" if score == "entropy" else score
@@ -110,7 +105,7 @@ def scores_panel(data: Explore, layer: int, head: int, batch: int, mode: str | N
         rank = 1 + int((grid > value).sum())
         style = "bold" if score == mode else ""
         out.append(f"{score:<16}", style=style)
-        out.append(f"{fmt_score(value, score):>4}",
+        out.append(f"{formats.score(value, score):>4}",
                    style=cell_style(score_color(data, score, layer, head, batch)))
         out.append(f"  {rank:>{len(str(total))}} of {total}\n", style="dim")
     shown = mode or "previous_token"

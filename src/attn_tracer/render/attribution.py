@@ -20,6 +20,8 @@ from rich.text import Text
 from attn_tracer import __version__
 from attn_tracer.analysis import attribution as dla
 from attn_tracer.model.tokens import ENDOFTEXT_ID, VOCAB, token
+from attn_tracer.render import formats
+from attn_tracer.render.formats import signed
 from attn_tracer.render.heatmaps import (
     PAD_LABEL,
     column_labels,
@@ -56,31 +58,6 @@ def diverging_style(v: float, scale: float) -> Style:
     r, g, b = diverging(v / scale if scale > 0 else 0.0)
     light = 0.299 * r + 0.587 * g + 0.114 * b > 140
     return Style(bgcolor=Color.from_rgb(r, g, b), color="black" if light else "white")
-
-
-def decimals(values: np.ndarray) -> int:
-    """2 decimals while the largest |value| fits 5 cells signed (+9.99), then 1, then 0."""
-    m = float(np.max(np.abs(values))) if values.size else 0.0
-    return 2 if m < 9.995 else 1 if m < 99.95 else 0
-
-
-def signed(v: float, digits: int) -> str:
-    """+0.12, −0.05 (a real minus sign); exactly 0 without a sign."""
-    if v == 0:
-        return f"{0:.{digits}f}"
-    return f"{v:+.{digits}f}".replace("-", "−", 1)
-
-
-def _prob(p: float) -> str:
-    return f"{p:.4f}" if p >= 1e-4 or p == 0 else f"{p:.1e}"
-
-
-def _signed_prob(d: float) -> str:
-    """A change of probability: +0.1234, −3.1e-06 (small changes keep their digits)."""
-    if d == 0:
-        return "0"
-    text = f"{d:+.4f}" if abs(d) >= 1e-4 else f"{d:+.1e}"
-    return text.replace("-", "−", 1) if text[0] == "-" else text  # the sign, not the exponent's
 
 
 def label(token_id: int) -> str:
@@ -138,7 +115,7 @@ def prediction(result, width: int, top_k: int) -> Text:
     items = [Text("predicted:", style="dim")]
     for token_id, prob, _ in result.before.top[:top_k]:
         item = Text(label(token_id), style="cyan")
-        item.append(f" {_prob(prob)}", style="dim")
+        item.append(f" {formats.prob(prob)}", style="dim")
         items.append(item)
     t.append_text(flow(items, width, sep="  "))
     t.append("\n")
@@ -149,7 +126,8 @@ def prediction(result, width: int, top_k: int) -> Text:
     line.append("\n")
     rank = "the top token" if b.rank == 1 else f"rank {b.rank}"
     facts = [Text(f"target {label(result.target)} (#{result.target})"),
-             Text(f"logit {signed(b.target_logit, 3)}"), Text(f"prob {_prob(b.target_prob)}"),
+             Text(f"logit {signed(b.target_logit, 3)}"),
+             Text(f"prob {formats.prob(b.target_prob)}"),
              Text(rank)]
     if result.versus is not None:
         facts.append(Text(f"versus {label(result.versus)} (#{result.versus})"))
@@ -197,7 +175,7 @@ def grid_scale(a) -> tuple[float, int]:
                         if c.layer is not None])
     if not layered.size or not np.any(layered):
         layered = np.asarray(a.logits, np.float64)
-    return (float(np.max(np.abs(layered))) or 1.0), decimals(layered)
+    return (float(np.max(np.abs(layered))) or 1.0), formats.signed_decimals(layered)
 
 
 def head_blocks(values: np.ndarray, scale: float, digits: int, width: int) -> list[Text]:
@@ -273,7 +251,8 @@ def ranked(result, count: int, width: int) -> Text:
     order = dla.ranked(a)[:count]
     scale = float(np.max(np.abs(a.logits))) or 1.0
     # Each value with the decimals its size allows: a +756 beside a −0.27 keeps both readable.
-    values = {i: signed(float(a.logits[i]), decimals(a.logits[i:i + 1])) for i in order}
+    values = {i: signed(float(a.logits[i]), formats.signed_decimals(a.logits[i:i + 1]))
+              for i in order}
     name_w = max(cell_len("component"), *(cell_len(a.components[i].name) for i in order))
     value_w = max(len("logit"), *(len(values[i]) for i in order))
     rank_w = len(str(count))
@@ -355,8 +334,8 @@ def lens_view(result, width: int) -> list[RenderableType]:
         t.append(shown + " " * (token_w - cell_len(shown)), style="bold cyan")
         prob = float(lens.top_probs[layer, column])
         t.append("  ")
-        t.append(f"{_prob(prob):>6}", style=cell_style(prob))
-        t.append(f"  {_prob(float(lens.target_probs[layer])):>10}")
+        t.append(f"{formats.prob(prob):>6}", style=cell_style(prob))
+        t.append(f"  {formats.prob(float(lens.target_probs[layer])):>10}")
         t.append(f"  {int(lens.target_ranks[layer]):>6}")
     out.append(t)
     if result.all_positions:
@@ -420,8 +399,9 @@ def ablation_view(result, width: int) -> Text:
         rows.append((f"logit({target})", signed(ab.before.target_logit, 3),
                      signed(ab.after.target_logit, 3),
                      signed(ab.after.target_logit - ab.before.target_logit, 3)))
-    rows.append((f"p({target})", _prob(ab.before.target_prob), _prob(ab.after.target_prob),
-                 _signed_prob(ab.after.target_prob - ab.before.target_prob)))
+    rows.append((f"p({target})", formats.prob(ab.before.target_prob),
+                 formats.prob(ab.after.target_prob),
+                 formats.signed_prob(ab.after.target_prob - ab.before.target_prob)))
     rows.append((f"rank of {target}", str(ab.before.rank), str(ab.after.rank),
                  signed(ab.after.rank - ab.before.rank, 0)))
     name_w = max(cell_len(r[0]) for r in rows)
@@ -444,7 +424,7 @@ def ablation_view(result, width: int) -> Text:
         for token_id, prob, _ in o.top:
             item = Text(label(token_id), style="bold cyan" if token_id == result.target
                         else "cyan")
-            item.append(f" {_prob(prob)}", style="dim")
+            item.append(f" {formats.prob(prob)}", style="dim")
             items.append(item)
         out.append("\n")
         out.append_text(flow(items, width, sep="  "))

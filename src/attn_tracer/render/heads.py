@@ -19,6 +19,7 @@ from rich.text import Text
 
 from attn_tracer import __version__
 from attn_tracer.analysis.head_definitions import DEFINITIONS, SCORES
+from attn_tracer.render import formats
 from attn_tracer.render import thumbnails as render_thumbnails
 from attn_tracer.render.json_doc import config_json, input_json
 from attn_tracer.render.layout import cell_style, flow, grid
@@ -136,14 +137,6 @@ def _fg(value: float) -> Style:
     return Style(color=Color.from_rgb(*viridis(value)))
 
 
-def _fmt(value: float, score: str) -> str:
-    if score == "entropy":
-        return f"{value:.1f}" if value < 9.95 else f"{value:.0f}"
-    if value >= 0.995:
-        return "1.0"
-    return f"{value:.2f}"[1:]  # ".42": two decimals in three characters
-
-
 def score_grid(result, score: str) -> Text:
     """One score of every head: [layers × heads], each cell on the viridis scale."""
     c = result.trace.config
@@ -161,7 +154,7 @@ def score_grid(result, score: str) -> Text:
         for h in range(c.heads):
             v = float(values[layer, h])
             out.append(" " * (cell - 3))
-            out.append(_fmt(v, score), style=cell_style(float(norm[layer, h])))
+            out.append(formats.score(v, score), style=cell_style(float(norm[layer, h])))
             if h < c.heads - 1:
                 out.append(" ")
         out.append("\n")

@@ -20,6 +20,7 @@ from rich.text import Text
 
 from attn_tracer.model.tokens import split_characters
 from attn_tracer.model.trace import Input, Trace
+from attn_tracer.render import formats
 from attn_tracer.render.layout import cell_style, color, fit, flow, grid
 
 MASKED = "·"  # the causal mask: a key after the query
@@ -183,7 +184,7 @@ def heatmap(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
             else:
                 w = float(weights[q, k])
                 lines.append(" " * (cell - 4))
-                lines.append(f"{_fmt01(w):>3}", style=cell_style(w))
+                lines.append(f"{formats.unit(w):>3}", style=cell_style(w))
                 lines.append(" ")
         lines.rstrip()
         lines.append("\n")
@@ -202,12 +203,6 @@ def _ranges_note(queries: range, q_len: int, keys: range, k_len: int) -> str:
 
 def _span(r: range) -> str:
     return str(r.start) if len(r) == 1 else f"{r.start}–{r.stop - 1}"
-
-
-def _fmt01(w: float) -> str:
-    if w >= 0.995:
-        return "1.0"
-    return f"{w:.2f}"[1:]  # ".42": two decimals in three characters
 
 
 def overview(weights: np.ndarray, marks: np.ndarray, queries: range, keys: range,
@@ -281,7 +276,7 @@ def topk_view(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
             out.append(f"{key_index[j]:>{len(str(k_len - 1))}}:", style="dim")
             out.append(label, style="cyan")
             out.append(" " * (7 - cell_len(label)))  # padded by cells: CJK and emoji take two
-            out.append(f"{_fmt01(float(w_row[j])):>3}", style=cell_style(float(w_row[j])))
+            out.append(f"{formats.unit(float(w_row[j])):>3}", style=cell_style(float(w_row[j])))
             out.append("  ")
         out.rstrip()
         out.append("\n")
@@ -360,7 +355,7 @@ def shaded_text(weights: np.ndarray, labels_: list[str], marks: np.ndarray, quer
         w = float(weights[query, k])
         item = Text(label, style=cell_style(w))
         if numbers:
-            item.append(f" {_fmt01(w)}", style="dim")
+            item.append(f" {formats.unit(w)}", style="dim")
         items.append(item)
     return flow(items, width, sep=" ")
 

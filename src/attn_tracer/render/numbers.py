@@ -14,6 +14,7 @@ from rich.text import Text
 
 from attn_tracer.model.trace import Trace
 from attn_tracer.model.weights import LOGIT_STD
+from attn_tracer.render import formats
 from attn_tracer.render.heatmaps import (
     LABEL_WIDTH,
     MASKED,
@@ -128,7 +129,7 @@ class _Numbers:
         self.lo, hi = (0.0, 1.0) if probability or not finite.size else (
             float(finite.min()), float(finite.max()))
         self.span = hi - self.lo or 1.0
-        self.digits = _decimals(finite, cell - 1)
+        self.digits = formats.fitting_decimals(finite, cell - 1)
         self.m, self.cell, self.probability, self.allowed = m, cell, probability, allowed
 
     def row(self, t: Text, i: int, a: int, b: int, group: int | None) -> None:
@@ -141,29 +142,10 @@ class _Numbers:
             elif self.probability and self.allowed is not None and not self.allowed[i, j]:
                 t.append(f"{MASKED:>{w}} ", style="dim")
             else:
-                t.append(f"{_fmt(v, self.digits):>{w}}",
+                t.append(f"{formats.number(v, self.digits):>{w}}",
                          style=cell_style((v - self.lo) / self.span))
                 t.append(" ")
         t.append("\n")
-
-
-def _decimals(finite: np.ndarray, width: int) -> int | None:
-    """The most decimals (2, 1, 0) at which the widest value of a matrix fits `width`; None:
-    not even 0 do, and the matrix is written in powers of ten."""
-    if not finite.size:
-        return 2
-    extremes = (float(finite.min()), float(finite.max()))
-    for digits in (2, 1, 0):
-        if all(len(f"{v:.{digits}f}") <= width for v in extremes):
-            return digits
-    return None
-
-
-def _fmt(v: float, digits: int | None) -> str:
-    if digits is not None:
-        return f"{v:.{digits}f}"
-    mantissa, exponent = f"{v:.0e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
 
 
 # ── the mask, as the matrix that is added to the scores ─────────────────────────────────────
