@@ -359,7 +359,7 @@ def test_plain_view_draws_the_growing_rows():
     assert widths == [6, 7, 8, 9]
     assert "6 cached: q [1, 4, 1, 8] · cache [1, 4, 7, 8] · scores [1, 4, 1, 7]" in out
     assert "stopped: --max-new-tokens reached after 4 tokens" in out
-    assert out.count("cost: ") == 4 and out.count("from: ") == 4
+    assert out.count("cost, with the cache") == 4 and out.count("from: ") == 4
 
 
 def test_live_view_redraws_a_triangle_in_a_terminal():
@@ -367,8 +367,10 @@ def test_live_view_redraws_a_triangle_in_a_terminal():
     from rich.text import Text
 
     from attn_tracer.commands import generate as command
+    from attn_tracer.commands.session import SharedOptions
 
-    request = command.GenerateRequest(base=Request(**CONFIGS["attn"], texts=[PROMPT]),
+    request = command.GenerateRequest(base=SharedOptions.of({**CONFIGS["attn"],
+                                                             "texts": [PROMPT]}),
                                       max_new_tokens=3, head=["0"])
     buffer = io.StringIO()
     target = Console(file=buffer, width=100, force_terminal=True, color_system="truecolor")

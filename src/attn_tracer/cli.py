@@ -555,10 +555,10 @@ def generate(
     sampling (and the random weights).
     """
     from attn_tracer.commands import generate as gen_command
-    from attn_tracer.commands import run as runner
+    from attn_tracer.commands.session import SharedOptions
 
     request = gen_command.GenerateRequest(
-        base=runner.Request(**opts), max_new_tokens=max_new_tokens, temperature=temperature,
+        base=SharedOptions.of(opts), max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, stop=stop, alternatives=alternatives, layer=layer or [],
         head=head or [], cost=cost, quiet=quiet, json=json_, json_lines=json_lines,
         precision=precision, save=save, force=force)

@@ -1,11 +1,12 @@
 """`attn generate`: the model writes, one token at a time, with its KV cache in the open.
 
-The order: validation → input (one text) → weights → the prompt's length against the context
-→ memory check → engine → the generation (model/generate.py), each token handed to the output
+The order: the run session (commands/session.py: validation, input (one text), the model,
+the prompt) → the prompt's length against the context → memory check → engine → weights → the
+generation (model/generate.py), each token handed to the output
 as soon as it is chosen: the view (live in a terminal, plain lines in a pipe), the bare text
 (--quiet), one JSON line per token (--json-lines), or, at the end, one JSON document (--json)
 and the --save file. Everything that can be refused is refused before the first token is
-computed; the checks and the steps of run.py are reused.
+computed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attn_tracer.commands import run as runner
+from attn_tracer.commands.session import SharedOptions, open_session, progress_display
 from attn_tracer.errors import UsageError
 from attn_tracer.model.tokens import VOCAB
 
@@ -25,7 +27,7 @@ ALTERNATIVES_LIMIT = 20  # more than this is a table nobody reads in a terminal:
 
 @dataclass
 class GenerateRequest:
-    base: runner.Request  # the shared input, model and engine options
+    base: SharedOptions  # the shared input, model and engine options
     max_new_tokens: int = 20
     temperature: float | None = None  # None: greedy, as 0 is
     top_k: int | None = None
@@ -60,7 +62,7 @@ class Prompt:
 
 
 def validate(a: GenerateRequest) -> None:
-    runner.validate(a.base)
+    """`attn generate`'s own options (the session checks the shared ones first)."""
     if a.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1; got {a.max_new_tokens}")
     if a.temperature is not None and not (math.isfinite(a.temperature) and a.temperature >= 0):
@@ -87,11 +89,11 @@ def validate(a: GenerateRequest) -> None:
                          " writes JSON: choose one")
     if a.precision is not None and not 0 <= a.precision <= 12:
         raise UsageError(f"--precision must be between 0 and 12 decimals; got {a.precision}")
-    r = a.base
-    if r.mask != "causal":
+    base = SharedOptions.of(a.base)
+    if base.model.mask != "causal":
         raise UsageError("attn generate needs --mask causal: without it every earlier token "
                          "would see the new ones, and its cached K and V would be wrong")
-    if r.pad_to is not None:
+    if base.input.pad_to is not None:
         raise UsageError("--pad-to pads a text for a trace; attn generate extends its one text "
                          "instead")
     if a.save is not None:
@@ -101,13 +103,9 @@ def validate(a: GenerateRequest) -> None:
 
 
 def notices(a: GenerateRequest) -> list[str]:
-    out = runner.ignored_options(a.base)
-    if a.base.weights is not None and a.base.seed != 0:
-        # --seed seeds the sampling too: with --weights it is not ignored when sampling.
-        out = [m for m in out if not m.startswith("--seed")]
-        if not a.temperature:
-            out.append("--seed seeds the sampling and the random weights; greedy decoding with "
-                       "--weights uses neither")
+    """Options of this command that this run will not use (the session says the shared ones;
+    --seed seeds the sampling too, so it is not unused with --weights when sampling)."""
+    out = []
     if not a.temperature:
         if a.temperature == 0:
             out.append("--temperature 0 means greedy decoding: the most likely token each step")
@@ -122,6 +120,13 @@ def notices(a: GenerateRequest) -> list[str]:
     return out
 
 
+def seed_unused(a: GenerateRequest) -> str | None:
+    if a.temperature:
+        return None  # sampling uses the seed, whatever the weights
+    return ("--seed seeds the sampling and the random weights; greedy decoding with --weights "
+            "uses neither")
+
+
 def compute_plan(a: GenerateRequest, notice: Callable[[str], None]):
     """Everything that can fail for a reason of the user's; then (plan, config, engine,
     weights, prompt)."""
@@ -129,24 +134,18 @@ def compute_plan(a: GenerateRequest, notice: Callable[[str], None]):
     from attn_tracer.model import memory
     from attn_tracer.model.sampling import Sampling
 
-    r = a.base
-    validate(a)
-    for message in notices(a):
-        notice(message)
-    texts, _ = runner.read_inputs(r, notice)
-    if len(texts) > 1:
-        raise UsageError(f"attn generate continues one text: give one (got {len(texts)}; quote "
-                         "a text that has spaces)")
-    limit = runner.memory_limit(r)
-    config, weights = runner.load_model(r, notice, limit)
+    options = SharedOptions.of(a.base)
+    session = open_session(options, notice, check=lambda: validate(a), ignored=notices(a),
+                           seed_unused=seed_unused(a))
+    if len(session.texts) > 1:
+        raise UsageError(f"attn generate continues one text: give one (got "
+                         f"{len(session.texts)}; quote a text that has spaces)")
+    config = session.config
     layers = runner.parse_selection(a.layer, config.layers, "--layer", [0]) \
         if a.shows_heads else ()
     heads = runner.parse_selection(a.head, config.heads, "--head", list(range(config.heads))) \
         if a.shows_heads else ()
-    from attn_tracer.model.pipeline import prepare
-
-    prepared = prepare(texts, config, max_length=r.max_length, allow_special=r.allow_special)
-    ids = [t.id for t in prepared.batch.inputs[0].tokens]
+    ids = [t.id for t in session.prepared.batch.inputs[0].tokens]
     room = config.n_ctx - len(ids)
     if a.max_new_tokens > room:
         limit_name = "the checkpoint's context" if config.weights else "--n-ctx"
@@ -156,19 +155,20 @@ def compute_plan(a: GenerateRequest, notice: Callable[[str], None]):
             f"token{'s' if len(ids) > 1 else ''} + {a.max_new_tokens} is more than {limit_name} "
             f"{config.n_ctx}; at most {max(room, 0)} new tokens here (shorten the prompt{grow})")
     total = len(ids) + a.max_new_tokens
-    needed = memory.estimate(config, r.dtype, 1, len(ids), len(ids), len(layers), len(heads),
+    dtype = options.engine.dtype
+    needed = memory.estimate(config, dtype, 1, len(ids), len(ids), len(layers), len(heads),
                              "patterns", False, predict=True)
-    needed += gen.cache_bytes(config, total, r.dtype)
-    engine = runner.checked_engine(r, needed, limit, total)
-    with runner.progress_display("drawing weights", show=weights is None):
-        weights = runner.ensure_weights(config, weights)
-    runner.notice_cuts(r, prepared, notice)
-    sampling = Sampling(a.temperature or 0.0, a.top_k, a.top_p, r.seed)
+    needed += gen.cache_bytes(config, total, dtype)
+    engine = session.start(needed)
+    with progress_display("drawing weights", show=session.weights is None):
+        weights = session.draw_weights()
+    session.notice_cuts()
+    sampling = Sampling(a.temperature or 0.0, a.top_k, a.top_p, options.model.seed)
     plan = gen.Plan(ids, a.max_new_tokens, sampling, (layers, heads),
                     stop=a.stop.encode("utf-8") if a.stop is not None else None,
                     alternatives=a.alternatives)
-    return plan, config, engine, weights, Prompt(texts[0], ids, config, engine, sampling,
-                                                 (layers, heads))
+    return plan, config, engine, weights, Prompt(session.texts[0], ids, config, engine,
+                                                 sampling, (layers, heads))
 
 
 def execute(a: GenerateRequest, notice: Callable[[str], None], console: Callable) -> None:
