@@ -508,7 +508,7 @@ def test_error_directory_without_weights(tmp_path: Path, saved_dir: Path) -> Non
     [
         ("{oops", r"cannot read .*config\.json"),
         ('{"n_embd": 64}', r"no 'n_head' field"),
-        ('{"model_type": "llama"}', r"describes a 'llama' model"),
+        ('{"model_type": "bert"}', r"describes a 'bert' model"),
         (
             '{"n_embd": 64, "n_head": 3, "n_layer": 2, "n_positions": 32, "vocab_size": 50257}',
             r"heads=3 does not divide d_model=64",

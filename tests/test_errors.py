@@ -233,7 +233,7 @@ ROWS: list[tuple] = [
     ("dtype-unknown", ["trace", "hi", *TINY, "--dtype", "int8"], 2, "--dtype"),
     ("pos-unknown", ["trace", "hi", *TINY, "--pos", "rope"], 2, "--pos"),
     ("mask-unknown", ["trace", "hi", *TINY, "--mask", "bidirectional"], 2, "--mask"),
-    ("arch-unknown", ["trace", "hi", *TINY, "--arch", "llama"], 2, "--arch"),
+    ("arch-unknown", ["trace", "hi", *TINY, "--arch", "mamba"], 2, "--arch"),
     ("padding-unknown", ["trace", "hi", *TINY, "--padding", "middle"], 2, "--padding"),
     ("float16-on-cpu", ["trace", "hi", *TINY, "--device", "cpu", "--dtype", "float16"], 2,
      "float32 on the CPU"),

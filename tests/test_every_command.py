@@ -77,12 +77,12 @@ def test_the_memory_limit_reaches_the_checkpoint_loader(command: str, monkeypatc
 def test_a_checkpoint_over_the_limit_is_refused_from_its_header(command: str, tmp_path,
                                                                 monkeypatch):
     directory = heads_model.save(tmp_path / "known")
-    from attn_tracer.model import checkpoint
+    from attn_tracer.model.arch import gpt2_map  # GPT-2's name map (model/arch/)
 
     def no_copy(*args, **kwargs):
         raise AssertionError("a tensor was copied before the memory check")
 
-    monkeypatch.setattr(checkpoint, "_canonical_params", no_copy)
+    monkeypatch.setattr(gpt2_map, "_canonical_params", no_copy)
     with pytest.raises(UsageError, match=r"need about .* over the 1\.0 KB allowed"):
         COMMANDS[command]({"texts": [TEXT], "weights": str(directory), "max_memory": "1K",
                            "engine": "numpy"}, [].append)

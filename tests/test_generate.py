@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from attn_tracer.cli import app
-from attn_tracer.commands.run import Request, build_config, ensure_weights
+from attn_tracer.commands.session import SharedOptions, ensure_weights, load_model
 from attn_tracer.model import generate as gen
 from attn_tracer.model import sampling, tokens
 from attn_tracer.model.engine import Engine
@@ -36,11 +36,15 @@ CONFIGS = {  # name → Request fields
     "attn": {"d_model": 32, "heads": 4, "layers": 2},
     "gpt2": {"d_model": 32, "heads": 4, "layers": 2, "arch": "gpt2"},
     "d_head": {"d_model": 24, "heads": 3, "layers": 2, "d_head": 5, "arch": "gpt2"},
+    # Rotary positions, grouped-query K/V (the cache is kv_heads wide), a sliding window.
+    "llama": {"d_model": 32, "heads": 4, "layers": 2, "arch": "llama", "kv_heads": 2},
+    "window": {"d_model": 32, "heads": 4, "layers": 2, "arch": "llama", "kv_heads": 2,
+               "window": 4},
 }
 
 
 def model(name: str):
-    config, weights = build_config(Request(**CONFIGS[name]))
+    config, weights = load_model(SharedOptions.of(CONFIGS[name]).model, lambda m: None)
     return config, ensure_weights(config, weights)
 
 

@@ -107,3 +107,19 @@ def test_heads_definitions_are_the_ones_the_tool_uses():
     for name, (formula, words) in DEFINITIONS.items():
         assert f"| `{name}` | {formula} | {words} |" in README, name
     assert NOTES in README
+
+
+def test_checkpoint_tokenizer_sample_is_what_the_tool_prints(tmp_path):
+    """The `attn tokens --weights DIR` block, with the Unigram tokenizer the tests make."""
+    pytest.importorskip("tokenizers")
+    import tokenizer_files
+
+    block = re.search(r"```\n\$ attn tokens --weights DIR \$'(.+?)'\n(.*?)```", README, re.S)
+    assert block, "the README's attn tokens --weights sample is missing"
+    tokenizer_files.unigram(tmp_path)
+    text = block.group(1).replace("\\n", "\n")
+    result = CliRunner().invoke(app, ["tokens", "--weights", str(tmp_path), text],
+                                env={"COLUMNS": "100", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.stderr
+    actual = "\n".join(line.rstrip() for line in result.stdout.splitlines())
+    assert actual.replace(str(tmp_path), "DIR") == block.group(2).rstrip("\n")

@@ -276,17 +276,25 @@ def tokens(
     json_: Annotated[bool, typer.Option("--json", help="Print a JSON array of {id, text, bytes}.")
                      ] = False,
     allow_special: Annotated[bool, typer.Option(
-        "--allow-special", help="Read <|endoftext|> in the text as the special token 50256.")
+        "--allow-special", help="Read special tokens in the text as themselves: GPT-2's "
+        "<|endoftext|> as the token 50256 (a checkpoint's tokenizer: all of its own).")
     ] = False,
     keep_newline: Annotated[bool, typer.Option("--keep-newline", help=KEEP_NEWLINE_HELP)] = False,
+    weights: Annotated[str | None, typer.Option(
+        "--weights", help="Tokenize as this checkpoint does (a folder or a model id in the "
+        "Hugging Face cache): its tokenizer.json, and config.json's token ids; no weights are "
+        "read.")] = None,
     debug: Debug = False,
 ) -> None:
-    """Show how GPT-2's tokenizer splits a text: position, id, readable label, raw bytes."""
+    """Show how a tokenizer splits a text (GPT-2's, or a checkpoint's with --weights):
+    position, id, readable label, raw bytes."""
+    from attn_tracer.model import tokenizer
     from attn_tracer.model import tokens as tok
     from attn_tracer.text import read_text
 
     source = read_text(text, file, keep_newline)
-    toks = tok.tokenize(source, allow_special=allow_special)
+    chosen = tokenizer.for_source(weights) if weights is not None else tokenizer.gpt2()
+    toks = chosen.tokenize(source, allow_special=allow_special)
     if json_:
         from attn_tracer.render.json_doc import tokens_document
 
@@ -297,16 +305,23 @@ def tokens(
     from rich.table import Table
     from rich.text import Text
 
-    title = f"{len(toks)} GPT-2 token{'' if len(toks) == 1 else 's'}"
-    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
+    n = f"{len(toks)} {'GPT-2 ' if chosen.who == 'GPT-2' else ''}token" + (
+        "" if len(toks) == 1 else "s")
+    table = Table(box=box.SIMPLE_HEAD, title=n, title_justify="left")
     table.add_column("pos", justify="right", style="dim")
     table.add_column("id", justify="right")
     table.add_column("token", style="bold cyan")
     table.add_column("bytes", style="dim")
     table.add_column("part of", style="green")
     for pos, (t, part) in enumerate(zip(toks, tok.split_characters(toks), strict=True)):
-        table.add_row(str(pos), str(t.id), Text(t.text), t.bytes.hex(" "), Text(part))
-    _stdout_console().print(table)
+        label = Text(t.text, style="bold magenta") if t.special else Text(t.text)
+        table.add_row(str(pos), str(t.id), label, t.bytes.hex(" "), Text(part))
+    console = _stdout_console()
+    if weights is not None:  # one line, whatever the width: a path must stay whole
+        console.print(Text(f"tokenizer: {chosen.describe()}", style="dim"), soft_wrap=True)
+    console.print(table)
+    for note in chosen.notes(toks):
+        console.print(Text(note, style="dim"), soft_wrap=True)
 
 
 # ── attn schema ───────────────────────────────────────────────────────────────────────────────
@@ -424,9 +439,10 @@ def heads(
                                       "instead of a text.", rich_help_panel="Input",
                                       show_default=False)] = None,
     bos: Annotated[bool | None, Opt("--bos/--no-bos", help="Put <|endoftext|> first, as "
-                                    "GPT-2 saw in training (default: on for --repeat, as "
-                                    "TransformerLens does; off for a text, which stays the "
-                                    "tokens attn trace shows).", rich_help_panel="Input",
+                                    "GPT-2 saw in training (a checkpoint's tokenizer: its "
+                                    "BOS, unless it adds one itself; default: on for "
+                                    "--repeat, as TransformerLens does; off for a text, which "
+                                    "stays the tokens attn trace shows).", rich_help_panel="Input",
                                     show_default=False)] = None,
     json_: Annotated[bool, Opt("--json", help="Write the scores as JSON (schema: attn schema "
                                "heads).", rich_help_panel="Output")] = False,

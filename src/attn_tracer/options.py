@@ -20,7 +20,16 @@ from typing import Annotated, Any
 
 import typer
 
-from attn_tracer.model.config import ARCHS, DTYPES, ENGINES, MASKS, POSITIONS
+from attn_tracer.model.config import (
+    ARCHS,
+    DTYPES,
+    ENGINES,
+    MASKS,
+    MLPS,
+    NORMS,
+    POSITIONS,
+    ROTARY_STYLES,
+)
 
 Opt = typer.Option
 
@@ -35,6 +44,9 @@ Padding = _choices("Padding", ("right", "left"))
 Position = _choices("Position", POSITIONS)
 Mask = _choices("Mask", MASKS)
 Arch = _choices("Arch", ARCHS)
+Norm = _choices("Norm", NORMS)
+MLP = _choices("MLP", MLPS)
+RotaryStyle = _choices("RotaryStyle", ROTARY_STYLES)
 EngineName = _choices("EngineName", ENGINES)
 DType = _choices("DType", DTYPES)
 
@@ -58,7 +70,8 @@ def _input(
     lines: Annotated[Path | None, Opt("--lines", help="A batch: one text per line of this file "
                                       "(- for standard input).", rich_help_panel="Input")] = None,
     allow_special: Annotated[bool, Opt("--allow-special", help="Read <|endoftext|> as token "
-                                       "50256.", rich_help_panel="Input")] = False,
+                                       "50256 (a checkpoint's tokenizer: all its special "
+                                       "tokens).", rich_help_panel="Input")] = False,
     keep_newline: Annotated[bool, Opt("--keep-newline", help=KEEP_NEWLINE_HELP,
                                       rich_help_panel="Input")] = False,
     padding: Annotated[Padding, Opt("--padding",
@@ -69,6 +82,10 @@ def _input(
     pad_to: Annotated[int | None, Opt("--pad-to", help="Pad every text to exactly this many "
                                       "tokens (a text longer than that is refused).",
                                       rich_help_panel="Input")] = None,
+    ids: Annotated[list[str] | None, Opt("--ids", help="Token ids instead of a text, e.g. "
+                                         "\"464,3797,3332\" (repeat for a batch); labelled with "
+                                         "GPT-2's tokens where they are GPT-2's.",
+                                         rich_help_panel="Input", show_default=False)] = None,
 ) -> None: ...
 
 
@@ -108,13 +125,39 @@ def _model(
     seed: Annotated[int, Opt("--seed", help="Seed of the random weights.",
                              rich_help_panel="Model")] = 0,
     arch: Annotated[Arch | None, Opt("--arch",
-                                    help="attn (attention + residual only) or gpt2 (LayerNorm, "
-                                    "MLP) (default: attn; gpt2 with --weights).",
+                                    help="attn (attention + residual only), gpt2 (LayerNorm, "
+                                    "MLP) or llama (RMSNorm, SwiGLU, rotary, no biases) "
+                                    "(default: attn; the checkpoint's with --weights).",
                                     rich_help_panel="Model", show_default=False)] = None,
-    weights: Annotated[str | None, Opt("--weights", help="Real GPT-2 weights: a directory, a "
-                                       ".safetensors/.bin file, or a model id in the Hugging Face"
-                                       " cache (gpt2, distilgpt2, …).", rich_help_panel="Model")
-                       ] = None,
+    kv_heads: Annotated[int | None, Opt("--kv-heads", help="K/V heads, each shared by heads / "
+                                        "kv_heads query heads (grouped-query attention; 1: "
+                                        "multi-query) (default: --heads).",
+                                        rich_help_panel="Model", show_default=False)] = None,
+    window: Annotated[int | None, Opt("--window", help="Sliding-window mask: a query sees its "
+                                      "last W keys, itself included.", rich_help_panel="Model",
+                                      show_default=False)] = None,
+    norm: Annotated[Norm | None, Opt("--norm", help="The block's norms: LayerNorm or RMSNorm "
+                                     "(default: layer; rms with --arch llama).",
+                                     rich_help_panel="Model", show_default=False)] = None,
+    mlp: Annotated[MLP | None, Opt("--mlp", help="The block's MLP: GPT-2's GELU or Llama's gated "
+                                   "SwiGLU (default: gelu; swiglu with --arch llama).",
+                                   rich_help_panel="Model", show_default=False)] = None,
+    d_mlp: Annotated[int | None, Opt("--d-mlp", help="Width of the MLP (default: 4·d_model).",
+                                     rich_help_panel="Model", show_default=False)] = None,
+    rotary_dims: Annotated[int | None, Opt("--rotary-dims", help="--pos rotary: dimensions of "
+                                           "each head that turn (default: all of d_head).",
+                                           rich_help_panel="Model", show_default=False)] = None,
+    rope_theta: Annotated[float | None, Opt("--rope-theta", help="--pos rotary: the base θ of "
+                                            "the angles p·θ^(−2i/d) (default: 10000).",
+                                            rich_help_panel="Model", show_default=False)] = None,
+    rotary_style: Annotated[RotaryStyle | None, Opt(
+        "--rotary-style", help="--pos rotary: which dimensions turn together: halves (i with "
+        "i + d/2, Llama, NeoX) or interleaved (2i with 2i+1, GPT-J) (default: halves).",
+        rich_help_panel="Model", show_default=False)] = None,
+    weights: Annotated[str | None, Opt(
+        "--weights", help="Real weights (GPT-2; Llama, Mistral, Qwen2 with --ids): a directory, "
+        "a .safetensors/.bin file, or a model id in the Hugging Face cache (gpt2, distilgpt2, …).",
+        rich_help_panel="Model")] = None,
 ) -> None: ...
 
 
@@ -176,7 +219,7 @@ def to_request(values: dict[str, Any]) -> dict[str, Any]:
     for flag, field in (("no_scale", "scale"), ("no_bias", "bias")):
         if flag in out:
             out[field] = not out.pop(flag)
-    for name in ("texts", "cross"):
+    for name in ("texts", "cross", "ids"):
         if name in out:
             out[name] = out[name] or []
     return out

@@ -100,13 +100,15 @@ def final_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> Final
     return FinalNorm(np.asarray(w, np.float64), np.asarray(b, np.float64), scale)
 
 
-def rms_norm(x: np.ndarray) -> FinalNorm:
+def rms_norm(x: np.ndarray, w: np.ndarray | None = None, eps: float = 0.0) -> FinalNorm:
     """Random attention-only weights divide h by its RMS before W_U (Weights.normalizes_logits):
-    a scale like LayerNorm's σ, frozen the same way, with no centring, weight or bias."""
+    a scale like LayerNorm's σ, frozen the same way, with no centring, weight or bias. A final
+    RMSNorm (Llama) is the same with its weight `w` and its ε: σ = √(mean(x²) + ε)."""
     x = np.asarray(x, np.float64)
-    rms = float(np.sqrt(np.mean(x * x)))
+    rms = float(np.sqrt(np.mean(x * x) + eps))
     d = x.shape[-1]
-    return FinalNorm(np.ones(d), np.zeros(d), rms if rms > 0 else 1.0, centred=False)
+    weight = np.ones(d) if w is None else np.asarray(w, np.float64)
+    return FinalNorm(weight, np.zeros(d), rms if rms > 0 else 1.0, centred=False)
 
 
 def direction(W_U: np.ndarray, target: int, versus: int | None = None) -> np.ndarray:

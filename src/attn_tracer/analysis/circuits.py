@@ -21,10 +21,13 @@ import numpy as np
 from attn_tracer.analysis.decompose import head_rows
 
 
-def value_down(W_V: np.ndarray, heads: int, h: int) -> np.ndarray:
-    """W_V [d_model, heads·d_head] → head h's columns [d_model, d_head]."""
-    d_head = W_V.shape[1] // heads
-    return W_V[:, h * d_head:(h + 1) * d_head]
+def value_down(W_V: np.ndarray, d_head: int, kv_head: int) -> np.ndarray:
+    """W_V [d_model, kv_heads·d_head] → K/V head `kv_head`'s columns [d_model, d_head].
+
+    With grouped-query attention W_V is narrower than W_Q: query head h reads the columns of
+    its group's K/V head, h // (heads / kv_heads). The width is given, never divided out of
+    W_V's shape (which would be kv_heads·d_head / heads, wrong as soon as K/V are narrower)."""
+    return W_V[:, kv_head * d_head:(kv_head + 1) * d_head]
 
 
 def value_up(W_O: np.ndarray, heads: int, h: int) -> np.ndarray:
@@ -56,8 +59,10 @@ class ValueCircuit:
         return self.down.size + self.up.size  # 2·d_model·d_head
 
 
-def value_circuit(W_V: np.ndarray, W_O: np.ndarray, heads: int, h: int) -> ValueCircuit:
-    """Head h's value circuit and its rank.
+def value_circuit(W_V: np.ndarray, W_O: np.ndarray, heads: int, h: int,
+                  kv_heads: int | None = None) -> ValueCircuit:
+    """Head h's value circuit and its rank; `kv_heads` (default: heads) K/V heads, of which
+    query head h uses number h // (heads / kv_heads).
 
     The rank follows numpy.linalg.matrix_rank's rule for the float32 product: singular values
     above σ_max · d_model · ε(float32), where ε(float32) = 2⁻²³ ≈ 1.2e-7 bounds the relative
@@ -67,7 +72,9 @@ def value_circuit(W_V: np.ndarray, W_O: np.ndarray, heads: int, h: int) -> Value
     columns orthonormal), W_OV = Q_a·(R_a·R_bᵀ)·Q_bᵀ has the singular values of the small
     R_a·R_bᵀ, at most d_head × d_head.
     """
-    down, up = value_down(W_V, heads, h), value_up(W_O, heads, h)
+    kv_heads = heads if kv_heads is None else kv_heads
+    d_head = W_O.shape[0] // heads  # W_O's rows are heads·d_head: one block per query head
+    down, up = value_down(W_V, d_head, h // (heads // kv_heads)), value_up(W_O, heads, h)
     _, r_a = np.linalg.qr(down.astype(np.float64))
     _, r_b = np.linalg.qr(up.T.astype(np.float64))
     sigma = np.linalg.svd(r_a @ r_b.T, compute_uv=False)

@@ -204,10 +204,16 @@ class HeadScorer:
 WORD = re.compile(rb" [a-z]{3,}")  # " cat", " the": a space and three or more ASCII letters
 
 
-def word_ids() -> np.ndarray:
-    """Ids of GPT-2's ordinary word tokens (19,383 of them), in id order."""
+def word_ids(tokenizer=None) -> np.ndarray:
+    """Ids of the tokenizer's ordinary word tokens (GPT-2 has 19,383), in id order: a space
+    (SentencePiece's ▁ is one) and three or more ASCII letters."""
+    from attn_tracer.model import tokenizer as tokenizers
     from attn_tracer.model import tokens
 
+    if tokenizer is not None and tokenizer is not tokenizers.gpt2():
+        return np.array([i for i in range(tokenizer.vocab)
+                         if not (t := tokenizer.token(i)).special and WORD.fullmatch(t.bytes)],
+                        np.int64)
     enc = tokens.encoding()
     ranks = getattr(enc, "_mergeable_ranks", None)  # bytes → id, without decoding 50k tokens
     if ranks is None:  # pragma: no cover - every tiktoken we support has it
@@ -219,12 +225,14 @@ def word_ids() -> np.ndarray:
 PROBE_STREAM = 5  # a random stream of its own (weights.py uses 1-4), so --seed draws both apart
 
 
-def repeat_probe(n: int, seed: int, bos: bool) -> list[int]:
-    """N distinct word tokens drawn with the seed, then the same N again; <|endoftext|> first
-    with `bos`. Distinct, so that the second half's copies are the only duplicates."""
-    from attn_tracer.model.tokens import ENDOFTEXT_ID
+def repeat_probe(n: int, seed: int, bos: bool, tokenizer=None) -> list[int]:
+    """N distinct word tokens drawn with the seed, then the same N again; the BOS first with
+    `bos` (GPT-2's <|endoftext|>). Distinct, so that the second half's copies are the only
+    duplicates. `tokenizer`: the run's, GPT-2's by default."""
+    from attn_tracer.model import tokenizer as tokenizers
 
-    words = word_ids()
+    tokenizer = tokenizer or tokenizers.gpt2()
+    words = word_ids(tokenizer)
     drawn = np.random.default_rng([seed, PROBE_STREAM]).choice(words, n, replace=False)
     ids = drawn.tolist()
-    return ([ENDOFTEXT_ID] if bos else []) + ids + ids
+    return ([tokenizer.bos_id] if bos else []) + ids + ids

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from attn_tracer.model.arch.base import RMSNorm
+
 CHUNK = 256  # positions unembedded at once: [CHUNK, vocab] floats, not [len, vocab]
 
 
@@ -42,6 +44,9 @@ def logits_of(resid: np.ndarray, W_U: np.ndarray, norm: tuple | None) -> np.ndar
     if norm is RMS:
         rms = np.sqrt(np.mean(np.square(resid, dtype=np.float64), axis=-1, keepdims=True))
         h = resid / np.where(rms > 0, rms, 1.0)
+    elif isinstance(norm, RMSNorm):
+        ms = np.mean(np.square(resid, dtype=np.float64), axis=-1, keepdims=True)
+        h = resid / np.sqrt(ms + norm.eps) * norm.w
     else:
         h = resid if norm is None else layer_norm(resid, *norm)
     return h.astype(W_U.dtype, copy=False) @ W_U.T

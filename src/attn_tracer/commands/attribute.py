@@ -22,6 +22,8 @@ from attn_tracer.analysis.decompose import head_outputs
 from attn_tracer.commands.session import SharedOptions, open_session
 from attn_tracer.errors import UsageError
 from attn_tracer.model import memory
+from attn_tracer.model import tokenizer as tokenizers
+from attn_tracer.model.arch import family
 from attn_tracer.model.tokens import VOCAB
 from attn_tracer.model.trace import Selection, Trace
 
@@ -77,11 +79,12 @@ class Result:
         return self.trace.config.layers
 
 
-def parse_token(value: str, vocab: int, flag: str) -> int:
-    """A token given as its text (`" Paris"`, or the label `␣Paris`) or as `#id`."""
-    from attn_tracer.model import tokens
+def parse_token(value: str, vocab: int, flag: str, tokens=None) -> int:
+    """A token given as its text (`" Paris"`, or the label `␣Paris`) or as `#id`, in the
+    tokenizer `tokens` (GPT-2's by default)."""
     from attn_tracer.text import check_argument
 
+    tokens = tokens or tokenizers.gpt2()
     value = check_argument(value, flag)
     if value.startswith("#") and value[1:].isdigit():
         token_id = int(value[1:])
@@ -148,8 +151,11 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
         raise UsageError(f"attn attribute explains one prediction: give one text (got "
                          f"{len(session.texts)}; quote a text that has spaces)")
     config = session.config
-    target = parse_token(a.target, config.vocab, "--target") if a.target is not None else None
-    versus = parse_token(a.versus, config.vocab, "--versus") if a.versus is not None else None
+    tok = tokenizers.of(config)
+    target = (parse_token(a.target, config.vocab, "--target", tok) if a.target is not None
+              else None)
+    versus = (parse_token(a.versus, config.vocab, "--versus", tok) if a.versus is not None
+              else None)
     if target is not None and target == versus:
         raise UsageError("--versus is the same token as --target: their logit difference is 0; "
                          "give another token")
@@ -189,13 +195,16 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
     norm_params = _final_norm_params(weights, config)
     final = gather.residual(layers - 1, at)
     norm = (attribution.rms_norm(final) if norm_params is logit_lens.RMS
+            else attribution.rms_norm(final, norm_params.w, norm_params.eps)
+            if isinstance(norm_params, logit_lens.RMSNorm)
             else attribution.final_norm(final, *norm_params) if norm_params is not None else None)
     parts, stack = attribution.residual_components(
         gather.embed, gather.pos_embed,
         [head_outputs(gather.z[layer], weights.params[f"blocks.{layer}.attn.W_O"]
                       .astype(np.float64)) for layer in range(layers)],
         [weights.params.get(f"blocks.{layer}.attn.b_O") for layer in range(layers)],
-        [gather.mlp[layer] for layer in range(layers)] if config.arch == "gpt2" else None)
+        [gather.mlp[layer] for layer in range(layers)] if family(config).has_mlp(config)
+        else None)
     dla = attribution.attribute(parts, stack, attribution.direction(W_U, target, versus), norm)
     positions = list(range(count)) if a.all_positions else [position]
     resid = np.stack([gather.resid[layer][real] if a.all_positions else gather.resid[layer][None]
@@ -221,9 +230,10 @@ def compute(a: AttributeRequest, notice: Callable[[str], None]) -> Result:
 def _final_norm_params(weights, config):
     """(w, b, eps) of the final LayerNorm; for the attn architecture (none there) RMS when the
     random weights divide h by its RMS before W_U (as pipeline.predict does), else None."""
-    if config.arch != "gpt2":
+    norm = family(config).final_norm(weights.params, config)
+    if norm is None:
         return logit_lens.RMS if weights.normalizes_logits else None
-    return weights.params["ln_f.w"], weights.params["ln_f.b"], config.ln_eps
+    return norm
 
 
 def ablation_hooks(engine, config, heads: list[tuple[int, int]],
@@ -271,9 +281,8 @@ class Gather:
 
     def hooks(self) -> dict:
         c, p = self.config, self.p
-        last = f"blocks.{c.layers - 1}.resid_post"
         # What the unembedding reads: ln_f's output, or (attn arch, no ln_f) the last residual.
-        hooks = {"ln_f" if c.arch == "gpt2" else last: self._final}
+        hooks = {family(c).final_step(c): self._final}
         if self.final_only:
             return hooks
         hooks["embed"] = lambda x: setattr(self, "embed", self._host(x[0, p]))
@@ -282,7 +291,7 @@ class Gather:
         for layer in range(c.layers):
             b = f"blocks.{layer}"
             hooks[f"{b}.attn.z"] = lambda x, layer=layer: self._z(layer, x)
-            if c.arch == "gpt2":
+            if family(c).has_mlp(c):
                 hooks[f"{b}.mlp.out"] = lambda x, layer=layer: self.mlp.__setitem__(
                     layer, self._host(x[0, p]))
             hooks[f"{b}.resid_post"] = lambda x, layer=layer: self._resid(layer, x)
@@ -302,7 +311,7 @@ class Gather:
 
     def _resid(self, layer: int, x) -> None:
         self.resid[layer] = self._host(x[0] if self.all_positions else x[0, self.p])
-        if layer == self.config.layers - 1 and self.config.arch != "gpt2":
+        if family(self.config).final_step(self.config) == f"blocks.{layer}.resid_post":
             self.final = self.residual(layer, self.p)
 
     def residual(self, layer: int, position: int) -> np.ndarray:

@@ -76,18 +76,24 @@ def validate(r: Any, h: HeadsOptions) -> None:
 def check_repeat(n: int, bos: bool, config) -> None:
     """The probe must fit the context, and its N tokens must be distinct words."""
     from attn_tracer.analysis.heads import word_ids
+    from attn_tracer.model import tokenizer as tokenizers
 
+    tok = tokenizers.of(config)
+    if bos and tok.bos_id is None:
+        raise UsageError(f"--repeat puts a BOS first, and {tok.describe()} names none "
+                         "(config.json's bos_token_id): add --no-bos")
     most = (config.n_ctx - bos) // 2
     if n > most:
         where = "the checkpoint's context" if config.weights else "--n-ctx"
-        first = " after <|endoftext|>" if bos else ""
+        first = f" after {tok.bos_text()}" if bos else ""
         other = f" (with --no-bos: {config.n_ctx // 2})" if bos else ""
         raise UsageError(f"--repeat {n} needs {2 * n + bos} tokens ({n}, then the same {n}"
                          f"{first}); {where} holds {config.n_ctx}: at most --repeat {most}"
                          f"{other}")
-    words = len(word_ids())
+    words = len(word_ids(tok))
     if n > words:
-        raise UsageError(f"--repeat {n}: the probe draws distinct word tokens, and GPT-2 has "
+        has = "GPT-2 has" if tok.who == "GPT-2" else "the tokenizer has"
+        raise UsageError(f"--repeat {n}: the probe draws distinct word tokens, and {has} "
                          f"{words:,}; at most --repeat {words}")
 
 
@@ -146,8 +152,8 @@ def compute(r: Any, h: HeadsOptions, notice: Callable[[str], None], width: int =
     `saved_width`: the --svg/--html files' console (in colour), when it is another.
     """
     from attn_tracer.analysis.heads import HeadScorer, repeat_probe, targets
+    from attn_tracer.model import tokenizer as tokenizers
     from attn_tracer.model.pipeline import Prepared, make_batch
-    from attn_tracer.model.tokens import token
     from attn_tracer.model.trace import Selection
     from attn_tracer.render.heads import view_box
 
@@ -156,9 +162,11 @@ def compute(r: Any, h: HeadsOptions, notice: Callable[[str], None], width: int =
 
     def probe(config) -> Prepared:
         check_repeat(h.repeat, bos, config)
-        toks = [token(i) for i in repeat_probe(h.repeat, options.model.seed, bos)]
+        tok = tokenizers.of(config)
+        ids = repeat_probe(h.repeat, options.model.seed, bos, tok)
+        toks = [tok.added(i) if bos and p == 0 else tok.token(i) for p, i in enumerate(ids)]
         text = b"".join(t.bytes for t in toks).decode("utf-8", "replace")
-        return Prepared(make_batch([toks], [text], "right"), None)
+        return Prepared(make_batch([toks], [text], "right", pad_id=tok.pad_id), None)
 
     session = open_session(options, notice, check=lambda: validate(options, h),
                            ignored=ignored(options, h), read_input=h.repeat is None,

@@ -67,50 +67,28 @@ def build_config(r: Request, notice: Callable[[str], None] = lambda message: Non
                  max_bytes: int | None = None):
     """The Config, and the checkpoint's parameters when --weights is given (refused from its
     header, before a tensor is read, if they would need more than `max_bytes`)."""
-    from attn_tracer.model.weights import Weights
+    from attn_tracer.model.arch import family
+    from attn_tracer.model.config import ARCHS
 
     arch = r.arch
-    if arch is not None and arch not in ("attn", "gpt2"):
-        raise UsageError(f"--arch must be attn or gpt2; got {arch!r}")
+    if arch is not None and arch not in ARCHS:
+        raise UsageError(f"--arch must be {', '.join(ARCHS[:-1])} or {ARCHS[-1]}; got {arch!r}")
     if r.weights is not None:
-        if arch == "attn":
-            raise UsageError("--weights loads a GPT-2, which needs --arch gpt2 (or no --arch)")
-        for flag, value in (("--d-model", r.d_model), ("--layers", r.layers),
-                            ("--n-ctx", r.n_ctx)):
-            if value is not None:
-                raise UsageError(f"{flag} conflicts with --weights: the checkpoint sets the sizes")
-        if r.pos not in (None, "learned"):
-            raise UsageError("GPT-2 weights come with learned positions; drop --pos")
-        if not r.bias:
-            raise UsageError("--no-bias conflicts with --weights: GPT-2 has biases")
-        from attn_tracer.model.checkpoint import load_checkpoint
+        from attn_tracer.commands.model_options import load_weights
 
-        ck = load_checkpoint(r.weights, r.heads, max_bytes)
-        if ck.head_untied_against_config:
-            notice(f"{r.weights}: config.json ties the output head to wte, but lm_head.weight "
-                   "differs from it; the logits use lm_head.weight, as transformers does")
-        if ck.heads_guessed:
-            notice(f"{r.weights} has no config.json: assuming GPT-2's 64-dimensional heads, "
-                   f"{ck.heads} head{'s' if ck.heads > 1 else ''}; say otherwise with --heads")
-        if r.heads is not None and r.heads != ck.heads:
-            raise UsageError(f"--heads {r.heads} conflicts with the checkpoint's {ck.heads} heads")
-        if r.d_head is not None and r.d_head != ck.d_head:
-            raise UsageError(f"--d-head {r.d_head} conflicts with the checkpoint's "
-                             f"{ck.d_head}-dimensional heads")
-        config = Config(d_model=ck.d_model, heads=ck.heads, layers=ck.layers, n_ctx=ck.n_ctx,
-                        pos="learned", mask=r.mask, scale=r.scale, bias=True, seed=r.seed,
-                        arch="gpt2", vocab=ck.vocab, ln_eps=ck.ln_eps, weights=r.weights,
-                        d_mlp=ck.d_mlp, d_head=ck.d_head)
-        return config, Weights(config, dict(ck.params), trained=True)
+        return load_weights(r, notice, max_bytes)
     arch = arch or "attn"
+    from attn_tracer.commands.model_options import modern
+
     config = Config(
         d_model=768 if r.d_model is None else r.d_model,
         heads=12 if r.heads is None else r.heads,
         d_head=r.d_head,
         layers=2 if r.layers is None else r.layers,
         n_ctx=1024 if r.n_ctx is None else r.n_ctx,
-        pos=r.pos or ("learned" if arch == "gpt2" else "sinusoidal"),
-        mask=r.mask, scale=r.scale, bias=r.bias, seed=r.seed, arch=arch,
+        pos=r.pos or family(arch).defaults.get("pos", "sinusoidal"),
+        mask=r.mask, scale=r.scale, bias=r.bias and family(arch).defaults.get("bias", True),
+        seed=r.seed, arch=arch, **modern(r, family(arch)),
     )
     # Parameters alone, before any allocation: refuse what cannot fit from the estimate.
     return config, None

@@ -32,6 +32,16 @@ from pathlib import Path
 import numpy as np
 
 from attn_tracer.errors import AttnError, UsageError
+from attn_tracer.model.steps import (
+    ALWAYS_SAVED,
+    ATTENTION_STEPS,
+    LAYER_STEPS,
+    MODERN_ATTENTION_STEPS,
+    MODERN_LAYER_STEPS,
+    OUTER_STEPS,
+    REPEATS,
+    VIEWS,
+)
 from attn_tracer.model.trace import Trace
 
 TENSOR_SUFFIXES = (".npz", ".safetensors")
@@ -177,18 +187,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 # ── what --save writes ────────────────────────────────────────────────────────────────────────
 
-# Every step a run can record (layers.py, embeddings.py, pipeline.py), by its name inside a
-# layer (after `blocks.L.`) or outside the layers. tests/test_save.py checks this list against
-# the steps of real runs of both architectures, with cross-attention and predictions.
-ATTENTION_STEPS = ("q", "q.split", "q.heads", "k", "k.split", "k.heads", "v", "v.split",
-                   "v.heads", "scores", "scaled", "masked", "pattern", "z", "z.transpose",
-                   "z.merge", "out")
-LAYER_STEPS = ("ln_1", *(f"attn.{s}" for s in ATTENTION_STEPS), "resid_mid",
-               *(f"cross_attn.{s}" for s in ATTENTION_STEPS), "ln_2", "mlp.in", "mlp.gelu",
-               "mlp.out", "resid_post")
-OUTER_STEPS = ("tokens", "embed", "pos_embed", "resid_pre", "cross.tokens", "cross.embed",
-               "cross.pos_embed", "cross.resid_pre", "ln_f", "logits", "probs")
-ALWAYS_SAVED = ("tokens", "cross.tokens")  # the token ids label every other tensor's axes
+# Every step a run can record, by its name inside a layer (after `blocks.L.`) or outside the
+# layers: the step catalogue's (model/steps.py).
 
 
 def step_kinds(name: str) -> set[str]:
@@ -206,7 +206,8 @@ def step_kinds(name: str) -> set[str]:
     return {name, name.removeprefix("cross.")}
 
 
-STEP_NAMES = tuple(sorted(set().union(*(step_kinds(f"blocks.0.{s}") for s in LAYER_STEPS),
+STEP_NAMES = tuple(sorted(set().union(*(step_kinds(f"blocks.0.{s}")
+                                        for s in (*LAYER_STEPS, *MODERN_LAYER_STEPS)),
                                       *(step_kinds(s) for s in OUTER_STEPS))))
 
 
@@ -223,10 +224,13 @@ def parse_steps(values: list[str]) -> tuple[str, ...] | None:
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 outer = [s for s in OUTER_STEPS if not s.startswith("cross.")]
                 layer = [s for s in LAYER_STEPS if not s.startswith(("attn.", "cross_attn."))]
+                modern = [s for s in MODERN_LAYER_STEPS if not s.startswith("attn.")]
                 raise UsageError(
                     f"--steps: no step named {part!r}{hint}; choose from "
                     f"{', '.join(ATTENTION_STEPS)} (each also as attn.NAME or cross_attn.NAME), "
-                    f"{', '.join(layer)}, {', '.join(outer)} (cross.NAME for the cross text's)")
+                    f"{', '.join(layer)}, {', '.join(outer)} (cross.NAME for the cross text's); "
+                    f"with modern attention also {', '.join(MODERN_ATTENTION_STEPS)} and "
+                    f"{', '.join(modern)}")
             chosen.append(part)
     return tuple(dict.fromkeys(chosen))
 
@@ -238,7 +242,8 @@ def selected(name: str, steps: tuple[str, ...] | None) -> bool:
 
 def captured_steps(steps: tuple[str, ...], layers: tuple[int, ...]) -> tuple[str, ...]:
     """The full step names that --steps needs kept, for Selection.extra."""
-    names = [*OUTER_STEPS, *(f"blocks.{layer}.{s}" for layer in layers for s in LAYER_STEPS)]
+    names = [*OUTER_STEPS, *(f"blocks.{layer}.{s}" for layer in layers
+                             for s in (*LAYER_STEPS, *MODERN_LAYER_STEPS))]
     return tuple(n for n in names if selected(n, steps))
 
 
@@ -255,31 +260,40 @@ def estimate_capture(steps: tuple[str, ...] | None, capture: str) -> str:
 
 
 # A step that is only another step's numbers rearranged (Q split into heads, then transposed;
-# Z transposed and merged) is stored once, as the tensor without a heads axis: that one holds
-# every head, while a tensor with a heads axis holds only the saved heads. The others are
-# recorded in the file's `views` as how to get them back from it:
-#   x = tensors[of].reshape(reshape); x = x.take(take.index, take.axis); x = x.transpose(permute)
-# (take only when not every head was saved, permute only for a transposed step).
-_VIEWS = {"q.split": ("q", False), "q.heads": ("q", True), "k.split": ("k", False),
-          "k.heads": ("k", True), "v.split": ("v", False), "v.heads": ("v", True),
-          "z.transpose": ("z.merge", False), "z": ("z.merge", True)}
+# Z transposed and merged; K and V repeated for the query heads) is stored once, as the tensor
+# it rearranges (model/steps.VIEWS): that one holds every head (or K/V head), while a tensor
+# with a heads axis holds only the saved heads. The others are recorded in the file's `views`
+# as how to get them back from it:
+#   x = tensors[of]; x = x.reshape(reshape); x = x.take(take.index, take.axis);
+#   x = x.transpose(permute); x = x.repeat(repeat.count, repeat.axis); x = x.take(pick…)
+# (each only where the recipe has it: take when not every head was saved, permute for a
+# transposed step, repeat and pick for repeat_kv: K/V head j as query heads j·g … j·g+g−1).
 
 
 def view(base: np.ndarray, recipe: dict) -> np.ndarray:
     """A step rebuilt from the tensor it is a view of, by its entry in the file's `views`."""
-    x = base.reshape(recipe["reshape"])
+    x = base.reshape(recipe["reshape"]) if "reshape" in recipe else base
     if "take" in recipe:
         x = x.take(recipe["take"]["index"], axis=recipe["take"]["axis"])
-    return x.transpose(recipe["permute"]) if "permute" in recipe else x
+    x = x.transpose(recipe["permute"]) if "permute" in recipe else x
+    if "repeat" in recipe:
+        x = np.repeat(x, recipe["repeat"]["count"], axis=recipe["repeat"]["axis"])
+    if "pick" in recipe:
+        x = x.take(recipe["pick"]["index"], axis=recipe["pick"]["axis"])
+    return x
 
 
 def views_of(trace: Trace, tensors: dict[str, np.ndarray]) -> dict[str, dict]:
     """The steps of `tensors` that are views of another one kept there, with their recipe.
 
     Each candidate is compared with its recipe's result before it is dropped: a step that a
-    hook replaced, or any other surprise, is simply stored whole.
+    hook replaced, or any other surprise, is simply stored whole. The head counts and widths
+    come from the config (K and V have kv_heads heads), never from a shape.
     """
-    heads, d_head = trace.config.heads, trace.config.d_head
+    from attn_tracer.model.steps import heads_of
+
+    config = trace.config
+    heads, d_head = config.heads, config.d_head
     saved_heads = list(trace.selection.heads)
     views = {}
     for name in tensors:
@@ -289,23 +303,53 @@ def views_of(trace: Trace, tensors: dict[str, np.ndarray]) -> dict[str, dict]:
             block = "cross_attn"
         else:
             block = "attn"
-        if step not in _VIEWS or not prefix.startswith("blocks."):
+        if not prefix.startswith("blocks."):
             continue
-        of, transposed = _VIEWS[step]
-        of = f"{prefix}.{block}.{of}"
-        if of not in tensors or tensors[of].ndim != 3:
+        if step in REPEATS:
+            recipe = _repeat_recipe(trace, tensors, f"{prefix}.{block}", step)
+        elif step in VIEWS:
+            of, transposed = VIEWS[step]
+            of = f"{prefix}.{block}.{of}"
+            if of not in tensors or tensors[of].ndim != 3:
+                continue
+            batch, length, _ = tensors[of].shape
+            n = heads_of(config, step) if block == "attn" else heads
+            recipe = {"of": of, "reshape": [batch, length, n, d_head]}
+            if n == heads and saved_heads != list(range(heads)):
+                recipe["take"] = {"axis": 2, "index": saved_heads}
+            if transposed:
+                recipe["permute"] = [0, 2, 1, 3]
+        else:
             continue
-        batch, length, _ = tensors[of].shape
-        recipe: dict = {"of": of, "reshape": [batch, length, heads, d_head]}
-        if saved_heads != list(range(heads)):
-            recipe["take"] = {"axis": 2, "index": saved_heads}
-        if transposed:
-            recipe["permute"] = [0, 2, 1, 3]
+        if recipe is None:
+            continue
         x = tensors[name]
-        rebuilt = view(tensors[of], recipe)
+        rebuilt = view(tensors[recipe["of"]], recipe)
         if rebuilt.shape == x.shape and rebuilt.dtype == x.dtype and np.array_equal(rebuilt, x):
             views[name] = recipe
     return views
+
+
+def _repeat_recipe(trace: Trace, tensors: dict[str, np.ndarray], prefix: str, step: str
+                   ) -> dict | None:
+    """k.repeat_kv / v.repeat_kv as their K/V heads repeated: from the rotated K where there
+    is one (stored whole: it is no view), else from K or V itself."""
+    config = trace.config
+    rotated, plain = REPEATS[step]
+    saved_heads = list(trace.selection.heads)
+    pick = ({"pick": {"axis": 1, "index": saved_heads}}
+            if saved_heads != list(range(config.heads)) else {})
+    repeat = {"repeat": {"axis": 1, "count": config.groups}}
+    if rotated is not None and f"{prefix}.{rotated}" in tensors:
+        return {"of": f"{prefix}.{rotated}", **repeat, **pick}
+    if f"{prefix}.{plain}" in tensors and tensors[f"{prefix}.{plain}"].ndim == 3:
+        if rotated is not None and config.pos == "rotary":
+            return None  # turned after the projection: not a view of K
+        batch, length, _ = tensors[f"{prefix}.{plain}"].shape
+        return {"of": f"{prefix}.{plain}", "reshape": [batch, length, config.kv_heads,
+                                                        config.d_head],
+                "permute": [0, 2, 1, 3], **repeat, **pick}
+    return None
 
 
 def tensors_of(trace: Trace, config_json: dict, steps: tuple[str, ...] | None = None

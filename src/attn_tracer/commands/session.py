@@ -48,6 +48,7 @@ class InputOptions:
     padding: str = "right"
     max_length: int | None = None
     pad_to: int | None = None
+    ids: list[str] = field(default_factory=list)  # --ids: token ids instead of texts
 
 
 @dataclass
@@ -65,6 +66,15 @@ class ModelOptions:
     bias: bool = True
     seed: int = 0
     arch: str | None = None
+    # Modern attention (model/arch/, commands/model_options.py): None is the family's default.
+    kv_heads: int | None = None
+    window: int | None = None
+    norm: str | None = None
+    mlp: str | None = None
+    d_mlp: int | None = None
+    rotary_dims: int | None = None
+    rope_theta: float | None = None
+    rotary_style: str | None = None
     weights: str | None = None
 
 
@@ -131,18 +141,16 @@ def validate(options: SharedOptions) -> None:
     from attn_tracer.model.engine import check_choices, check_torch
 
     check_torch(e.engine, check_choices(e.engine, e.device, e.dtype))
+    from attn_tracer.commands.model_options import validate_model
+
+    validate_model(i, options.model)
 
 
 def validate_cross(options: SharedOptions) -> None:
-    """Cross-attention exists only in the attention-only stack."""
-    i, m = options.input, options.model
-    if not (i.cross or i.cross_file):
-        return
-    if m.arch == "gpt2":
-        raise UsageError("--cross needs --arch attn: GPT-2 is decoder-only, it has no "
-                         "cross-attention")
-    if m.weights is not None:
-        raise UsageError("--cross conflicts with --weights: GPT-2 has no cross-attention")
+    """Cross-attention exists only in the attention-only stack, without rotary positions."""
+    from attn_tracer.commands.model_options import validate_cross as check
+
+    check(options.input, options.model)
 
 
 SEED_UNUSED = "--seed draws random weights; with --weights it changes nothing"
@@ -249,8 +257,9 @@ def open_session(options: SharedOptions, notice: Notice, *,
     `check`: the command's own option checks, run after the shared ones and before any input
     is read or any file opened; `ignored`: the notices of its own options that this run will
     not use. `read_input=False`: the command makes its own batch (`batch`, from the Config:
-    the induction probe). `bos`: <|endoftext|> before each text. `cross`: the command takes
-    --cross (others have no such option). `seed_unused`: see `unused_options`.
+    the induction probe). `bos`: the tokenizer's BOS before each text (GPT-2's <|endoftext|>).
+    `cross`: the command takes --cross (others have no such option). `seed_unused`: see
+    `unused_options`.
     """
     validate(options)
     if check is not None:
@@ -270,7 +279,7 @@ def open_session(options: SharedOptions, notice: Notice, *,
         i = options.input
         prepared = prepare(texts, config, cross_texts=cross_texts or None, padding=i.padding,
                            max_length=i.max_length, allow_special=i.allow_special,
-                           pad_to=i.pad_to, bos=bos)
+                           pad_to=i.pad_to, bos=bos, ids=input_ids(i, config))
     return Session(options, notice, texts, cross_texts, limit, config, weights, prepared)
 
 
@@ -283,6 +292,10 @@ def read_inputs(i: InputOptions, notice: Notice) -> tuple[list[str], list[str]]:
     sources = sum([bool(i.texts), i.file is not None, i.lines is not None])
     if sources > 1:
         raise UsageError("give the text one way: TEXT arguments, --file, or --lines")
+    if i.ids:  # token ids: read against the model's vocabulary once it is known (input_ids)
+        if sources:
+            raise UsageError("give the input one way: TEXT arguments, --file, --lines or --ids")
+        return list(i.ids), []
     if i.lines is not None:
         # Kept: the split below treats a final line ending as the end of the last line.
         raw = read_file(i.lines, "--lines file", keep_newline=True)
@@ -319,6 +332,24 @@ def read_inputs(i: InputOptions, notice: Notice) -> tuple[list[str], list[str]]:
         if not t.strip():
             raise UsageError("--cross text is empty: cross-attention needs keys to attend to")
     return texts, cross
+
+
+def input_ids(i: InputOptions, config) -> list[list[int]] | None:
+    """--ids as token ids of the model's vocabulary, or None when the input is text: read by
+    the checkpoint's own tokenizer.json, or GPT-2's (a Llama-family checkpoint without a
+    tokenizer.json has no tokenizer attn can read)."""
+    from attn_tracer.commands.model_options import parse_ids, titled
+
+    if i.ids:
+        return parse_ids(i.ids, config.vocab)
+    if config.model_type is not None:
+        from attn_tracer.model import tokenizer as tokenizers
+
+        if tokenizers.of(config).file is None:
+            raise UsageError(f"{config.weights} ({titled(config)}) has no tokenizer.json, and "
+                             "its tokenizer is not GPT-2's: give the text as token ids with "
+                             "--ids")
+    return None
 
 
 def memory_limit(e: EngineOptions) -> int:

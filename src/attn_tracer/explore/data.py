@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from attn_tracer.model.steps import score_inputs
 from attn_tracer.model.trace import Input, Trace
 from attn_tracer.render.heatmaps import mask_marks
 
@@ -128,8 +129,9 @@ class Explore:
         prefix = f"blocks.{layer}.{kind}"
         t = self.trace.tensors
         one = (slice(batch, batch + 1), slice(head, head + 1))
-        q = np.asarray(t[f"{prefix}.q.heads"][one], np.float32)  # [1, 1, q_len, d_head]
-        k = np.asarray(t[f"{prefix}.k.heads"][one], np.float32)  # [1, 1, k_len, d_head]
+        q_name, k_name, _ = score_inputs(self.trace.config, prefix)  # rotated, repeated
+        q = np.asarray(t[q_name][one], np.float32)  # [1, 1, q_len, d_head]
+        k = np.asarray(t[k_name][one], np.float32)  # [1, 1, k_len, d_head]
         valid_q = self.trace.inputs[batch].valid[None, :]
         if kind == "cross_attn":
             allowed = cross_mask(valid_q, self.keys_input(kind, batch).valid[None, :])
@@ -140,9 +142,10 @@ class Explore:
         return {s: keep.stages[s] for s in STAGES if s in keep.stages}, keep.ops
 
 
-def q_k_names(layers: int, kinds: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(f"blocks.{layer}.{kind}.{x}.heads" for layer in range(layers) for kind in kinds
-                 for x in "qk")
+def q_k_names(config, kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """The Q and K that enter each block's scores (after rotary positions and repeat_kv)."""
+    return tuple(name for layer in range(config.layers) for kind in kinds
+                 for name in score_inputs(config, f"blocks.{layer}.{kind}")[:2])
 
 
 def compute(r: Any, notice: Callable[[str], None], width: int, color: bool = True
@@ -178,7 +181,7 @@ def compute(r: Any, notice: Callable[[str], None], width: int, color: bool = Tru
                         config.layers, config.heads, {"overview": box})
     hooks = {f"blocks.{layer}.attn.pattern": scorer.hook(layer) for layer in range(config.layers)}
     selection = Selection((), tuple(range(config.heads)), "patterns",
-                          q_k_names(config.layers, kinds))
+                          q_k_names(config, kinds))
     trace = session.forward(selection, hooks)
     session.notice_cuts()
     return Explore(trace, scorer.per_row, scorer.thumbnail_sets()["overview"], color)

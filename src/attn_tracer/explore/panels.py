@@ -23,6 +23,7 @@ from attn_tracer.explore.layout import PANEL_WIDTH
 from attn_tracer.render import formats
 from attn_tracer.render.layout import cell_style, flow, plural
 from attn_tracer.render.shapes import shape_table
+from attn_tracer.render.terminal import checkpoint_title
 
 # Every key, by where it works: the help screen and the README's table are this list.
 KEYS: dict[str, list[tuple[str, str]]] = {
@@ -71,11 +72,15 @@ def title_line(data: Explore, width: int) -> Text:
     rows = len(trace.inputs)
     lengths = ", ".join(str(i.length) for i in trace.inputs)
     tokens = plural(trace.inputs[0].length, "token") if rows == 1 else f"{lengths} tokens"
-    what = (f"GPT-2 weights from {c.weights}" if c.weights
+    what = (f"{checkpoint_title(c)} weights from {c.weights}" if c.weights
             else f"random weights, seed {c.seed} (untrained)")
     items = [plural(rows, "text"), tokens,
              f"{plural(c.layers, 'layer')} × {plural(c.heads, 'head')}",
              f"d_model {c.d_model}", f"arch {c.arch}", f"mask {c.mask}", what]
+    if c.weights:  # random weights always run GPT-2's tokenizer
+        from attn_tracer.model.tokenizer import of
+
+        items.append(f"tokenizer {of(c).short()}")
     if trace.cross:
         items.insert(2, f"cross-attention over {plural(trace.cross[0].length, 'token')}")
     first = Text("attn explore", style="bold")

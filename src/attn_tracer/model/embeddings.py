@@ -22,8 +22,11 @@ def embed(ids: np.ndarray, positions: np.ndarray, config: Config, weights: Weigh
           rec, prefix: str = "", padded: bool = False):
     """X = W_E[tokens] + P[positions] [batch, len, d_model], on the engine, each part recorded."""
     bld = ("batch", "len", "d_model")
-    ids = rec(f"{prefix}tokens", "token ids, padded with <|endoftext|>" if padded else "token ids",
-              ids, ("batch", "len"))
+    if padded:
+        from attn_tracer.model.tokenizer import of
+
+        op = f"token ids, padded with {of(config).pad_text()}"
+    ids = rec(f"{prefix}tokens", op if padded else "token ids", ids, ("batch", "len"))
     x = rec(f"{prefix}embed", "W_E[tokens]", engine.asarray(weights.token_rows(ids)), bld)
     pos = positional(config, weights, positions)
     if pos is not None:
@@ -37,7 +40,7 @@ def embed(ids: np.ndarray, positions: np.ndarray, config: Config, weights: Weigh
 
 def positional(config: Config, weights: Weights, positions: np.ndarray) -> np.ndarray | None:
     """P[positions] → [*positions.shape, d_model], or None without positional information."""
-    if config.pos == "none":
+    if config.pos in ("none", "rotary"):  # rotary positions turn Q and K instead (layers.rotate)
         return None
     if config.pos == "sinusoidal":
         return sinusoidal(positions, config.d_model)

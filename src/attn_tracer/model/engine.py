@@ -53,7 +53,10 @@ class Engine:
             return np.asarray(x, dtype=self.dtype) if floating else x
         import torch
 
-        t = torch.as_tensor(np.ascontiguousarray(x))
+        # Any positive strides as they are (a checkpoint's transposed projections: no copy);
+        # negative ones, which torch cannot view, copied.
+        t = torch.as_tensor(x if all(s >= 0 for s in x.strides) and x.flags.writeable
+                            else np.ascontiguousarray(x))
         return t.to(self.device, getattr(torch, self.dtype)) if floating else t.to(self.device)
 
     def to_host(self, x) -> np.ndarray:

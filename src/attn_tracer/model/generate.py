@@ -88,10 +88,15 @@ def _empty(like, shape):
     return like.new_zeros(shape)
 
 
-def step_mask(key_positions: np.ndarray, query_positions: np.ndarray) -> np.ndarray | None:
+def step_mask(key_positions: np.ndarray, query_positions: np.ndarray,
+              window: int | None = None) -> np.ndarray | None:
     """allowed [batch, 1, q_len, k_len] of a step from the positions: a query sees every key
-    at its position or before (the causal mask's row). None when it sees them all."""
-    allowed = key_positions[:, None, None, :] <= query_positions[:, None, :, None]
+    at its position or before (the causal mask's row), and with a sliding window of W only
+    the last W of them (pipeline.causal_mask). None when it sees them all."""
+    k, q = key_positions[:, None, None, :], query_positions[:, None, :, None]
+    allowed = k <= q
+    if window is not None:
+        allowed &= q - k < window
     return None if allowed.all() else allowed
 
 
@@ -150,6 +155,7 @@ def _generate(plan: Plan, config: Config, engine: Engine, weights: Weights, cach
     ids = list(plan.prompt)
     cache = cache or KVCache(config, len(ids) + plan.max_new_tokens)
     rng = None if plan.sampling.greedy else plan.sampling.rng()
+    window = getattr(config, "window", None)
     written = b""
     for index in range(1, plan.max_new_tokens + 1):
         rec = Recorder(selection, engine)
@@ -157,15 +163,15 @@ def _generate(plan: Plan, config: Config, engine: Engine, weights: Weights, cach
             past = cache.length
             new = np.array([ids[past:]], np.int64)  # the prompt, then one token a step
             positions = np.arange(past, len(ids))[None]
-            allowed = step_mask(np.arange(len(ids))[None], positions)
+            allowed = step_mask(np.arange(len(ids))[None], positions, window)
             logits = forward(new, positions, config, weights, engine, p, W_U, rec, allowed,
-                             causal=past == 0, cache=cache)
+                             causal=past == 0 and window is None, cache=cache)
         else:
             past = 0
             every = np.array([ids], np.int64)
             positions = np.arange(len(ids))[None]
             logits = forward(every, positions, config, weights, engine, p, W_U, rec,
-                             step_mask(positions, positions), causal=True)
+                             step_mask(positions, positions, window), causal=window is None)
         logits = np.asarray(engine.to_host(logits), np.float64)[0]
         if not np.all(np.isfinite(logits)):
             raise AttnError(f"the logits of generated token {index} are not finite (a value "
@@ -190,15 +196,21 @@ def forward(ids: np.ndarray, positions: np.ndarray, config: Config, weights: Wei
             engine: Engine, p: dict, W_U, rec, allowed, causal: bool, cache=None):
     """The logits [batch, vocab] at the last of `ids` [batch, new]: embed → each layer (reading
     and extending `cache` when given) → ln_f → the unembedding, every step recorded."""
+    from attn_tracer.model.arch import family
+
+    arch = family(config)
     x = embeddings.embed(ids, positions, config, weights, engine, rec)
     allowed = None if allowed is None else engine.asarray(allowed)
+    # Rotary positions: the angles of these tokens' own positions (the cached keys were turned
+    # by theirs when they were made).
+    rotary = (tuple(engine.asarray(a) for a in layers.rotary_angles(positions, config))
+              if config.pos == "rotary" else None)
     for layer in range(config.layers):
-        x = layers.block(x, p, config, allowed, rec, layer, engine, causal=causal, cache=cache)
+        x = layers.block(x, p, config, allowed, rec, layer, engine, causal=causal,
+                         rotary=rotary, cache=cache)
         rec.flush()
-    if config.arch == "gpt2":
-        x = rec("ln_f", "LayerNorm(X)", layers.layer_norm(x, p["ln_f.w"], p["ln_f.b"],
-                                                          config.ln_eps),
-                ("batch", "len", "d_model"))
+    if arch.full_block:
+        x = arch.final(x, p, config, rec)
     xp = engine.xp
     h = x[:, -1, :]
     if weights.normalizes_logits:  # random attention-only weights, as pipeline._logits does

@@ -4,7 +4,9 @@ One attention layer, top to bottom, is the formula
 
     pattern = softmax(Q·Kᵀ / √d_head + mask),   Z = pattern·V,   out = merge(Z)·W_O + b_O
 
-with every intermediate handed to `rec` (the trace recorder) under its step name.
+with every intermediate handed to `rec` (the trace recorder) under its step name; rotary
+positions turn Q and K before the scores, and grouped-query K/V heads are repeated for their
+query heads (`repeat_kv`). How a family puts these into a block is model/arch/'s.
 
 NumPy runs every formula here as written; it is the reference the torch engine is tested
 against, to rounding (tests/tolerance.py), and attention nobody looks at runs a block of
@@ -44,41 +46,60 @@ def linear(x, W, b=None):
 
 
 def attention(x, x_kv, p: dict, config: Config, allowed, rec, engine: Engine, layer: int,
-              block: str = "attn", causal: bool = False, cache=None):
+              block: str = "attn", causal: bool = False, rotary=None, cache=None):
     """Multi-head attention of `x` over `x_kv` (the same array for self-attention).
 
     `allowed` [batch, 1, q_len, k_len] is True where a query may look at a key, or None;
     `causal` says it is exactly the causal triangle, which a fused kernel can exploit.
-    `cache` (generation, model/generate.py's KVCache): this call's K and V are appended to the
-    earlier tokens' and the scores are taken against all of them; `allowed` is then
-    [batch, 1, q_len, past + q_len], from the positions.
+    `rotary`: (cos, sin) [batch, 1, len, rotary_dims / 2] of each position's angles, with
+    --pos rotary (see `rotary_angles`), else None.
+    With grouped-query attention (kv_heads < heads) K and V are projected to kv_heads·d_head
+    and each K/V head is repeated for its heads / kv_heads query heads before the scores.
+    `cache` (generation, model/generate.py's KVCache): this call's K and V (after the
+    rotation, before repeat_kv) are appended to the earlier tokens' and the scores are taken
+    against all of them; `allowed` is then [batch, 1, q_len, past + q_len], from the positions.
     """
     prefix = f"blocks.{layer}.{block}"
     xp = namespace(x)
     batch, q_len, _ = x.shape
     k_len = x_kv.shape[1]
-    heads, d_head = config.heads, config.d_head
-    width = config.attn_dim  # heads·d_head: d_model, unless --d-head sets another head width
+    heads, kv_heads, d_head = config.heads, config.kv_heads, config.d_head
     # Self-attention says `len`; cross-attention keeps the two lengths apart.
     lq, lk = ("len", "len") if x is x_kv else ("q_len", "k_len")
+    grouped = kv_heads != heads
 
     def project(name: str, source, length: int, dim: str):
         W, b = p[f"{prefix}.W_{name}"], p.get(f"{prefix}.b_{name}")
         bias = f" + b_{name}" if b is not None else ""
         src = "X" if source is x else "X_kv"
+        # Q has heads·d_head columns; K and V kv_heads·d_head (the same without grouped-query).
+        n, width = (heads, config.attn_dim) if name == "Q" else (kv_heads, config.kv_dim)
+        axis = "kv_heads" if name != "Q" and grouped else "heads"
         y = rec(f"{prefix}.{name.lower()}", f"{name} = {src}·W_{name}{bias}", linear(source, W, b),
                 ("batch", dim, width))
         y = rec(f"{prefix}.{name.lower()}.split", "split into heads",
-                xp.reshape(y, (batch, length, heads, d_head)), ("batch", dim, "heads", "d_head"))
+                xp.reshape(y, (batch, length, n, d_head)), ("batch", dim, axis, "d_head"))
         return rec(f"{prefix}.{name.lower()}.heads", "transpose(1, 2)",
-                   xp.permute_dims(y, (0, 2, 1, 3)), ("batch", "heads", dim, "d_head"))
+                   xp.permute_dims(y, (0, 2, 1, 3)), ("batch", axis, dim, "d_head"))
 
     q = project("Q", x, q_len, lq)  # [batch, heads, q_len, d_head]
-    k = project("K", x_kv, k_len, lk)  # [batch, heads, k_len, d_head]
-    v = project("V", x_kv, k_len, lk)  # [batch, heads, k_len, d_head]
+    k = project("K", x_kv, k_len, lk)  # [batch, kv_heads, k_len, d_head]
+    v = project("V", x_kv, k_len, lk)  # [batch, kv_heads, k_len, d_head]
+    if rotary is not None:
+        q = rec(f"{prefix}.q.rot", rotary_op(config, "Q"), rotate(q, *rotary, config),
+                ("batch", "heads", lq, "d_head"))
+        k = rec(f"{prefix}.k.rot", rotary_op(config, "K"), rotate(k, *rotary, config),
+                ("batch", "kv_heads" if grouped else "heads", lk, "d_head"))
     if cache is not None:  # generation: K, V of every token so far, this one's appended
         k, v = cache.append(layer, k, v, rec, prefix)  # [batch, kv_heads, past + q_len, d_head]
         k_len = k.shape[2]
+    if grouped:
+        share = f"repeat_kv: K/V head j serves query heads j·{config.groups} … " \
+            f"j·{config.groups}+{config.groups - 1}"
+        k = rec(f"{prefix}.k.repeat_kv", share, repeat_kv(k, config.groups),
+                ("batch", "heads", lk, "d_head"))
+        v = rec(f"{prefix}.v.repeat_kv", share, repeat_kv(v, config.groups),
+                ("batch", "heads", lk, "d_head"))
 
     shown = list(rec.selection.heads) if rec.selection.shows(layer) else []
     # When every head is shown, the explicit path below already has the patterns: fusing too
@@ -105,10 +126,53 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, engine: Engine, la
     z = rec(f"{prefix}.z.transpose", "transpose(1, 2)",
             xp.permute_dims(z, (0, 2, 1, 3)), ("batch", lq, "heads", "d_head"))
     z = rec(f"{prefix}.z.merge", "merge heads (concat)",
-            xp.reshape(z, (batch, q_len, heads * d_head)), ("batch", lq, width))
+            xp.reshape(z, (batch, q_len, heads * d_head)), ("batch", lq, config.attn_dim))
     b_O = p.get(f"{prefix}.b_O")
     return rec(f"{prefix}.out", "out = Z·W_O" + (" + b_O" if b_O is not None else ""),
                linear(z, p[f"{prefix}.W_O"], b_O), ("batch", lq, "d_model"))
+
+
+def repeat_kv(x, groups: int):
+    """[batch, kv_heads, len, d_head] → [batch, kv_heads·groups, len, d_head]: K/V head j
+    becomes heads j·groups … j·groups + groups − 1 (transformers' repeat_kv)."""
+    xp = namespace(x)
+    batch, kv_heads, length, d_head = x.shape
+    wide = xp.broadcast_to(x[:, :, None], (batch, kv_heads, groups, length, d_head))
+    return xp.reshape(wide, (batch, kv_heads * groups, length, d_head))
+
+
+def rotary_angles(positions: np.ndarray, config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin) of position·θ_i [batch, 1, len, rotary_dims / 2], θ_i = rope_theta^(−2i/r),
+    in float64 on the host (the engine rounds them once, to its dtype)."""
+    r = config.rotary_dims
+    theta = config.rope_theta ** (-np.arange(0, r, 2, dtype=np.float64) / r)
+    angle = positions[:, None, :, None].astype(np.float64) * theta
+    return np.cos(angle), np.sin(angle)
+
+
+def rotary_op(config: Config, x: str) -> str:
+    """The formula of the rotation step of `x` (Q or K)."""
+    r, d = config.rotary_dims, config.d_head
+    pairs = (f"({x}_i, {x}_i+{r // 2}) (halves, as Llama/NeoX)" if config.rotary_style == "halves"
+             else f"({x}_2i, {x}_2i+1) (interleaved, as GPT-J)")
+    part = f"; dims ≥ {r} kept" if r < d else ""
+    return f"turn pairs {pairs} by p·θ_i, θ_i = {config.rope_theta:g}^(−2i/{r}){part}"
+
+
+def rotate(x, cos, sin, config: Config):
+    """x [batch, heads, len, d_head] with each pair of its first rotary_dims dimensions turned
+    by its position's angle: (a, b) → (a·cos − b·sin, b·cos + a·sin)."""
+    xp = namespace(x)
+    r = config.rotary_dims
+    rot, rest = x[..., :r], x[..., r:]
+    if config.rotary_style == "halves":
+        a, b = rot[..., : r // 2], rot[..., r // 2:]
+        out = xp.concat([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    else:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        pairs = xp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1)
+        out = xp.reshape(pairs, rot.shape)
+    return out if r == x.shape[-1] else xp.concat([out, rest], axis=-1)
 
 
 def blocked_attention(q, k, v, allowed, scale: float, block: int):
@@ -242,26 +306,51 @@ def mlp(x, p: dict, rec, prefix: str):
                linear(h, p[f"{prefix}.W_out"], b_out), BLD)
 
 
-def block(x, p: dict, config: Config, allowed, rec, layer: int, engine: Engine,
-          x_cross=None, cross_allowed=None, causal: bool = False, cache=None):
-    """One layer: attention (+ cross-attention) with residuals; GPT-2 adds LayerNorms and MLP.
+def rms_norm(x, w, eps: float):
+    """RMSNorm (Llama): x / √(mean(x²) + ε) · w, in at least float32, as transformers does."""
+    xp = namespace(x)
+    dtype = x.dtype
+    if dtype in (xp.float16, getattr(xp, "bfloat16", xp.float16)):
+        x = xp.astype(x, xp.float32)
+    ms = xp.mean(x * x, axis=-1, keepdims=True)
+    ms = xp.where(xp.isfinite(ms), ms, xp.full_like(ms, math.nan))  # see layer_norm
+    return xp.astype(x / xp.sqrt(ms + eps), dtype) * w
 
-    `causal`: `allowed` is exactly the causal triangle (see attention). `cache`: the KV cache of
-    generation (see attention).
-    """
-    b = f"blocks.{layer}"
-    if config.arch == "gpt2":
-        h = rec(f"{b}.ln_1", "LayerNorm(X)", layer_norm(x, p[f"{b}.ln_1.w"], p[f"{b}.ln_1.b"],
-                                                        config.ln_eps), BLD)
-        a = attention(h, h, p, config, allowed, rec, engine, layer, causal=causal, cache=cache)
-        x = rec(f"{b}.resid_mid", "X + attn(LayerNorm(X))", x + a, BLD)
-        h = rec(f"{b}.ln_2", "LayerNorm(X)", layer_norm(x, p[f"{b}.ln_2.w"], p[f"{b}.ln_2.b"],
-                                                        config.ln_eps), BLD)
-        return rec(f"{b}.resid_post", "X + mlp(LayerNorm(X))", x + mlp(h, p, rec, f"{b}.mlp"),
-                   BLD)
-    a = attention(x, x, p, config, allowed, rec, engine, layer, causal=causal, cache=cache)
-    x = rec(f"{b}.resid_post" if x_cross is None else f"{b}.resid_mid", "X + attn(X)", x + a, BLD)
-    if x_cross is not None:
-        c = attention(x, x_cross, p, config, cross_allowed, rec, engine, layer, "cross_attn")
-        x = rec(f"{b}.resid_post", "X + cross_attn(X, X_kv)", x + c, BLD)
-    return x
+
+def silu(x):
+    """x·σ(x) (SiLU, Swish)."""
+    xp = namespace(x)
+    if _torch(x):
+        import torch.nn.functional as F
+
+        return F.silu(x)
+    # 1 / (1 + e^−x) overflows to inf for x < −88 in float32, which gives the right 0.
+    with np.errstate(over="ignore"):
+        return x / (1.0 + xp.exp(-x))
+
+
+def swiglu(x, p: dict, rec, prefix: str):
+    """Llama's gated MLP: (silu(X·W_gate) ⊙ X·W_in)·W_out (W_in is transformers' up_proj)."""
+    wide = ("batch", "len", "d_mlp")
+    bias = {n: p.get(f"{prefix}.b_{n}") for n in ("gate", "in", "out")}
+
+    def plus(n):
+        return f" + b_{n}" if bias[n] is not None else ""
+
+    g = rec(f"{prefix}.gate", "X·W_gate" + plus("gate"),
+            linear(x, p[f"{prefix}.W_gate"], bias["gate"]), wide)
+    h = rec(f"{prefix}.in", "X·W_in" + plus("in"), linear(x, p[f"{prefix}.W_in"], bias["in"]),
+            wide)
+    h = rec(f"{prefix}.swiglu", "silu(gate) ⊙ in, silu(g) = g·σ(g)", silu(g) * h, wide)
+    return rec(f"{prefix}.out", "…·W_out" + plus("out"),
+               linear(h, p[f"{prefix}.W_out"], bias["out"]), BLD)
+
+
+def block(x, p: dict, config: Config, allowed, rec, layer: int, engine: Engine,
+          x_cross=None, cross_allowed=None, causal: bool = False, rotary=None, cache=None):
+    """One layer, as the architecture's family (model/arch/) writes it (`cache`: generation's
+    KV cache, see attention)."""
+    from attn_tracer.model.arch import family
+
+    return family(config).block(x, p, config, allowed, rec, layer, engine, x_cross,
+                                cross_allowed, causal, rotary, cache=cache)

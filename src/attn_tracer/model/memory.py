@@ -41,7 +41,8 @@ def attention_shapes(config: Config, batch: int, q_len: int, k_len: int
     the steps of a real trace.
     """
     h, d_head, w, d = config.heads, config.d_head, config.d_attn, config.d_model
-    return {"q": (batch, q_len, w), "k": (batch, k_len, w), "v": (batch, k_len, w),
+    kv = config.d_kv  # kv_heads·d_head: narrower than Q with grouped-query attention
+    return {"q": (batch, q_len, w), "k": (batch, k_len, kv), "v": (batch, k_len, kv),
             "scores": (batch, h, q_len, k_len), "z": (batch, h, q_len, d_head),
             "z.merge": (batch, q_len, w), "out": (batch, q_len, d)}
 
@@ -85,8 +86,8 @@ def step_costs(steps, config: Config, dtype: str) -> list[StepCost]:
             summed_power = 0 if cross_block else 1
         elif inner == "out":
             summed = config.d_attn
-        elif len(parts) == 4 and parts[2] == "mlp" and stage in ("in", "out"):
-            summed = config.d_model if stage == "in" else config.d_mlp
+        elif len(parts) == 4 and parts[2] == "mlp" and stage in ("gate", "in", "out"):
+            summed = config.d_mlp if stage == "out" else config.d_model
         elif s.name == "logits":
             summed = config.d_model
         count = math.prod(s.shape)
@@ -103,9 +104,13 @@ def estimate(config: Config, dtype: str, batch: int, length: int, k_len: int,
     Checked against the peak RSS growth of real runs by tests/test_memory.py: the estimate
     stays above it, and within a small factor.
     """
+    from attn_tracer.model.arch import family
+
+    arch = family(config)
     size = BYTES[dtype]
     d, w = config.d_model, config.d_attn
-    per_layer = 4 * d * w + (2 * d * config.d_mlp if config.arch == "gpt2" else 0)
+    # Grouped-query attention saves here: W_K and W_V are d_model × kv_heads·d_head.
+    per_layer = arch.params_per_layer(config)
     params = config.layers * per_layer * (2 if cross else 1) * 4  # host float32 copy
     params += config.layers * per_layer * (2 if cross else 1) * size  # on the engine
     # Live at once in one layer: a few [batch, len, d_model]-like streams and [batch, heads, len,
@@ -113,8 +118,8 @@ def estimate(config: Config, dtype: str, batch: int, length: int, k_len: int,
     # path adds SDPA's own matrix and its float mask for the heads it builds the pattern of.
     shapes = attention_shapes(config, batch, length, max(length, k_len))
     stream = max(step_bytes(shapes[n], dtype) for n in ("q", "z.merge", "out"))
-    if config.arch == "gpt2":
-        stream = max(stream, step_bytes((batch, length, config.d_mlp), dtype))
+    if (d_mlp := arch.mlp_width(config)) is not None:
+        stream = max(stream, step_bytes((batch, length, d_mlp), dtype))
     scores = step_bytes(shapes["scores"], dtype)
     live = 8 * stream + 8 * scores
     per_head = batch * length * max(length, k_len) * 4
@@ -138,7 +143,9 @@ KEPT_STEP_OVERHEAD = 300
 
 def overhead(config: Config, captured_layers: int, capture: str, cross: bool) -> int:
     """Bytes of per-step bookkeeping, which for a deep stack of tiny layers is most of it."""
-    steps = 18 + (7 if config.arch == "gpt2" else 0) + (18 if cross else 0)
+    from attn_tracer.model.arch import family
+
+    steps = family(config).steps_per_layer(config) + (18 if cross else 0)
     kept = captured_layers * steps * KEPT_STEP_OVERHEAD if capture == "all" else 0
     return config.layers * steps * STEP_OVERHEAD + kept
 

@@ -15,12 +15,16 @@ import numpy as np
 
 from attn_tracer.errors import AttnError, UsageError
 from attn_tracer.model import embeddings, layers, memory, tokens
+from attn_tracer.model import tokenizer as tokenizers
+from attn_tracer.model.arch import family
 from attn_tracer.model.config import Config
 from attn_tracer.model.engine import Engine, namespace
 from attn_tracer.model.trace import Hook, Input, Prediction, Recorder, Selection, Trace
 from attn_tracer.model.weights import Weights
 
-PAD_ID = tokens.ENDOFTEXT_ID  # GPT-2 has no pad token; its <|endoftext|> is the usual stand-in
+# GPT-2 has no pad token; its <|endoftext|> is the usual stand-in. A checkpoint's tokenizer
+# says its own (tokenizer.Tokenizer.pad_id).
+PAD_ID = tokens.ENDOFTEXT_ID
 
 
 @dataclass(frozen=True)
@@ -32,15 +36,15 @@ class Batch:
 
 
 def make_batch(token_lists: list[list[tokens.Token]], texts: list[str], side: str,
-               truncated: list[int | Callable[[], int]] | None = None, pad_to: int | None = None
-               ) -> Batch:
-    """Pad every row to the longest (or to `pad_to`) with <|endoftext|>; positions count real
-    tokens only."""
+               truncated: list[int | Callable[[], int]] | None = None, pad_to: int | None = None,
+               pad_id: int = PAD_ID) -> Batch:
+    """Pad every row to the longest (or to `pad_to`) with the pad token (GPT-2: <|endoftext|>;
+    see `pad_id`); positions count real tokens only."""
     length = max(max(len(t) for t in token_lists), pad_to or 0)
     truncated = truncated or [0] * len(texts)
     inputs = [Input(text, toks, len(toks), length - len(toks), side, cut)
               for text, toks, cut in zip(texts, token_lists, truncated, strict=True)]
-    ids = np.full((len(inputs), length), PAD_ID, np.int64)
+    ids = np.full((len(inputs), length), pad_id, np.int64)
     for row, inp in zip(ids, inputs, strict=True):
         row[inp.valid] = [t.id for t in inp.tokens]
     valid = np.stack([inp.valid for inp in inputs])
@@ -52,11 +56,19 @@ def make_batch(token_lists: list[list[tokens.Token]], texts: list[str], side: st
 
 def self_mask(config: Config, valid: np.ndarray) -> np.ndarray | None:
     """allowed [batch, 1, len, len]: causal, no pad keys, and nothing for a pad query."""
-    length = valid.shape[1]
     allowed = valid[:, None, :, None] & valid[:, None, None, :]
     if config.mask == "causal":
-        allowed = allowed & np.tril(np.ones((length, length), bool))
+        allowed = allowed & causal_mask(valid.shape[1], config.window)
     return None if allowed.all() else allowed
+
+
+def causal_mask(length: int, window: int | None = None) -> np.ndarray:
+    """[len, len] True where query q may see key k: k ≤ q, and with a sliding window of W
+    also q − k < W (the last W keys, itself included, as transformers' sliding_window). Real
+    tokens are contiguous in a row (padding is at one end), so the distance between two of
+    them in the batch is the distance between their positions."""
+    q, k = np.arange(length)[:, None], np.arange(length)[None, :]
+    return (k <= q) & (q - k < window) if window is not None else k <= q
 
 
 def cross_mask(valid_q: np.ndarray, valid_k: np.ndarray) -> np.ndarray | None:
@@ -81,20 +93,40 @@ class Prepared:
 
 def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None = None,
             padding: str = "right", max_length: int | None = None,
-            allow_special: bool = False, pad_to: int | None = None, bos: bool = False
-            ) -> Prepared:
+            allow_special: bool = False, pad_to: int | None = None, bos: bool = False,
+            ids: list[list[int]] | None = None,
+            tokenizer: tokenizers.Tokenizer | None = None) -> Prepared:
     """Tokenize, cut and pad the texts (and the cross texts) into batches.
 
     `pad_to`: every text is padded to exactly this many tokens, as a model with a fixed input
     length does (the notes' [4, 16, 768]); a longer text is refused. The cross texts are
     padded only to their longest.
-    `bos`: put <|endoftext|> before each text, as GPT-2 saw it in training (documents were
-    separated by it); it is a real token, counted in the length, not cut by --max-length.
+    `bos`: put the tokenizer's BOS before each text (GPT-2's <|endoftext|>, as GPT-2 saw it in
+    training: documents were separated by it), unless the tokenizer puts it there itself; it is
+    a real token, counted in the length, not cut by --max-length. So are the tokens a
+    checkpoint's tokenizer puts around every text (Llama's <s>).
+    `ids`: the token ids of each text, given instead of being read off the texts (--ids): taken
+    as they are, with only --bos's token added.
+    `tokenizer`: the run's (tokenizer.of(config) by default).
     """
-    token_lists, cut = tokenize_all(texts, allow_special, max_length, config, "text",
-                                    reserve=int(bos))
+    tok = tokenizer or tokenizers.of(config)
+    before = [tok.added(i) for i in tok.prefix] if ids is None else []
+    after = [tok.added(i) for i in tok.suffix] if ids is None else []
     if bos:
-        token_lists = [[tokens.token(tokens.ENDOFTEXT_ID), *t] for t in token_lists]
+        if tok.bos_id is None:
+            raise UsageError(f"--bos: {tok.describe()} names no BOS token (config.json's "
+                             "bos_token_id)")
+        if not tok.prefix or tok.prefix[0] != tok.bos_id:
+            before = [tok.added(tok.bos_id), *before]
+    if ids is None:
+        token_lists, cut = tokenize_all(texts, allow_special, max_length, config, "text",
+                                        reserve=len(before) + len(after), tokenizer=tok)
+    else:
+        token_lists, cut = given_ids(ids, max_length, config, reserve=len(before))
+        texts = [ids_text(t) for t in token_lists]
+    if before or after:
+        _check_vocab([t.id for t in [*before, *after]], config, tok)
+        token_lists = [[*before, *t, *after] for t in token_lists]
     if pad_to is not None:
         if pad_to > config.n_ctx:
             limit = "the checkpoint's context" if config.weights else "--n-ctx"
@@ -104,11 +136,11 @@ def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None =
                 where = f"text {i}" if len(token_lists) > 1 else "the text"
                 raise UsageError(f"{where} has {len(toks)} tokens, more than --pad-to {pad_to}; "
                                  f"cut it with --max-length {pad_to} or raise --pad-to")
-    batch = make_batch(token_lists, texts, padding, cut, pad_to)
+    batch = make_batch(token_lists, texts, padding, cut, pad_to, pad_id(config, tok))
     cross = None
     if cross_texts:
         cross_lists, cross_cut = tokenize_all(cross_texts, allow_special, max_length, config,
-                                              "--cross text")
+                                              "--cross text", tokenizer=tok)
         if len(cross_lists) != len(token_lists):
             if len(cross_lists) != 1:
                 raise UsageError(
@@ -117,8 +149,15 @@ def prepare(texts: list[str], config: Config, *, cross_texts: list[str] | None =
             rows = len(token_lists)  # one cross text serves every row
             cross_lists, cross_texts, cross_cut = (cross_lists * rows, cross_texts * rows,
                                                    cross_cut * rows)
-        cross = make_batch(cross_lists, cross_texts, padding, cross_cut)
+        cross = make_batch(cross_lists, cross_texts, padding, cross_cut, pad_id=tok.pad_id)
     return Prepared(batch, cross)
+
+
+def pad_id(config: Config, tokenizer: tokenizers.Tokenizer | None = None) -> int:
+    """The id that fills pad positions (masked everywhere: any row of W_E does): the tokenizer's
+    (GPT-2's <|endoftext|>), or 0 in a vocabulary too small to have it."""
+    pad = (tokenizer or tokenizers.of(config)).pad_id
+    return pad if pad < config.vocab else 0
 
 
 def run(
@@ -167,6 +206,7 @@ def _run(texts, config, engine, weights, selection, *, cross_texts, padding, max
         prepared = prepare(texts, config, cross_texts=cross_texts, padding=padding,
                            max_length=max_length, allow_special=allow_special, pad_to=pad_to)
     batch, cross = prepared.batch, prepared.cross
+    arch = family(config)
     if max_memory is not None:
         length = batch.ids.shape[1]
         k_len = cross.ids.shape[1] if cross else length
@@ -181,7 +221,12 @@ def _run(texts, config, engine, weights, selection, *, cross_texts, padding, max
     rec = Recorder(selection, engine, hooks)
     allowed = _on(engine, self_mask(config, batch.valid))
     # One text, causal, no padding: the mask is the plain triangle a fused kernel can skip.
-    causal = config.mask == "causal" and bool(batch.valid.all())
+    causal = config.mask == "causal" and bool(batch.valid.all()) and (
+        config.window is None or config.window >= batch.valid.shape[1])
+    # Rotary positions: each position's angles, once for every layer (positions count real
+    # tokens, so a left-padded text turns as it would alone).
+    rotary = (tuple(engine.asarray(a) for a in layers.rotary_angles(batch.positions, config))
+              if config.pos == "rotary" else None)
     cross_allowed = _on(engine, cross_mask(batch.valid, cross.valid)) if cross else None
     done = {"layers": 0, "ln_f": False, "logits": False}  # what `replay` must run again
 
@@ -190,16 +235,14 @@ def _run(texts, config, engine, weights, selection, *, cross_texts, padding, max
                                 padded=not b.valid.all())
 
     def ln_f(rec, x):
-        return rec("ln_f", "LayerNorm(X)",
-                   layers.layer_norm(x, p["ln_f.w"], p["ln_f.b"], config.ln_eps),
-                   ("batch", "len", "d_model"))
+        return arch.final(x, p, config, rec)
 
     def replay(watch):
         """Everything run so far, again, through `watch`, which stops at the first bad step."""
         x, x_cross = embed(watch, batch), embed(watch, cross, "cross.") if cross else None
         for layer in range(done["layers"]):
-            x = layers.block(x, p, config, allowed, watch, layer, engine, x_cross,
-                             cross_allowed, causal)
+            x = arch.block(x, p, config, allowed, watch, layer, engine, x_cross,
+                           cross_allowed, causal, rotary)
         if done["ln_f"]:
             x = ln_f(watch, x)
         if done["logits"]:
@@ -209,14 +252,14 @@ def _run(texts, config, engine, weights, selection, *, cross_texts, padding, max
     x = guard(embed(rec, batch))
     x_cross = guard(embed(rec, cross, "cross.")) if cross else None
     for layer in range(config.layers):
-        x = layers.block(x, p, config, allowed, rec, layer, engine, x_cross, cross_allowed,
-                         causal)
+        x = arch.block(x, p, config, allowed, rec, layer, engine, x_cross, cross_allowed,
+                       causal, rotary)
         rec.flush()
         done["layers"] = layer + 1
         x = guard(x)
         if progress is not None:
             progress(layer + 1, config.layers)
-    if config.arch == "gpt2":
+    if arch.full_block:
         done["ln_f"] = True
         x = guard(ln_f(rec, x))
     predictions = None
@@ -238,24 +281,53 @@ def _run(texts, config, engine, weights, selection, *, cross_texts, padding, max
     return trace, prepared.cut
 
 
-def tokenize_all(texts, allow_special, max_length, config: Config, what, reserve: int = 0):
+def given_ids(ids: list[list[int]], max_length: int | None, config: Config, reserve: int = 0):
+    """Token lists of --ids (cut to --max-length), and how many ids each cut."""
+    n_ctx = config.n_ctx - reserve
+    token_lists, cut = [], []
+    for i, row in enumerate(ids):
+        kept = row[:max_length] if max_length is not None else row
+        if len(kept) > n_ctx:
+            limit = (f"the checkpoint's context of {config.n_ctx}" if config.weights
+                     else f"--n-ctx {config.n_ctx}")
+            raise UsageError(f"--ids {i} has {len(kept)} tokens, more than {limit}; cut it with "
+                             f"--max-length {n_ctx}")
+        token_lists.append([tokens.id_token(t) for t in kept])
+        cut.append(len(row) - len(kept))
+    return token_lists, cut
+
+
+def ids_text(toks: list[tokens.Token]) -> str:
+    """The text of tokens given by id: GPT-2's bytes decoded where every id is GPT-2's, else
+    the labels (`<id N>`) separated by spaces."""
+    if all(t.bytes for t in toks):
+        return b"".join(t.bytes for t in toks).decode("utf-8", errors="replace")
+    return " ".join(t.text for t in toks)
+
+
+def tokenize_all(texts, allow_special, max_length, config: Config, what, reserve: int = 0,
+                 tokenizer: tokenizers.Tokenizer | None = None):
     """Token lists of `texts`, and for each how many tokens --max-length cut (a count, or how
     to count them: see Input.cut_off).
 
     Only as much of a text is tokenized as can be used: --max-length tokens, or one more than
     the context when there is no --max-length (a longer text is refused either way). A text of
     megabytes costs what its first tokens cost.
-    `reserve`: positions of the context taken by tokens put before each text (--bos).
+    `reserve`: positions of the context taken by tokens put around each text (--bos, or what
+    the tokenizer adds).
     """
+    tok = tokenizer or tokenizers.of(config)
     n_ctx = config.n_ctx - reserve
     # A checkpoint's context is fixed by its position table; only random weights can grow it.
+    added = (" less the --bos token" if reserve == 1 and not tok.prefix and not tok.suffix
+             else f" less the {plural_tokens(reserve)} the tokenizer adds" if reserve else "")
     limit = (f"the checkpoint's context of {config.n_ctx}" if config.weights
-             else f"--n-ctx {config.n_ctx}") + (" less the --bos token" if reserve else "")
+             else f"--n-ctx {config.n_ctx}") + added
     grow = "" if config.weights else " or raise --n-ctx"
     keep = max_length if max_length is not None else n_ctx + 1
     token_lists, cut = [], []
     for i, text in enumerate(texts):
-        ids, total = tokens.encode_head(text, keep, allow_special=allow_special)
+        ids, total = tok.encode_head(text, keep, allow_special=allow_special)
         if not ids:
             raise UsageError(f"{what} {i} is empty: there is nothing to attend to")
         if max_length is None or (total is not None and total <= max_length):
@@ -263,7 +335,7 @@ def tokenize_all(texts, allow_special, max_length, config: Config, what, reserve
         elif total is not None:
             cut.append(total - max_length)
         else:
-            cut.append(lambda text=text: tokens.count(text, allow_special=allow_special)
+            cut.append(lambda text=text: tok.count(text, allow_special=allow_special)
                        - max_length)
         if len(ids) > n_ctx:
             # The whole text's count when it was all tokenized; the cut one with --max-length.
@@ -273,8 +345,19 @@ def tokenize_all(texts, allow_special, max_length, config: Config, what, reserve
                  else f"{what} {i} has more tokens than {limit}")
                 + f"; cut it with --max-length {n_ctx}{grow}"
             )
-        token_lists.append([tokens.token(t) for t in ids])
+        _check_vocab(ids, config, tok)
+        token_lists.append([tok.token(t) for t in ids])
     return token_lists, cut
+
+
+def _check_vocab(ids: list[int], config: Config, tok: tokenizers.Tokenizer) -> None:
+    if ids and config.weights and (top := max(ids)) >= config.vocab:
+        raise AttnError(f"{tok.describe()} gives token id {top}, past the checkpoint's "
+                        f"vocabulary of {config.vocab}: the tokenizer is not this model's")
+
+
+def plural_tokens(n: int) -> str:
+    return f"{n} token{'' if n == 1 else 's'}"
 
 
 def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
@@ -303,10 +386,11 @@ def predict(x, batch: Batch, weights: Weights, engine: Engine, rec, top_k: int,
     # not just the top k, can be read off the trace.
     logits, probs = rec.keep("logits", logits).astype(np.float64), rec.keep("probs", probs)
     out = []
+    tok = tokenizers.of(weights.config)
     for b in range(logits.shape[0]):
         top = np.argsort(-logits[b], kind="stable")[:top_k]
         out.append(Prediction(b, int(last[b]), [
-            {"id": int(t), "text": _label(int(t)), "prob": float(probs[b, t]),
+            {"id": int(t), "text": tok.label(int(t)), "prob": float(probs[b, t]),
              "logit": float(logits[b, t])} for t in top]))
     return out
 
@@ -414,11 +498,6 @@ def finite(x, masked: bool = False) -> bool:
     if masked:
         return not bool(xp.any(xp.isnan(x) | (x == math.inf)))
     return bool(xp.all(xp.isfinite(x)))
-
-
-def _label(token_id: int) -> str:
-    # A checkpoint may pad its vocabulary past the tokenizer's (nanoGPT: 50304): no text there.
-    return tokens.token(token_id).text if token_id < tokens.VOCAB else f"<unused {token_id}>"
 
 
 def _on(engine: Engine, allowed: np.ndarray | None):

@@ -33,8 +33,10 @@ VOCAB = 50257
 @dataclass(frozen=True)
 class Token:
     id: int
-    text: str  # the readable label, see `label`
+    text: str  # the readable label, see `label`; a special token's own name (<|endoftext|>)
     bytes: bytes
+    special: bool = False  # a control token (<|endoftext|>, <s>), not a piece of text
+    added: bool = False  # put before or after the text (its BOS: --bos, or the tokenizer's own)
 
 
 def load_ranks(data: bytes | None = None) -> dict[bytes, int]:
@@ -74,11 +76,15 @@ def encoding():
     )
 
 
-def encode(text: str, *, allow_special: bool = False) -> list[int]:
-    """Token ids of `text`; a literal `<|endoftext|>` is ordinary text unless allowed."""
+def encode(text: str, *, allow_special: bool = False, enc=None) -> list[int]:
+    """Token ids of `text`; a literal `<|endoftext|>` is ordinary text unless allowed.
+
+    `enc`: another tiktoken encoding of GPT-2's ranks (one with a checkpoint's extra special
+    tokens, model/tokenizer.py); GPT-2's own by default."""
+    enc = enc or encoding()
     if allow_special:
-        return encoding().encode(text, allowed_special={ENDOFTEXT}, disallowed_special=())
-    return encoding().encode_ordinary(text)
+        return enc.encode(text, allowed_special=enc.special_tokens_set, disallowed_special=())
+    return enc.encode_ordinary(text)
 
 
 def tokenize(text: str, *, allow_special: bool = False) -> list[Token]:
@@ -106,56 +112,71 @@ def tokenize(text: str, *, allow_special: bool = False) -> list[Token]:
 _ASCII_PUNCTUATION = frozenset("!\"#$%&()*+,-./:;<=>?@[\\]^_`{|}~")  # not ': it starts 's 'll
 
 
-def _boundary(text: str, start: int, end: int, allow_special: bool) -> int:
+def _boundary(text: str, start: int, end: int, allow_special: bool,
+              specials: frozenset[str] = frozenset({ENDOFTEXT})) -> int:
     """The last boundary p with start < p ≤ end (see above), or `start` if the window has none
     (one piece longer than the window: a run of letters with no space, a file of NUL bytes)."""
     for p in range(min(end, len(text) - 1), start, -1):
         before, after = unicodedata.category(text[p - 1])[0], unicodedata.category(text[p])[0]
         ends = ((before == "L" and after != "L") or (before == "N" and after != "N")
                 or (text[p - 1] in _ASCII_PUNCTUATION and after in "LN"))
-        if ends and not (allow_special and _inside_special(text, p)):
+        if ends and not (allow_special and any(_inside_special(text, p, s) for s in specials)):
             return p
     return start
 
 
-def _inside_special(text: str, p: int) -> bool:
-    n = len(ENDOFTEXT)
-    at = text.find(ENDOFTEXT, max(p - n + 1, 0), p + n - 1)
+def _inside_special(text: str, p: int, special: str = ENDOFTEXT) -> bool:
+    n = len(special)
+    at = text.find(special, max(p - n + 1, 0), p + n - 1)
     return at != -1 and at < p
 
 
-def encode_head(text: str, limit: int, *, allow_special: bool = False) -> tuple[list[int],
-                                                                                   int | None]:
+def encode_head(text: str, limit: int, *, allow_special: bool = False, enc=None
+                ) -> tuple[list[int], int | None]:
     """(encode(text)[:limit], the number of tokens of the whole text or None if more than
     `limit`), tokenizing only a prefix of the text when that settles it."""
+    enc = enc or encoding()
+    specials = frozenset(enc.special_tokens_set)
     size = 4 * limit + 64  # GPT-2 averages about 4 characters a token in English, fewer elsewhere
     while size < len(text):
-        cut = _boundary(text, 0, size, allow_special)
+        cut = _boundary(text, 0, size, allow_special, specials)
         if cut:
-            ids = encode(text[:cut], allow_special=allow_special)
+            ids = encode(text[:cut], allow_special=allow_special, enc=enc)
             if len(ids) >= limit:  # text[cut:] is not empty: it has at least one more token
                 return ids[:limit], None
         size *= 4
-    ids = encode(text, allow_special=allow_special)
+    ids = encode(text, allow_special=allow_special, enc=enc)
     return ids[:limit], len(ids)
 
 
-def count(text: str, *, allow_special: bool = False, chunk: int = 1 << 20) -> int:
+def count(text: str, *, allow_special: bool = False, chunk: int = 1 << 20, enc=None) -> int:
     """len(encode(text)), a chunk at a time: memory holds one chunk's ids, not the whole list."""
+    enc = enc or encoding()
+    specials = frozenset(enc.special_tokens_set)
     total, start = 0, 0
     while len(text) - start > chunk:
-        cut = _boundary(text, start, start + chunk, allow_special)
+        cut = _boundary(text, start, start + chunk, allow_special, specials)
         if cut == start:  # one piece longer than the chunk
             chunk *= 2
             continue
-        total += len(encode(text[start:cut], allow_special=allow_special))
+        total += len(encode(text[start:cut], allow_special=allow_special, enc=enc))
         start = cut
-    return total + len(encode(text[start:], allow_special=allow_special))
+    return total + len(encode(text[start:], allow_special=allow_special, enc=enc))
 
 
 def token(token_id: int) -> Token:
     raw = encoding().decode_single_token_bytes(token_id)
-    return Token(token_id, ENDOFTEXT if token_id == ENDOFTEXT_ID else label(raw), raw)
+    if token_id == ENDOFTEXT_ID:
+        return Token(token_id, ENDOFTEXT, raw, special=True)
+    return Token(token_id, label(raw), raw)
+
+
+def id_token(token_id: int) -> Token:
+    """A token given by its id (--ids): GPT-2's label where the id is one of GPT-2's, else
+    `<id N>` (a checkpoint's vocabulary may be another tokenizer's or larger)."""
+    if 0 <= token_id < VOCAB:
+        return token(token_id)
+    return Token(token_id, f"<id {token_id}>", b"")
 
 
 # Whitespace a reader must see: a leading space is most of GPT-2's tokens.

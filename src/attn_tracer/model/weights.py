@@ -16,6 +16,7 @@ from attn_tracer.model.config import Config
 
 # Separate random streams, so that adding a layer or a cross-attention block changes nothing else.
 _TOKENS, _POSITIONS, _LAYER, _CROSS, _UNEMBED = 1, 2, 3, 4, 5
+LAYER_KEY = _LAYER  # the stream of a layer's weights, which the families' own parts draw from
 TOKEN_BLOCK = 64  # token-embedding rows drawn per random stream
 # The spread of a random model's logits (see Weights.unembedding): each is N(0, LOGIT_STD²),
 # so that -T 0.5, 1, 2 visibly sharpen and flatten the next-token distribution.
@@ -75,12 +76,16 @@ class Weights:
         """Random weights divide h by its RMS before the unembedding: an attention-only
         residual grows with depth (RMS ~2 at 2 layers, ~75 at 12), and the logits' scale with
         it. A final LayerNorm (gpt2: ln_f, random or a checkpoint's) already does that job."""
-        return "wte" not in self.params and self.config.arch == "attn"
+        from attn_tracer.model.arch import family
+
+        return "wte" not in self.params and family(self.config).normalizes_logits(self.config)
 
     def position_rows(self, positions: np.ndarray) -> np.ndarray:
         if "wpe" in self.params:
             return self.params["wpe"][positions]
-        std = 1.0 if self.config.arch == "attn" else 0.01
+        from attn_tracer.model.arch import family
+
+        std = family(self.config).position_std
         table = np.stack(
             [_normal([self.config.seed, _POSITIONS, p], self.config.d_model, std)
              for p in range(int(positions.max(initial=0)) + 1)]
@@ -90,7 +95,9 @@ class Weights:
     def _token_block(self, block: int) -> np.ndarray:
         """Rows block·TOKEN_BLOCK … of W_E."""
         # Unit variance keeps the attention-only stack's scores O(1); GPT-2's own init for gpt2.
-        std = 1.0 if self.config.arch == "attn" else 0.02
+        from attn_tracer.model.arch import family
+
+        std = family(self.config).token_std
         return _normal([self.config.seed, _TOKENS, block], (TOKEN_BLOCK, self.config.d_model), std)
 
 
@@ -110,6 +117,9 @@ def _uniform(rng: np.random.Generator, size, std: float) -> np.ndarray:
 
 
 def random_weights(config: Config, cross: bool = False) -> Weights:
+    from attn_tracer.model.arch import family
+
+    arch = family(config)
     params: dict[str, np.ndarray] = {}
     for layer in range(config.layers):
         key = [config.seed, _LAYER, layer]
@@ -119,40 +129,22 @@ def random_weights(config: Config, cross: bool = False) -> Weights:
                 _attention_params(config, f"blocks.{layer}.cross_attn",
                                   [config.seed, _CROSS, layer])
             )
-        if config.arch == "gpt2":
-            params.update(_gpt2_block_params(config, layer))
-    if config.arch == "gpt2":
-        params["ln_f.w"] = np.ones(config.d_model, np.float32)
-        params["ln_f.b"] = np.zeros(config.d_model, np.float32)
+        params.update(arch.random_block_params(config, layer))
+    params.update(arch.random_final_params(config))
     return Weights(config, params)
 
 
 def _attention_params(config: Config, prefix: str, key: list[int]) -> dict[str, np.ndarray]:
-    d, w = config.d_model, config.d_attn  # w = heads·d_head, d_model unless --d-head
+    # w = heads·d_head (d_model unless --d-head); kv = kv_heads·d_head, w unless --kv-heads.
+    d, w, kv = config.d_model, config.d_attn, config.d_kv
     rng = np.random.default_rng(key)
     # std 1/√(fan in) keeps Q and K at unit scale, so scores/√d_head are O(1): the point of
     # the scale; and W_O's output at the scale of its input.
-    out = {f"{prefix}.W_{n}": _uniform(rng, (d, w), d**-0.5) for n in "QKV"}
+    out = {f"{prefix}.W_{n}": _uniform(rng, (d, w if n == "Q" else kv), d**-0.5) for n in "QKV"}
     out[f"{prefix}.W_O"] = _uniform(rng, (w, d), w**-0.5)
     # Biases are drawn even with --no-bias so that the W's stay the same either way.
-    biases = {f"{prefix}.b_{n}": _uniform(rng, w, 0.02) for n in "QKV"}
+    biases = {f"{prefix}.b_{n}": _uniform(rng, w if n == "Q" else kv, 0.02) for n in "QKV"}
     biases[f"{prefix}.b_O"] = _uniform(rng, d, 0.02)
     if config.bias:
         out.update(biases)
-    return out
-
-
-def _gpt2_block_params(config: Config, layer: int) -> dict[str, np.ndarray]:
-    d, d_mlp = config.d_model, config.d_mlp
-    rng = np.random.default_rng([config.seed, _LAYER, layer, 1])
-    p = f"blocks.{layer}"
-    out = {
-        f"{p}.ln_1.w": np.ones(d, np.float32), f"{p}.ln_1.b": np.zeros(d, np.float32),
-        f"{p}.ln_2.w": np.ones(d, np.float32), f"{p}.ln_2.b": np.zeros(d, np.float32),
-        f"{p}.mlp.W_in": _uniform(rng, (d, d_mlp), d**-0.5),
-        f"{p}.mlp.W_out": _uniform(rng, (d_mlp, d), d_mlp**-0.5),
-    }
-    b_in, b_out = _uniform(rng, d_mlp, 0.02), _uniform(rng, d, 0.02)
-    if config.bias:
-        out[f"{p}.mlp.b_in"], out[f"{p}.mlp.b_out"] = b_in, b_out
     return out

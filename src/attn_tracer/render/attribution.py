@@ -19,7 +19,7 @@ from rich.text import Text
 
 from attn_tracer import __version__
 from attn_tracer.analysis import attribution as dla
-from attn_tracer.model.tokens import ENDOFTEXT_ID, VOCAB, token
+from attn_tracer.model import tokenizer as tokenizers
 from attn_tracer.render import formats
 from attn_tracer.render.formats import signed
 from attn_tracer.render.heatmaps import (
@@ -32,7 +32,7 @@ from attn_tracer.render.heatmaps import (
 )
 from attn_tracer.render.json_doc import array_json, config_json, input_json, token_json
 from attn_tracer.render.layout import GAP, cell_style, fit, flow, grid, plural
-from attn_tracer.render.terminal import header, show, token_strip
+from attn_tracer.render.terminal import header, show, token_notes, token_strip
 
 SCHEMA = "attn-attribute/1"
 # A diverging scale (ColorBrewer RdBu's ends): readable with the common color blindnesses,
@@ -60,14 +60,17 @@ def diverging_style(v: float, scale: float) -> Style:
     return Style(bgcolor=Color.from_rgb(r, g, b), color="black" if light else "white")
 
 
-def label(token_id: int) -> str:
-    return token(token_id).text if token_id < VOCAB else f"<unused {token_id}>"
+def label(token_id: int, result) -> str:
+    """The token's label in the tokenizer of the attributed run."""
+    return tokenizers.of(result.trace.config).label(token_id)
 
 
 def measure(result) -> str:
     """What the attribution explains: the target's logit, or the difference with --versus."""
-    t = label(result.target)
-    return f"logit({t})" if result.versus is None else f"logit({t}) − logit({label(result.versus)})"
+    t = label(result.target, result)
+    if result.versus is None:
+        return f"logit({t})"
+    return f"logit({t}) − logit({label(result.versus, result)})"
 
 
 # ── the view ──────────────────────────────────────────────────────────────────────────────────
@@ -79,10 +82,13 @@ def render(result, console: Console, *, top_k: int = 5, components: int = 10) ->
     console.print()
     inp = trace.inputs[0]
     show(console, token_strip(inp, "tokens", width))
+    for note in token_notes([inp], tokenizers.of(trace.config)):
+        console.print(note)
     if inp.padding:  # --pad-to: the heatmap's pad rows and columns need their key
-        console.print(Text(f"  + {plural(inp.padding, PAD_LABEL)} ({inp.side}): <|endoftext|>, "
-                           f"id {ENDOFTEXT_ID}, masked out as a key; positions count the real "
-                           "tokens", style="dim"))
+        tok = tokenizers.of(trace.config)
+        console.print(Text(f"  + {plural(inp.padding, PAD_LABEL)} ({inp.side}): "
+                           f"{tok.pad_text()}, id {tok.pad_id}, masked out as a key; positions "
+                           "count the real tokens", style="dim"))
     console.print()
     show(console, prediction(result, width, top_k))
     console.print()
@@ -114,7 +120,7 @@ def prediction(result, width: int, top_k: int) -> Text:
     t.append(f"  ({p + 1} of {inp.length} tokens)\n", style="dim")
     items = [Text("predicted:", style="dim")]
     for token_id, prob, _ in result.before.top[:top_k]:
-        item = Text(label(token_id), style="cyan")
+        item = Text(label(token_id, result), style="cyan")
         item.append(f" {formats.prob(prob)}", style="dim")
         items.append(item)
     t.append_text(flow(items, width, sep="  "))
@@ -125,12 +131,12 @@ def prediction(result, width: int, top_k: int) -> Text:
     line = flow(target, width, sep=" ")
     line.append("\n")
     rank = "the top token" if b.rank == 1 else f"rank {b.rank}"
-    facts = [Text(f"target {label(result.target)} (#{result.target})"),
+    facts = [Text(f"target {label(result.target, result)} (#{result.target})"),
              Text(f"logit {signed(b.target_logit, 3)}"),
              Text(f"prob {formats.prob(b.target_prob)}"),
              Text(rank)]
     if result.versus is not None:
-        facts.append(Text(f"versus {label(result.versus)} (#{result.versus})"))
+        facts.append(Text(f"versus {label(result.versus, result)} (#{result.versus})"))
     line.append_text(flow([Text(f.plain, style="dim") for f in facts], width))
     t.append_text(line)
     return t
@@ -238,8 +244,8 @@ def diverging_legend(result, scale: float, digits: int, width: int) -> Text:
     for i in range(4):
         ramp.append(shades[3 - i], style=Style(color=Color.from_rgb(*diverging((i + 1) / 4))))
     ramp.append(f" {signed(scale, digits)}")
-    t = label(result.target) if result.versus is None else (
-        f"{label(result.target)} over {label(result.versus)}")
+    t = label(result.target, result) if result.versus is None else (
+        f"{label(result.target, result)} over {label(result.versus, result)}")
     words = [ramp, Text(f"+ (blue) pushes toward {t}", style="dim"),
              Text("− (red) away", style="dim"), Text("0 gray", style="dim")]
     return flow(words, width, sep="  ·  ")
@@ -295,8 +301,10 @@ def check(result, width: int) -> Text:
                 f"rms = {a.norm.scale:.4g} frozen from the run, so each component is x·u / rms.")
     elif a.norm is not None:
         what = (f"constant = b_f·u, what the final LayerNorm's bias adds to "
-                f"{measure(result)} whatever its input (u = W_U[:, {label(result.target)}]"
-                + (f" − W_U[:, {label(result.versus)}]" if result.versus is not None else "")
+                f"{measure(result)} whatever its input "
+                f"(u = W_U[:, {label(result.target, result)}]"
+                + (f" − W_U[:, {label(result.versus, result)}]" if result.versus is not None
+                   else "")
                 + f"; GPT-2 has no unembedding bias). σ = {a.norm.scale:.4g} frozen from the run;"
                 " centring is linear, so each component is centred on its own.")
     else:
@@ -317,8 +325,8 @@ def lens_view(result, width: int) -> list[RenderableType]:
            if result.attribution.norm is not None else "the residual after each layer · W_U")
     out: list[RenderableType] = [flow([title, Text(f"({how})", style="dim")], width, sep=" ")]
     column = lens.positions.index(p)
-    target = label(result.target)
-    tops = [label(int(i)) for i in lens.top_ids[:, column]]
+    target = label(result.target, result)
+    tops = [label(int(i), result) for i in lens.top_ids[:, column]]
     token_w = max(cell_len("top token"), *(min(cell_len(s), 16) for s in tops))
     layer_w = max(len("layer"), len(f"L{result.layers - 1}"))
     t = Text(no_wrap=True, overflow="crop")
@@ -374,7 +382,8 @@ def lens_table(result, width: int) -> list[RenderableType]:
             for j in cols:
                 prob = float(lens.top_probs[layer, j])
                 t.append(" ")
-                t.append(fit(label(int(lens.top_ids[layer, j])), cell), style=cell_style(prob))
+                t.append(fit(label(int(lens.top_ids[layer, j]), result), cell),
+                         style=cell_style(prob))
         out.append(t)
     if len(shown) < n:
         out.append(Text(f"(positions {shown[0]} to {shown[-1]} of {n}; --json has them all)",
@@ -392,7 +401,7 @@ def ablation_view(result, width: int) -> Text:
                       style="bold"), Text(f"({how}; one more forward)", style="dim")],
                 width, sep=" ")
     head.no_wrap = False
-    target = label(result.target)
+    target = label(result.target, result)
     rows = [(measure(result), signed(ab.before.logit, 3), signed(ab.after.logit, 3),
              signed(ab.after.logit - ab.before.logit, 3))]
     if result.versus is not None:
@@ -422,7 +431,7 @@ def ablation_view(result, width: int) -> Text:
     for when, o in (("before", ab.before), ("after", ab.after)):
         items = [Text(f"top {len(o.top)} {when}:", style="dim")]
         for token_id, prob, _ in o.top:
-            item = Text(label(token_id), style="bold cyan" if token_id == result.target
+            item = Text(label(token_id, result), style="bold cyan" if token_id == result.target
                         else "cyan")
             item.append(f" {formats.prob(prob)}", style="dim")
             items.append(item)
@@ -442,22 +451,25 @@ def rollout_view(result, width: int) -> list[RenderableType]:
     out.append(heatmap(result.rollout, reading_labels(inp), column_labels(inp),
                        f"rollout through {plural(result.layers, 'layer')}", width,
                        mask_marks(trace, "attn", 0)))
-    out.append(legend(bool(inp.padding), width, causal=trace.config.mask == "causal"))
+    out.append(legend(bool(inp.padding), width, causal=trace.config.mask == "causal",
+                      window=trace.config.window))
     return out
 
 
 # ── JSON ──────────────────────────────────────────────────────────────────────────────────────
 
-def _token(token_id: int) -> dict:
-    if token_id < VOCAB:
-        return token_json(token(token_id))
-    return {"id": token_id, "text": label(token_id), "bytes": ""}
+def _token(token_id: int, result) -> dict:
+    tok = tokenizers.of(result.trace.config)
+    if token_id < tok.vocab:
+        return token_json(tok.token(token_id))
+    return {"id": token_id, "text": label(token_id, result), "bytes": ""}
 
 
-def _outcome(o) -> dict:
+def _outcome(o, result) -> dict:
     return {"value": o.logit, "target_logit": o.target_logit, "target_prob": o.target_prob,
             "target_rank": o.rank,
-            "top": [{"id": i, "text": label(i), "prob": p, "logit": lg} for i, p, lg in o.top]}
+            "top": [{"id": i, "text": label(i, result), "prob": p, "logit": lg}
+                    for i, p, lg in o.top]}
 
 
 def document(result) -> bytes:
@@ -474,10 +486,10 @@ def document(result) -> bytes:
         "position": result.position,
         "batch_position": result.batch_position,
         "token": token_json(trace.inputs[0].tokens[result.position]),
-        "target": _token(result.target),
-        "versus": None if result.versus is None else _token(result.versus),
+        "target": _token(result.target, result),
+        "versus": None if result.versus is None else _token(result.versus, result),
         "measure": "logit" if result.versus is None else "logit_difference",
-        "prediction": _outcome(result.before),
+        "prediction": _outcome(result.before, result),
         "final_norm": None if a.norm is None else {
             "kind": "layer_norm" if a.norm.centred else "rms", "scale": a.norm.scale},
         "components": [{"name": c.name, "kind": c.kind, "layer": c.layer, "head": c.head,
@@ -487,7 +499,7 @@ def document(result) -> bytes:
         "total": a.total,
         "logit_lens_positions": lens.positions,
         "logit_lens": [[{"id": int(lens.top_ids[layer, j]),
-                         "text": label(int(lens.top_ids[layer, j])),
+                         "text": label(int(lens.top_ids[layer, j]), result),
                          "prob": float(lens.top_probs[layer, j])}
                         for j in range(len(lens.positions))] for layer in range(result.layers)],
         "logit_lens_target": [{"logit": float(lens.target_logits[layer]),
@@ -500,7 +512,8 @@ def document(result) -> bytes:
         doc["ablation"] = {"mode": ab.mode,
                            "heads": [{"name": dla.head_name(layer, head), "layer": layer,
                                       "head": head} for layer, head in ab.heads],
-                           "before": _outcome(ab.before), "after": _outcome(ab.after),
+                           "before": _outcome(ab.before, result),
+                           "after": _outcome(ab.after, result),
                            "delta_value": ab.after.logit - ab.before.logit,
                            "delta_target_prob": ab.after.target_prob - ab.before.target_prob}
     body = orjson.dumps(doc)

@@ -19,12 +19,13 @@ from rich.text import Text
 
 from attn_tracer import __version__
 from attn_tracer.analysis.head_definitions import DEFINITIONS, SCORES
+from attn_tracer.model import tokenizer as tokenizers
 from attn_tracer.render import formats
 from attn_tracer.render import thumbnails as render_thumbnails
 from attn_tracer.render.json_doc import config_json, input_json
 from attn_tracer.render.layout import cell_style, flow, grid
 from attn_tracer.render.layout import color as viridis
-from attn_tracer.render.terminal import header, show, token_strip
+from attn_tracer.render.terminal import header, show, token_notes, token_strip
 
 SCHEMA = "attn-heads/1"
 GAP_CELLS = 1  # between two thumbnails of a row
@@ -63,16 +64,18 @@ def view_box(width: int, heads: int, color: bool, layers: int = 100) -> tuple[in
 def input_lines(result, width: int) -> list[Text]:
     o = result.options
     out = []
+    tok = tokenizers.of(result.trace.config)
     if o.repeat is not None:
-        bos = "<|endoftext|>, then " if o.with_bos else ""
+        bos = f"{tok.bos_text()}, then " if o.with_bos else ""
         out.append(Text(f"induction probe (--repeat {o.repeat}): {bos}{o.repeat} random word "
                         f"tokens (seed {result.seed}), then the same {o.repeat} again",
                         style="bold"))
     elif o.with_bos:
-        out.append(Text("--bos: <|endoftext|> before each text", style="dim"))
+        out.append(Text(f"--bos: {tok.bos_text()} before each text", style="dim"))
     for b, inp in enumerate(result.trace.inputs):
         title = f"text {b}" if len(result.trace.inputs) > 1 else "tokens"
         out.append(token_strip(inp, title, width))
+    out.extend(token_notes(result.trace.inputs, tok))
     return out
 
 

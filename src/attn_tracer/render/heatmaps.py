@@ -25,6 +25,7 @@ from attn_tracer.render.layout import cell_style, color, fit, flow, grid
 
 MASKED = "·"  # the causal mask: a key after the query
 PADDED = "×"  # the padding mask: a pad key, or every key of a pad query
+WINDOW = "∘"  # the sliding window (--window W): a key W or more positions before the query
 PAD_ROW = PADDED  # a pad query's row: every cell is the padding mask
 PAD_LABEL = "pad"
 LABEL_WIDTH = 10  # row labels of the --values and --stages matrices
@@ -45,19 +46,26 @@ def allowed_mask(trace: Trace, kind: str, b: int) -> np.ndarray:
     valid_q = trace.inputs[b].valid
     if kind == "cross_attn":
         return valid_q[:, None] & trace.cross[b].valid[None, :]  # type: ignore[index]
+    from attn_tracer.model.pipeline import causal_mask
+
     allowed = valid_q[:, None] & valid_q[None, :]
     if trace.config.mask == "causal":
-        allowed &= np.tri(len(valid_q), dtype=bool)
+        allowed &= causal_mask(len(valid_q), trace.config.window)
     return allowed
 
 
 def mask_marks(trace: Trace, kind: str, b: int) -> np.ndarray:
-    """[q_len, k_len] of "" (allowed), MASKED (the causal mask) or PADDED (the padding mask)."""
+    """[q_len, k_len] of "" (allowed), MASKED (the causal mask), WINDOW (outside the sliding
+    window) or PADDED (the padding mask)."""
     valid_q = trace.inputs[b].valid
     valid_k = trace.cross[b].valid if kind == "cross_attn" else valid_q  # type: ignore[index]
     padded = ~(valid_q[:, None] & valid_k[None, :])
     marks = np.full(padded.shape, "", dtype=object)
     marks[~allowed_mask(trace, kind, b)] = MASKED
+    if kind != "cross_attn" and trace.config.window is not None:
+        length = len(valid_q)
+        past = np.tri(length, dtype=bool) & ~np.tri(length, k=-trace.config.window, dtype=bool)
+        marks[np.tri(length, dtype=bool) & ~past] = WINDOW
     marks[padded] = PADDED
     return marks
 
@@ -293,7 +301,7 @@ def topk_view(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
 
 
 def legend(padded: bool = False, width: int = 120, *, causal: bool = True,
-           colored: bool = True) -> Text:
+           colored: bool = True, window: int | None = None) -> Text:
     """What the marks and colors mean; only the marks this view can contain."""
     items = []
     if colored:  # without colors the cells are their numbers alone: a ramp would match nothing
@@ -306,6 +314,9 @@ def legend(padded: bool = False, width: int = 120, *, causal: bool = True,
         items.append(ramp_text)
     if causal:
         items.append(Text(f"{MASKED} causal mask", style="dim"))
+    if window is not None:
+        items.append(Text(f"{WINDOW} sliding window (a query sees its last {window} keys)",
+                          style="dim"))
     if padded:
         items.append(Text(f"{PADDED} padding mask (pad key, or pad query)", style="dim"))
     if causal or padded:

@@ -23,7 +23,8 @@ import numpy as np
 import orjson
 
 from attn_tracer import __version__
-from attn_tracer.model.tokens import ENDOFTEXT_ID, Token
+from attn_tracer.model import tokenizer as tokenizers
+from attn_tracer.model.tokens import Token
 from attn_tracer.model.trace import Input, Trace
 
 SCHEMA = "attn-trace/1"
@@ -33,7 +34,12 @@ _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 
 def token_json(t: Token) -> dict:
-    return {"id": t.id, "text": t.text, "bytes": t.bytes.hex()}
+    out = {"id": t.id, "text": t.text, "bytes": t.bytes.hex()}
+    if t.special:  # only when true, so that a text's ordinary tokens read as they always did
+        out["special"] = True
+    if t.added:
+        out["added"] = True
+    return out
 
 
 def tokens_document(tokens: list[Token]) -> bytes:
@@ -47,17 +53,27 @@ def input_json(inp: Input) -> dict:
             "truncated": inp.truncated}
 
 
+def pad_id(config, tok=None) -> int:
+    from attn_tracer.model.pipeline import pad_id
+
+    return pad_id(config, tok)
+
+
 def config_json(trace: Trace) -> dict:
     c = trace.config.to_dict()
     c.update(trace.engine)
     batched = any(i.padding for i in trace.inputs)
+    tok = tokenizers.of(trace.config)
+    c["tokenizer"] = tok.to_json()
     c["mask_description"] = {
         "causal": c["mask"] == "causal",
         "padding": batched,
-        "pad_id": ENDOFTEXT_ID,
+        "pad_id": pad_id(trace.config, tok),
         "masked_value": "-inf before softmax, exactly 0 after",
         "pad_query_rows": "all 0: a pad query attends to nothing",
     }
+    if trace.config.window is not None:  # the sliding window (absent without one)
+        c["mask_description"]["window"] = trace.config.window
     c["cross"] = trace.cross is not None
     return c
 

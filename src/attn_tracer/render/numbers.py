@@ -150,6 +150,12 @@ class _Numbers:
 
 # ── the mask, as the matrix that is added to the scores ─────────────────────────────────────
 
+def causal_mask(length: int, window: int | None):
+    from attn_tracer.model.pipeline import causal_mask
+
+    return causal_mask(length, window)
+
+
 def mask_blocks(trace: Trace, kind: str, b: int, width: int | None = None) -> list[Text]:
     """The additive mask [q_len, k_len] of batch row `b`: 0 where a query may see a key, −∞
     where not. With padding and a causal mask, the two parts first and then their sum."""
@@ -158,7 +164,8 @@ def mask_blocks(trace: Trace, kind: str, b: int, width: int | None = None) -> li
     keys = trace.cross[b] if kind == "cross_attn" else inp  # type: ignore[index]
     cols = column_labels(keys)
     padding = inp.valid[:, None] & keys.valid[None, :]
-    causal = (np.tri(len(inp.valid), dtype=bool)
+    window = trace.config.window if kind == "attn" else None
+    causal = (causal_mask(len(inp.valid), window)
               if kind == "attn" and trace.config.mask == "causal" else None)
     padded = not padding.all()
     if causal is None and not padded:
@@ -166,7 +173,9 @@ def mask_blocks(trace: Trace, kind: str, b: int, width: int | None = None) -> li
         return [Text(f"mask: none ({why}, no padding): the scores pass unchanged", style="dim")]
     parts = []
     if causal is not None:
-        parts.append(additive(causal, rows, cols, "causal mask (k > q)", width))
+        parts.append(additive(causal, rows, cols, "causal mask (k > q)" if window is None
+                              else f"causal mask, window {window} (k > q or q − k ≥ {window})",
+                              width))
     if padded:
         parts.append(additive(padding, rows, cols, "padding mask (pad)", width))
     if len(parts) == 2:
@@ -226,9 +235,9 @@ def softmax_note(pattern: np.ndarray, allowed: np.ndarray, valid_q: np.ndarray) 
 
 def attention_input(trace: Trace, layer: int) -> str:
     """The step name of what layer `layer`'s attention reads: X in Q = X·W_Q + b_Q."""
-    if trace.config.arch == "gpt2":
-        return f"blocks.{layer}.ln_1"
-    return block_input(layer)
+    from attn_tracer.model.arch import family
+
+    return family(trace.config).attention_input(layer)
 
 
 def block_input(layer: int) -> str:
@@ -252,6 +261,10 @@ def values(trace: Trace, weights: dict[str, np.ndarray], layer: int, width: int,
     d_head, w, wide = c.d_head, c.d_attn, c.attn_dim
     # Columns named head.dim: the split into heads is just this grouping of heads·d_head.
     by_head = [f"h{i // d_head}.{i % d_head}" for i in range(w)]
+    grouped = c.kv_heads != c.heads and not cross
+    # K and V: kv_heads·d_head columns, named kv{j}.dim, with grouped-query attention.
+    kv_wide, kv_w = (c.kv_dim, c.d_kv) if grouped else (wide, w)
+    kv_by_head = [f"kv{i // d_head}.{i % d_head}" for i in range(kv_w)] if grouped else by_head
     out: list[RenderableType] = []
 
     def block(m, r, cols, title, **kw) -> None:
@@ -276,12 +289,16 @@ def values(trace: Trace, weights: dict[str, np.ndarray], layer: int, width: int,
         W, b = weights.get(f"{prefix}.W_{n}"), weights.get(f"{prefix}.b_{n}")
         if W is None:
             return
-        shape = _shape((wide, "d_model") if n == "O" else ("d_model", wide), W.shape)
+        kv = n in "KV"
+        width_name, names = (kv_wide, kv_by_head) if kv else (wide, by_head)
+        shape = _shape((wide, "d_model") if n == "O" else ("d_model", width_name), W.shape)
         title = f"W_{n}  {shape}: " + (
-            "rows by head (h.i: head h's dimension i)" if n == "O" else "columns by head")
+            "rows by head (h.i: head h's dimension i)" if n == "O" else
+            "columns by K/V head (kvj.i: K/V head j's dimension i)" if kv and grouped
+            else "columns by head")
         if b is not None:
-            title += f"; b_{n} [{'d_model' if n == 'O' else wide}] under it"
-        r, cols = (by_head, dims) if n == "O" else (dims, by_head)
+            title += f"; b_{n} [{'d_model' if n == 'O' else width_name}] under it"
+        r, cols = (by_head, dims) if n == "O" else (dims, names)
         block(W, r, cols, title, group=d_head,
               footer=(f"b_{n}", b) if b is not None else None)
 
@@ -289,10 +306,13 @@ def values(trace: Trace, weights: dict[str, np.ndarray], layer: int, width: int,
         weight(n)
         source = keys if cross and n != "Q" else rows
         length = ("k_len", k_len) if cross and n != "Q" else ("len", q_len)
+        kv = n != "Q" and grouped
         tensor(f"{prefix}.{n.lower()}", f"{n}  {trace.step(f'{prefix}.{n.lower()}').op}  "
-               f"{_shape((length[0], wide), (length[1], w))}, grouped by head",
-               r=source, cols=by_head, group=d_head)
+               f"{_shape((length[0], kv_wide if kv else wide), (length[1], kv_w if kv else w))}"
+               f", grouped by {'K/V head' if kv else 'head'}",
+               r=source, cols=kv_by_head if kv else by_head, group=d_head)
     heads = trace.selection.heads
+    out.extend(modern_steps(trace, prefix, heads, rows, batch, width))
     allowed = allowed_mask(trace, kind, batch)
     for name in ("scores", "scaled", "masked", "pattern"):
         key = f"{prefix}.{name}"
@@ -320,6 +340,52 @@ def values(trace: Trace, weights: dict[str, np.ndarray], layer: int, width: int,
     out.extend(head_changes(trace, weights, layer, kind, batch, width))
     out.extend(value_circuit_view(weights, c, layer, kind, heads[0], width))
     return out
+
+
+def modern_steps(trace: Trace, prefix: str, heads, rows: list[str], batch: int,
+                 width: int) -> list[RenderableType]:
+    """Rotary positions (each shown head's Q, and its K/V head's K, before and after the turn)
+    and grouped-query attention (which query heads share which K/V head)."""
+    c = trace.config
+    out: list[RenderableType] = []
+    d_head = c.d_head
+    cols = [str(i) for i in range(d_head)]
+    if f"{prefix}.q.rot" in trace.tensors:
+        r = c.rotary_dims
+        out.append(Text(f"rotary positions: {trace.step(f'{prefix}.q.rot').op}. The same token "
+                        "at two positions gets two different rows, and the score of a turned "
+                        "query and key depends only on how far apart they are.", style="dim"))
+        layer = trace_layer(prefix)
+        grouped = c.kv_heads != c.heads
+        pairs = "(pairs i, i+" + str(r // 2) + ")" if c.rotary_style == "halves" \
+            else "(pairs 2i, 2i+1)"
+        # Q of each shown head; K of each K/V head they use (once: a group shares it). q.heads
+        # and q.rot hold the shown heads; k.* every K/V head with grouped-query attention,
+        # else the shown heads, as Q.
+        shown = [("q", i, f"L{layer}H{h}") for i, h in enumerate(heads)]
+        shown += ([("k", g, f"kv{g}") for g in sorted({h // c.groups for h in heads})]
+                  if grouped else [("k", i, f"L{layer}H{h}") for i, h in enumerate(heads)])
+        for n, at, name in shown:
+            before, after = f"{prefix}.{n}.heads", f"{prefix}.{n}.rot"
+            if before in trace.tensors and after in trace.tensors:
+                out.append(matrix(trace.tensors[before][batch, at], rows, cols,
+                                  f"{n.upper()} {name} before  [len, d_head]", width=width))
+                out.append(matrix(trace.tensors[after][batch, at], rows, cols,
+                                  f"{n.upper()} {name} turned  [len, d_head] {pairs}",
+                                  width=width))
+    if c.kv_heads != c.heads and f"{prefix}.k.repeat_kv" in {s.name for s in trace.steps}:
+        groups = "; ".join(
+            f"K/V head {j} → query heads "
+            f"{', '.join(str(h) for h in range(j * c.groups, (j + 1) * c.groups))}"
+            for j in range(c.kv_heads))
+        out.append(Text(f"repeat_kv: {c.kv_heads} K/V heads for {c.heads} query heads, each "
+                        f"shared by {c.groups}: {groups}. Query head h scores against K/V head "
+                        f"⌊h / {c.groups}⌋'s K and mixes its V.", style="dim"))
+    return out
+
+
+def trace_layer(prefix: str) -> int:
+    return int(prefix.split(".")[1])
 
 
 def _shape(names: tuple[str, ...], sizes) -> str:
@@ -389,16 +455,17 @@ def value_circuit_view(weights: dict[str, np.ndarray], config, layer: int, kind:
     W_V, W_O = weights.get(f"{prefix}.W_V"), weights.get(f"{prefix}.W_O")
     if W_V is None or W_O is None:
         return []
-    vc = value_circuit(W_V, W_O, config.heads, head)
+    vc = value_circuit(W_V, W_O, config.heads, head, config.kv_heads)
     d_model, d_head = config.d_model, config.d_head
     dims, head_dims = [str(i) for i in range(d_model)], [str(i) for i in range(d_head)]
     name = f"L{layer}H{head}"
+    v = head if config.kv_heads == config.heads else f"kv{head // config.groups}"
     items = [
-        matrix(vc.down, dims, head_dims, f"value down W_V[:, {head}]  "
+        matrix(vc.down, dims, head_dims, f"value down W_V[:, {v}]  "
                f"{_shape(('d_model', 'd_head'), vc.down.shape)}", width=width),
         matrix(vc.up, head_dims, dims, f"value up W_O[{head}]  "
                f"{_shape(('d_head', 'd_model'), vc.up.shape)}", width=width),
-        matrix(vc.ov, dims, dims, f"W_OV = W_V[:, {head}]·W_O[{head}]  "
+        matrix(vc.ov, dims, dims, f"W_OV = W_V[:, {v}]·W_O[{head}]  "
                f"{_shape(('d_model', 'd_model'), vc.ov.shape)}", width=width),
     ]
     return [Text(f"the value circuit of {name}{' (cross)' if kind == 'cross_attn' else ''}: "

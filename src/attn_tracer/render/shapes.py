@@ -274,6 +274,19 @@ def cost_summary(costs: list, length: int, peak: int, peak_doubled: int) -> Text
     return t
 
 
+def kv_saving(config, length: int) -> Text:
+    """What grouped-query attention saves against multi-head attention of the same heads."""
+    d, w, kv, layers = config.d_model, config.d_attn, config.d_kv, config.layers
+    return Text(
+        f"grouped-query attention: K and V are kv_heads·d_head = {config.kv_heads}·"
+        f"{config.d_head} = {kv} wide where Q is {w}: W_K and W_V hold {2 * d * kv:,} numbers a "
+        f"layer instead of {2 * d * w:,}, K and V {2 * length * kv:,} a text instead of "
+        f"{2 * length * w:,} ({layers} layer{'s' if layers > 1 else ''}: a K/V cache "
+        f"{config.groups}× smaller); repeat_kv then copies each K/V head for its "
+        f"{config.groups} query heads, so the scores and Z cost what they cost before.",
+        style="dim")
+
+
 def _count(n: float) -> str:
     for unit in ("", " thousand", " million", " billion"):
         if n < 1000:
@@ -295,8 +308,14 @@ def circuits_table(weights: dict, config, layers: tuple[int, ...], heads: tuple[
     d, dh = config.d_model, config.d_head
     shapes = Text(f"value down W_V[:, h] [{d}, {dh}] · value up W_O[h] [{dh}, {d}] = "
                   f"W_OV [{d}, {d}]")
+    grouped = config.kv_heads != config.heads
+    if grouped:  # W_V holds kv_heads blocks: each serves `groups` query heads
+        shapes.append(f"; grouped-query: query head h reads W_V's block of K/V head "
+                      f"⌊h / {config.groups}⌋ (column kv), shared with its group")
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, expand=False)
     table.add_column("head", style="cyan", no_wrap=True)
+    if grouped:
+        table.add_column("kv", justify="right", no_wrap=True)
     table.add_column("rank", justify="right", no_wrap=True, style="bold")
     table.add_column("≤", justify="right", no_wrap=True, style="dim")
     table.add_column("σ_max", justify="right", no_wrap=True)
@@ -309,10 +328,11 @@ def circuits_table(weights: dict, config, layers: tuple[int, ...], heads: tuple[
             if W_V is None or W_O is None:
                 continue
             for h in heads:
-                vc = value_circuit(W_V, W_O, config.heads, h)
+                vc = value_circuit(W_V, W_O, config.heads, h, config.kv_heads)
                 name = f"L{layer}H{h}" + (" cross" if kind == "cross_attn" else "")
                 sigma = vc.singular_values
-                table.add_row(name, str(vc.rank), str(min(d, dh)), f"{sigma.max():.3g}",
+                kv = [str(h // config.groups)] if grouped else []
+                table.add_row(name, *kv, str(vc.rank), str(min(d, dh)), f"{sigma.max():.3g}",
                               f"{sigma.min():.3g}", f"{vc.tolerance:.1e}")
     full, factored = d * d, 2 * d * dh
     counts = Text(

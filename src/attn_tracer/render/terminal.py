@@ -16,8 +16,8 @@ from rich.cells import cell_len, set_cell_size
 from rich.console import Console, RenderableType
 from rich.text import Text
 
+from attn_tracer.model import tokenizer as tokenizers
 from attn_tracer.model.memory import step_costs
-from attn_tracer.model.tokens import ENDOFTEXT_ID
 from attn_tracer.model.trace import Input, Trace
 from attn_tracer.render.heatmaps import (
     PAD_LABEL,
@@ -31,7 +31,13 @@ from attn_tracer.render.heatmaps import (
 )
 from attn_tracer.render.layout import GAP, flow, plural
 from attn_tracer.render.numbers import predictions, stages, values
-from attn_tracer.render.shapes import circuits_table, cost_summary, cost_table, shape_table
+from attn_tracer.render.shapes import (
+    circuits_table,
+    cost_summary,
+    cost_table,
+    kv_saving,
+    shape_table,
+)
 
 STRIP_HEAD, STRIP_TAIL = 48, 16  # tokens listed before and after the … of a long text
 
@@ -48,6 +54,7 @@ def header(trace: Trace, width: int = 120, title: str = "attn trace") -> Text:
         sizes.append(f"heads·d_head {c.d_attn}")
     # The switches on a line of their own: a name like "attn" alone after a wrap reads as noise.
     items = [f"arch {c.arch}", f"pos {c.pos}", f"mask {c.mask}"]
+    items += modern_items(c)
     if not c.scale:
         items.append("NO SCALE")
     if trace.cross:
@@ -61,12 +68,49 @@ def header(trace: Trace, width: int = 120, title: str = "attn trace") -> Text:
     t.append("\n")
     t.append_text(flow([Text(i, style="dim") for i in items], width))
     t.append("\n")
-    what = (f"GPT-2 weights from {c.weights}" if c.weights
+    what = (f"{checkpoint_title(c)} weights from {c.weights}" if c.weights
             else f"random weights, seed {c.seed} (untrained)")
     e = trace.engine
     t.append_text(flow([Text(i, style="dim") for i in
                         (what, f"{e['engine']} on {e['device']}", e["dtype"])], width))
+    if c.weights:  # random weights always use GPT-2's tokenizer (the JSON says so too)
+        t.append("\n")
+        t.append_text(flow([Text(f"tokenizer: {tokenizers.of(c).describe()}", style="dim")],
+                           width))
     return t
+
+
+def modern_items(c) -> list[str]:
+    """The modern-attention switches a config sets (none for the classic stack)."""
+    out = []
+    if c.pos == "rotary":
+        part = f" {c.rotary_dims}/{c.d_head} dims" if c.rotary_dims != c.d_head else ""
+        out.append(f"rotary {c.rotary_style}{part} θ {c.rope_theta:g}")
+    if c.kv_heads != c.heads:
+        out.append(f"kv_heads {c.kv_heads} ({c.groups} query heads each)")
+    if c.window is not None:
+        out.append(f"window {c.window}")
+    from attn_tracer.model.arch import family
+
+    if family(c).full_block and c.norm != "layer":
+        out.append("RMSNorm")
+    if family(c).full_block and c.mlp != "gelu":
+        out.append("SwiGLU")
+    return out
+
+
+def checkpoint_title(c) -> str:
+    """What the weights are called: GPT-2, Llama, Mistral, Qwen2."""
+    from attn_tracer.model.arch import family
+
+    arch = family(c)
+    return arch.titles.get(c.model_type or "", arch.title)
+SPECIAL_STYLE = "bold magenta"  # a special token (<s>, <|endoftext|>): a control token, not text
+
+
+def token_notes(inputs: list[Input], tok) -> list[Text]:
+    """What the token list cannot say by itself (tokenizer.Tokenizer.notes), dimmed."""
+    return [Text(n, style="dim") for n in tok.notes([t for inp in inputs for t in inp.tokens])]
 
 
 def token_strip(inp: Input, title: str, width: int = 120) -> Text:
@@ -101,7 +145,7 @@ def token_strip(inp: Input, title: str, width: int = 120) -> Text:
             t.append(" " * GAP)
             used += GAP
         t.append(f"{pos}:", style="dim")
-        t.append(label, style="bold cyan")
+        t.append(label, style=SPECIAL_STYLE if inp.tokens[pos].special else "bold cyan")
         used += size
     return t
 
@@ -129,24 +173,33 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
     colored = console.color_system is not None and not console.no_color
     show(console, header(trace, width))
     console.print()
+    tok = tokenizers.of(trace.config)
     for b, inp in enumerate(trace.inputs):
         title = f"text {b}" if len(trace.inputs) > 1 else "tokens"
         show(console, token_strip(inp, title, width))
         if inp.padding:
             console.print(Text(f"  + {plural(inp.padding, PAD_LABEL)} ({inp.side}): "
-                               f"<|endoftext|>, id {ENDOFTEXT_ID}, masked out as a key; a pad "
+                               f"{tok.pad_text()}, id {tok.pad_id}, masked out as a key; a pad "
                                "query attends to nothing (a row of 0)", style="dim"))
     for b, inp in enumerate(trace.cross or []):
         if b == 0 or inp.text != trace.cross[0].text:  # type: ignore[index]
             console.print(token_strip(inp, f"cross text {b}", width))
+    for note in token_notes([*trace.inputs, *(trace.cross or [])], tok):
+        console.print(note)
     if any(PIECE in label for inp in [*trace.inputs, *(trace.cross or [])]
            for label in column_labels(inp)):
-        console.print(Text("今₁ 今₂: the pieces of one character that GPT-2 split across "
+        console.print(Text(f"今₁ 今₂: the pieces of one character that {tok.who} split across "
                            "tokens (attn tokens shows their bytes)", style="dim"))
     console.print()
     console.print(Text("shape trace", style="bold"))
     show(console, shape_table(trace.steps, width))
-    console.print(Text(ORIENTATION.format(w=trace.config.attn_dim), style="dim"))
+    cfg = trace.config
+    orientation = ORIENTATION.format(w=cfg.attn_dim)
+    if cfg.kv_heads != cfg.heads:  # grouped-query: W_K and W_V are narrower than W_Q
+        orientation = orientation.replace(
+            f"W_Q, W_K, W_V are [d_model, {cfg.attn_dim}]",
+            f"W_Q is [d_model, {cfg.attn_dim}], W_K and W_V [d_model, {cfg.kv_dim}]")
+    console.print(Text(orientation, style="dim"))
     kinds = ("attn", "cross_attn") if trace.cross else ("attn",)
     rows = batch_rows or [0]  # the numbers of one text each: the first, unless asked
     if show_cost:
@@ -159,6 +212,8 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
         if peaks is not None:
             length = trace.inputs[0].length + trace.inputs[0].padding
             console.print(cost_summary(costs, length, *peaks))
+            if trace.config.kv_heads != trace.config.heads:
+                console.print(kv_saving(trace.config, length))
         console.print()
     if show_circuits and weights is not None:
         console.print()
@@ -207,7 +262,7 @@ def render(trace: Trace, console: Console, *, show_stages: bool = False,
                     show(console, item)
         show(console, legend(any(i.padding for i in trace.inputs) or bool(
             trace.cross and any(i.padding for i in trace.cross)), width,
-            causal=trace.config.mask == "causal", colored=colored))
+            causal=trace.config.mask == "causal", colored=colored, window=trace.config.window))
     if trace.predictions:
         console.print()
         console.print(predictions(trace, width, batch_rows))
