@@ -364,7 +364,7 @@ ROWS: list[tuple] = [
     ("attribute-no-input", ["attribute", *TINY, "--file", "{tmp}/blank.txt"], 2,
      "only whitespace"),
     ("schema-unknown-names-the-choices", ["schema", "nope"], 2,
-     "choose trace, trace-lines, heads, attribute, patch or tokens"),
+     "choose trace, trace-lines, heads, attribute, patch, generate, generate-lines or tokens"),
     # ── Typer's own usage errors ────────────────────────────────────────────────────────────
     ("unknown-option", ["trace", "hi", "--bogus"], 2, "No such option: --bogus"),
     ("unknown-root-option", ["--bogus", "trace", "hi"], 2, "No such option"),

@@ -118,6 +118,17 @@ RULES: dict[str, dict[str, object]] = {
         # Its runs need a corruption: these two are said unused as in the other commands.
         "--keep-newline": "data", "--seed": "data",
     },
+    # attn generate: every option of its own changes what is generated or shown, or is
+    # refused where it cannot (commands/generate.py).
+    "generate": {
+        **INPUT, **MODEL, **ENGINE,
+        **{flag: "data" for flag in (
+            "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--stop",
+            "--alternatives", "--head", "--layer", "--cost", "--quiet", "--precision",
+            "--force")},
+        "--json": "output", "--json-lines": "output", "--save": "output",
+        "--keep-newline": "data", "--seed": "data",
+    },
     "attribute": {
         **INPUT, **MODEL, **ENGINE, **PLOT,
         "--target": "data", "--versus": "data", "--position": "data", "--ablate": "data",

@@ -67,6 +67,9 @@ EXAMPLES = {
              'gave a drink to" --corrupt "When Mary and John went to the store, Mary gave a '
              'drink to" --patch resid_pre --patch z    ·    attn patch --weights gpt2 '
              '"The Eiffel Tower is in the city of" --corrupt-noise "Eiffel Tower"',
+    "generate": 'attn generate "Once upon a time" --weights gpt2 --quiet    ·    '
+                'attn generate "The cat sat" --max-new-tokens 8 --head 0,1 --cost    ·    '
+                'attn generate "Hello" -T 0.8 --top-p 0.9 --seed 1 --json-lines',
 }
 
 
@@ -353,14 +356,17 @@ def tokens(
 
 # ── attn schema ───────────────────────────────────────────────────────────────────────────────
 
-SCHEMAS = ("trace", "trace-lines", "heads", "attribute", "patch", "tokens")  # data/NAME.schema.json
+SCHEMAS = ("trace", "trace-lines", "heads", "attribute", "patch", "generate", "generate-lines",
+           "tokens")  # data/NAME.schema.json
 
 @app.command(epilog=f"Example: {EXAMPLES['schema']}")
 def schema(
     which: Annotated[str, typer.Argument(help="trace (attn trace --json), trace-lines (attn "
                                               "trace --json-lines), heads (attn heads --json), "
                                               "attribute (attn attribute --json), patch "
-                                              "(attn patch --json) or tokens (attn tokens "
+                                              "(attn patch --json), generate (attn generate "
+                                              "--json), generate-lines (attn generate "
+                                              "--json-lines) or tokens (attn tokens "
                                               "--json).")] = "trace",
     debug: Debug = False,
 ) -> None:
@@ -722,6 +728,72 @@ def patch(
         noise_scale=noise_scale, noise_seed=noise_seed, window=restore_window, top=top, json=json_,
         **files)
     patch_command.execute(request, notice=_notice, console=_stdout_console)
+# ── attn generate ─────────────────────────────────────────────────────────────────────────────
+
+@app.command(epilog=f"Examples: {EXAMPLES['generate']}")
+@shared(INPUT, MODEL, ENGINE)
+def generate(
+    opts: dict,
+    max_new_tokens: Annotated[int, Opt("--max-new-tokens", "-n", help="Tokens to generate "
+                                       "(the prompt and these must fit n_ctx).",
+                                       rich_help_panel="Generation")] = 20,
+    temperature: Annotated[float | None, Opt("--temperature", "-T", help="Sample from "
+                                             "softmax(logits / T) (default, or 0: greedy, the "
+                                             "most likely token).",
+                                             rich_help_panel="Generation",
+                                             show_default=False)] = None,
+    top_k: Annotated[int | None, Opt("--top-k", help="Sample among the K most likely tokens "
+                                     "only.", rich_help_panel="Generation")] = None,
+    top_p: Annotated[float | None, Opt("--top-p", help="Sample among the most likely tokens "
+                                       "whose probabilities add up to P, in (0, 1] (nucleus).",
+                                       rich_help_panel="Generation")] = None,
+    stop: Annotated[str | None, Opt("--stop", help="Stop once the generated text contains "
+                                    "this (it is kept). Generation always stops at "
+                                    "<|endoftext|>.", rich_help_panel="Generation")] = None,
+    alternatives: Annotated[int, Opt("--alternatives", help="Each step, the K most likely "
+                                     "tokens it chose from.", rich_help_panel="View")] = 0,
+    layer: Annotated[list[str] | None, Opt("--layer", "-l", help="Layers whose heads' attention "
+                                           "rows are drawn as the text grows (default with "
+                                           "--head: 0).", rich_help_panel="View",
+                                           show_default=False)] = None,
+    head: Annotated[list[str] | None, Opt("--head", help="Heads to draw (default with --layer: "
+                                          "all): each generated token's attention row and its "
+                                          "strongest keys.", rich_help_panel="View",
+                                          show_default=False)] = None,
+    cost: Annotated[bool, Opt("--cost", help="Each step's multiply-adds and bytes with the KV "
+                              "cache against recomputing every token.",
+                              rich_help_panel="View")] = False,
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="Write only the generated text, as it "
+                               "comes.", rich_help_panel="Output")] = False,
+    json_: Annotated[bool, Opt("--json", help="Write one JSON document at the end (schema: "
+                               "attn schema generate).", rich_help_panel="Output")] = False,
+    json_lines: Annotated[bool, Opt("--json-lines", help="Write a JSON line per generated token"
+                                    " (schema: attn schema generate-lines).",
+                                    rich_help_panel="Output")] = False,
+    precision: Annotated[int | None, Opt("--precision", help="Round JSON floats to N decimals.",
+                                         rich_help_panel="Output")] = None,
+    save: Annotated[Path | None, Opt("--save", help="Save the final KV cache and the drawn "
+                                     "heads' rows (.npz or .safetensors).",
+                                     rich_help_panel="Output")] = None,
+    force: Annotated[bool, Opt("--force", help="Overwrite the file given to --save.",
+                               rich_help_panel="Output")] = False,
+    debug: Debug = False,
+) -> None:
+    """Generate text token by token and watch the KV cache and the attention rows grow.
+
+    The prompt runs once (the prefill); then each new token computes only its own q, k, v,
+    appends k and v to every layer's cache and attends over the whole cache. --seed seeds the
+    sampling (and the random weights).
+    """
+    from attn_tracer.commands import generate as gen_command
+    from attn_tracer.commands.session import SharedOptions
+
+    request = gen_command.GenerateRequest(
+        base=SharedOptions.of(opts), max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, stop=stop, alternatives=alternatives, layer=layer or [],
+        head=head or [], cost=cost, quiet=quiet, json=json_, json_lines=json_lines,
+        precision=precision, save=save, force=force)
+    gen_command.execute(request, notice=_notice, console=_stdout_console)
 
 
 # ── attn explore ──────────────────────────────────────────────────────────────────────────────

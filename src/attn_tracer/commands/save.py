@@ -428,16 +428,20 @@ def tensors_of(trace: Trace, config_json: dict, steps: tuple[str, ...] | None = 
 def save_tensors(trace: Trace, path: Path, config_json: dict,
                  steps: tuple[str, ...] | None = None) -> None:
     tensors, meta, views = tensors_of(trace, config_json, steps)
+    write_tensors(path, tensors, {"config": meta, "views": views})
+
+
+def write_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Named arrays to `path` (.npz or .safetensors), atomically, with `metadata` (strings:
+    JSON) beside them: in a .npz as plain unicode arrays, loadable without allow_pickle."""
     if path.suffix.lower() == ".npz":
         # Stored, not deflated: zlib runs at 10-20 MB/s and float32 noise hardly compresses.
-        # The config and views as plain unicode arrays: loadable without allow_pickle.
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
-                np.savez(f, **tensors, config=np.array(meta), views=np.array(views))
+                np.savez(f, **tensors, **{k: np.array(v) for k, v in metadata.items()})
 
         _atomic(path, write)
     else:
         from attn_tracer.model.safetensors_io import write_safetensors
 
-        _atomic(path, lambda tmp: write_safetensors(tmp, tensors, {"config": meta,
-                                                                   "views": views}))
+        _atomic(path, lambda tmp: write_safetensors(tmp, tensors, metadata))

@@ -46,7 +46,7 @@ def linear(x, W, b=None):
 
 
 def attention(x, x_kv, p: dict, config: Config, allowed, rec, engine: Engine, layer: int,
-              block: str = "attn", causal: bool = False, rotary=None):
+              block: str = "attn", causal: bool = False, rotary=None, cache=None):
     """Multi-head attention of `x` over `x_kv` (the same array for self-attention).
 
     `allowed` [batch, 1, q_len, k_len] is True where a query may look at a key, or None;
@@ -55,6 +55,9 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, engine: Engine, la
     --pos rotary (see `rotary_angles`), else None.
     With grouped-query attention (kv_heads < heads) K and V are projected to kv_heads·d_head
     and each K/V head is repeated for its heads / kv_heads query heads before the scores.
+    `cache` (generation, model/generate.py's KVCache): this call's K and V (after the
+    rotation, before repeat_kv) are appended to the earlier tokens' and the scores are taken
+    against all of them; `allowed` is then [batch, 1, q_len, past + q_len], from the positions.
     """
     prefix = f"blocks.{layer}.{block}"
     xp = namespace(x)
@@ -87,6 +90,9 @@ def attention(x, x_kv, p: dict, config: Config, allowed, rec, engine: Engine, la
                 ("batch", "heads", lq, "d_head"))
         k = rec(f"{prefix}.k.rot", rotary_op(config, "K"), rotate(k, *rotary, config),
                 ("batch", "kv_heads" if grouped else "heads", lk, "d_head"))
+    if cache is not None:  # generation: K, V of every token so far, this one's appended
+        k, v = cache.append(layer, k, v, rec, prefix)  # [batch, kv_heads, past + q_len, d_head]
+        k_len = k.shape[2]
     if grouped:
         share = f"repeat_kv: K/V head j serves query heads j·{config.groups} … " \
             f"j·{config.groups}+{config.groups - 1}"
@@ -341,9 +347,10 @@ def swiglu(x, p: dict, rec, prefix: str):
 
 
 def block(x, p: dict, config: Config, allowed, rec, layer: int, engine: Engine,
-          x_cross=None, cross_allowed=None, causal: bool = False, rotary=None):
-    """One layer, as the architecture's family (model/arch/) writes it."""
+          x_cross=None, cross_allowed=None, causal: bool = False, rotary=None, cache=None):
+    """One layer, as the architecture's family (model/arch/) writes it (`cache`: generation's
+    KV cache, see attention)."""
     from attn_tracer.model.arch import family
 
     return family(config).block(x, p, config, allowed, rec, layer, engine, x_cross,
-                                cross_allowed, causal, rotary)
+                                cross_allowed, causal, rotary, cache=cache)

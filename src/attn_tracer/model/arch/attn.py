@@ -22,10 +22,10 @@ class Attn(Family):
     defaults: ClassVar[dict[str, Any]] = {"pos": "sinusoidal"}
 
     def block(self, x, p, config, allowed, rec, layer, engine, x_cross=None,
-              cross_allowed=None, causal=False, rotary=None):
+              cross_allowed=None, causal=False, rotary=None, cache=None):
         b = f"blocks.{layer}"
         a = layers.attention(x, x, p, config, allowed, rec, engine, layer, causal=causal,
-                             rotary=rotary)
+                             rotary=rotary, cache=cache)
         x = rec(f"{b}.resid_post" if x_cross is None else f"{b}.resid_mid", "X + attn(X)",
                 x + a, BLD)
         if x_cross is not None:

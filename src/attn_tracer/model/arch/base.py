@@ -55,7 +55,7 @@ class Family:
 
     # ── the forward ────────────────────────────────────────────────────────────────────────
     def block(self, x, p: dict, config: Config, allowed, rec, layer: int, engine,
-              x_cross=None, cross_allowed=None, causal: bool = False, rotary=None):
+              x_cross=None, cross_allowed=None, causal: bool = False, rotary=None, cache=None):
         raise NotImplementedError
 
     def final(self, x, p: dict, config: Config, rec):

@@ -53,12 +53,12 @@ class PreNorm(Family):
         return out
 
     def block(self, x, p, config, allowed, rec, layer, engine, x_cross=None,
-              cross_allowed=None, causal=False, rotary=None):
+              cross_allowed=None, causal=False, rotary=None, cache=None):
         b = f"blocks.{layer}"
         name = norm_name(config)
         h = rec(f"{b}.ln_1", f"{name}(X)", norm(x, p, f"{b}.ln_1", config), BLD)
         a = layers.attention(h, h, p, config, allowed, rec, engine, layer, causal=causal,
-                             rotary=rotary)
+                             rotary=rotary, cache=cache)
         x = rec(f"{b}.resid_mid", f"X + attn({name}(X))", x + a, BLD)
         h = rec(f"{b}.ln_2", f"{name}(X)", norm(x, p, f"{b}.ln_2", config), BLD)
         m = (layers.swiglu(h, p, rec, f"{b}.mlp") if config.mlp == "swiglu"
