@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from importlib.resources import files
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,8 @@ def grid(doc: dict, target: str) -> np.ndarray:
     return np.array(next(g for g in doc["grids"] if g["target"] == target)["values"])
 
 
-@pytest.mark.parametrize("engine", ["numpy", "torch"])
+@pytest.mark.parametrize("engine", ["numpy", pytest.param("torch", marks=pytest.mark.skipif(
+    find_spec("torch") is None, reason="torch is not installed"))])
 def test_the_induction_head_alone_restores_the_prediction(induction: Path, engine: str):
     doc = patch_json(["--weights", str(induction), "--clean", CLEAN, "--corrupt", CORRUPT,
                       "--patch", "z,resid_pre", "--engine", engine])
