@@ -407,8 +407,9 @@ def test_a_signal_during_the_imports_is_one_line(signum, code):
 @pytest.mark.slow
 def test_an_ignored_signal_stays_ignored():
     # `nohup attn …`: SIGHUP was set to be ignored, and attn leaves it so.
+    # 48 layers: the run must outlast the 2 s below even on a quiet machine (6 once took 1.95 s).
     proc = subprocess.Popen([*ATTN, "trace", " ".join(["word"] * 900), "--d-model", "768",
-                             "--layers", "6", "--engine", "numpy", "--json"],
+                             "--layers", "48", "--engine", "numpy", "--json"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(),
                             stdin=subprocess.DEVNULL,
                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))

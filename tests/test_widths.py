@@ -65,7 +65,11 @@ def cut_words(narrow: str, wide: str, width: int) -> list[str]:
             continue
         following = lines[i + 1].split() if i + 1 < len(lines) else []
         joined = last + following[0] if following else last
-        cut.append(f"{last!r} (folded: {joined!r})" if joined in known else f"{last!r} (cropped)")
+        if joined in known:
+            cut.append(f"{last!r} (folded: {joined!r})")
+        # A last word that is whole here but found nowhere in the wide view belongs to a
+        # sentence only the narrow view has (a long pattern's overview, drawn where it does not
+        # fit): it cannot be compared, and is not counted as cropped.
     return cut
 
 
