@@ -135,8 +135,11 @@ def validate(a: PatchRequest, options: SharedOptions) -> None:
         raise UsageError(f"--direction must be denoise or noise; got {a.direction!r}")
     if a.position is not None and a.position < 0:
         raise UsageError(f"--position counts tokens from 0; got {a.position}")
-    has_mlp = m.arch == "gpt2" or (m.arch is None and m.weights is not None)
-    patching.parse_targets(a.patch, has_mlp)
+    from attn_tracer.model.arch import family
+
+    # A checkpoint is always a full block; before it is read, its family is not known yet.
+    name = m.arch or ("gpt2" if m.weights is not None else "attn")
+    patching.parse_targets(a.patch, family(name).full_block)
     output.check_width(a.width)
     output.check_files({flag: (getattr(a, flag[2:]), suffixes)
                         for flag, suffixes in output.VIEW_SUFFIXES.items()}, a.force)
@@ -210,7 +213,9 @@ def compute(a: PatchRequest, notice: Callable[[str], None],
     corrupt_text = None if noisy else check_argument(a.corrupt, "--corrupt")
     config, limit, dtype = session.config, session.limit, options.engine.dtype
     i = options.input
-    targets = patching.parse_targets(a.patch, config.arch == "gpt2")
+    from attn_tracer.model.arch import family
+
+    targets = patching.parse_targets(a.patch, family(config).full_block)
     metric = a.metric or ("prob" if noisy else "diff")
     target = parse_token(a.target, config.vocab, "--target") if a.target is not None else None
     versus = parse_token(a.versus, config.vocab, "--versus") if a.versus is not None else None
@@ -281,7 +286,7 @@ def compute(a: PatchRequest, notice: Callable[[str], None],
     cache: dict[str, np.ndarray] = {}
     names = {patching.step("resid_pre", layer) for layer in range(config.layers)}
     names |= {patching.step(t, layer) for t in targets for layer in range(config.layers)}
-    final = "ln_f" if config.arch == "gpt2" else f"blocks.{config.layers - 1}.resid_post"
+    final = "ln_f" if family(config).full_block else f"blocks.{config.layers - 1}.resid_post"
     for name in names | {final}:  # never "embed": the noise hook stays as it is
         hooks[name] = _keeper(cache, name, engine)
     trace = session.forward(_SELECT_NOTHING, hooks, prepared=prepared, predict=False,

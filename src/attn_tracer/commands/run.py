@@ -135,8 +135,10 @@ def validate(r: Request) -> None:
         from attn_tracer.commands.save import check_recordable
 
         arch = r.arch or ("gpt2" if r.weights is not None else "attn")
+        from attn_tracer.model.arch import family
+
         check_recordable(steps, arch, r.predict, bool(r.cross or r.cross_file),
-                         r.pos or ("learned" if arch == "gpt2" else "sinusoidal"), r.scale)
+                         r.pos or family(arch).defaults["pos"], r.scale)
     output.check_files(file_targets(r), r.force)
     plot_check(r.plot, r.plot_theme)
 

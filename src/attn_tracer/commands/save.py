@@ -239,7 +239,9 @@ def recordable(arch: str, predict: bool, cross: bool, pos: str, scale: bool) -> 
     """The step names a run of this configuration can record (for layer 0; every layer has the
     same): what --steps may ask of it. `masked` is among them, though a run whose every key is
     allowed (one text under a causal mask of one token, --mask none without padding) has none."""
-    gpt2 = arch == "gpt2"
+    from attn_tracer.model.arch import family
+
+    gpt2 = family(arch).full_block  # norms, an MLP and a final norm around the attention
     outer = {"tokens", "embed", "resid_pre"} | ({"pos_embed"} if pos != "none" else set())
     if cross:
         outer |= {"cross." + s for s in outer}
