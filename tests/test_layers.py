@@ -370,3 +370,24 @@ def test_float64_stays_float64(module):
     assert_close("softmax", np.asarray(out), expected_softmax, tolerance(1, "float64"))
     assert_close("layer_norm", np.asarray(norm), expected_norm,
                  tolerance(magnitude(expected_norm), "float64"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exact_gelu_and_relu_against_math_and_torch(dtype):
+    """The MLP activations checkpoints ask for (config.act): the exact GELU x·Φ(x) against
+    math.erfc per element, in the tail too (x = −12, where 1 + erf cancels to nothing), and
+    torch's F.gelu / relu on the torch engine."""
+    x = np.linspace(-12, 12, 4001).astype(dtype)
+    ref = np.array([0.5 * v * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
+    u = np.finfo(dtype).eps
+    # One rounding of the product and erfcc's 1.2e-7 relative error (2 float32 ulp): a few ulp
+    # of the output's scale max(|x|, 1); float64 uses math.erfc itself, to its last bits.
+    scale = np.maximum(np.abs(x.astype(np.float64)), 1)
+    assert np.all(np.abs(layers.gelu(x) - ref) <= 4 * u * scale)
+    assert layers.gelu(x).dtype == dtype
+    t = torch.from_numpy(x)
+    # torch computes x/2·(1 + erf(x/√2)): in the tail 1 + erf cancels, an absolute error of
+    # about u·|x| there.
+    assert_close("gelu on torch", layers.gelu(t).numpy(), ref, 4 * u * 12)
+    assert np.array_equal(layers.relu(x), np.maximum(x, 0))
+    assert np.array_equal(layers.relu(t).numpy(), np.maximum(x, 0))

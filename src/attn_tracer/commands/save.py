@@ -35,6 +35,8 @@ from attn_tracer.errors import AttnError, UsageError
 from attn_tracer.model.steps import (
     ALWAYS_SAVED,
     ATTENTION_STEPS,
+    EVERY_LAYER_STEP,
+    FAMILY_LAYER_STEPS,
     LAYER_STEPS,
     MODERN_ATTENTION_STEPS,
     MODERN_LAYER_STEPS,
@@ -207,7 +209,7 @@ def step_kinds(name: str) -> set[str]:
 
 
 STEP_NAMES = tuple(sorted(set().union(*(step_kinds(f"blocks.0.{s}")
-                                        for s in (*LAYER_STEPS, *MODERN_LAYER_STEPS)),
+                                        for s in EVERY_LAYER_STEP),
                                       *(step_kinds(s) for s in OUTER_STEPS))))
 
 
@@ -224,7 +226,8 @@ def parse_steps(values: list[str]) -> tuple[str, ...] | None:
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 outer = [s for s in OUTER_STEPS if not s.startswith("cross.")]
                 layer = [s for s in LAYER_STEPS if not s.startswith(("attn.", "cross_attn."))]
-                modern = [s for s in MODERN_LAYER_STEPS if not s.startswith("attn.")]
+                modern = [s for s in (*MODERN_LAYER_STEPS, *FAMILY_LAYER_STEPS)
+                          if not s.startswith("attn.")]
                 raise UsageError(
                     f"--steps: no step named {part!r}{hint}; choose from "
                     f"{', '.join(ATTENTION_STEPS)} (each also as attn.NAME or cross_attn.NAME), "
@@ -296,7 +299,7 @@ def selected(name: str, steps: tuple[str, ...] | None) -> bool:
 def captured_steps(steps: tuple[str, ...], layers: tuple[int, ...]) -> tuple[str, ...]:
     """The full step names that --steps needs kept, for Selection.extra."""
     names = [*OUTER_STEPS, *(f"blocks.{layer}.{s}" for layer in layers
-                             for s in (*LAYER_STEPS, *MODERN_LAYER_STEPS))]
+                             for s in EVERY_LAYER_STEP)]
     return tuple(n for n in names if selected(n, steps))
 
 

@@ -17,6 +17,9 @@ MASKS = ("causal", "none")
 ARCHS = ("attn", "gpt2", "llama")
 NORMS = ("layer", "rms")
 MLPS = ("gelu", "swiglu")
+# The activation of the GELU-style MLP (mlp "gelu"): GPT-2's tanh approximation, the exact
+# erf GELU (GPT-NeoX, some GPT-2 checkpoints), or ReLU (OPT). Set by checkpoints and families.
+ACTS = ("gelu_new", "gelu", "relu")
 # How rotary positions pair the dimensions of a head: the first half with the second (Llama,
 # GPT-NeoX, Mistral, Qwen2: `rotate_half`), or neighbours 2i, 2i+1 (GPT-J, the RoFormer paper).
 ROTARY_STYLES = ("halves", "interleaved")
@@ -24,7 +27,7 @@ ROTARY_STYLES = ("halves", "interleaved")
 # values writes none of them (JSON documents of the classic stack stay as they were).
 MODERN_DEFAULTS = {"kv_heads": None, "window": None, "norm": "layer", "mlp": "gelu",
                    "rotary_dims": None, "rope_theta": 10000.0, "rotary_style": "halves",
-                   "model_type": None}
+                   "model_type": None, "act": "gelu_new"}
 # Where it runs (engine.py): named here so the command line can list them without NumPy.
 ENGINES = ("auto", "numpy", "torch")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -60,6 +63,7 @@ class Config:
     rope_theta: float = 10000.0  # --pos rotary: θ_i = rope_theta^(−2i/rotary_dims)
     rotary_style: str = "halves"  # which dimensions rotate together (ROTARY_STYLES)
     model_type: str | None = None  # a checkpoint's config.json model_type (llama, mistral, …)
+    act: str = "gelu_new"  # the activation of the non-gated MLP (ACTS)
 
     def __post_init__(self) -> None:
         if self.d_mlp is None:
@@ -84,6 +88,7 @@ class Config:
         _choice("arch", self.arch, ARCHS)
         _choice("norm", self.norm, NORMS)
         _choice("mlp", self.mlp, MLPS)
+        _choice("act", self.act, ACTS)
         _choice("rotary-style", self.rotary_style, ROTARY_STYLES)
         self._check_modern()
         if not 0 <= self.seed < 2**63:

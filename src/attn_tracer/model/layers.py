@@ -296,12 +296,49 @@ def gelu_new(x):
     return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
 
 
-def mlp(x, p: dict, rec, prefix: str):
+def gelu(x):
+    """The exact GELU, x·Φ(x) = x/2·erfc(−x/√2) (GPT-NeoX, GPT-2's `gelu` variant)."""
+    if _torch(x):
+        import torch.nn.functional as F
+
+        return F.gelu(x)
+    return (0.5 * x * _erfc(-x / math.sqrt(2.0))).astype(x.dtype)
+
+
+def _erfc(z):
+    """erfc for NumPy, which has none: Numerical Recipes' `erfcc` (relative error under 1.2e-7
+    everywhere) in the input's precision, or math.erfc per element in float64 (slower, exact).
+    In float32 the rounding of −z² shifts the far tail (|z| > 4, where erfc < 2e-8) by a few
+    ulp of its own tiny value: far below one ulp of GELU's output scale."""
+    if z.dtype == np.float64:
+        return np.vectorize(math.erfc, otypes=[np.float64])(z)
+    t = 1 / (1 + 0.5 * np.abs(z))
+    poly = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
+            -0.82215223 + t * 0.17087277))))))))
+    with np.errstate(under="ignore"):
+        r = t * np.exp(-z * z + poly)
+    return np.where(z >= 0, r, 2 - r)
+
+
+def relu(x):
+    xp = namespace(x)
+    return xp.maximum(x, xp.zeros_like(x))
+
+
+# config.act → (the step's name, its formula, the function).
+ACTIVATIONS = {"gelu_new": ("gelu", "gelu(…) (tanh approximation)", gelu_new),
+               "gelu": ("gelu", "gelu(…) = …·Φ(…) (exact, erf)", gelu),
+               "relu": ("relu", "relu(…) = max(…, 0)", relu)}
+
+
+def mlp(x, p: dict, rec, prefix: str, act: str = "gelu_new"):
     wide = ("batch", "len", "d_mlp")
     b_in, b_out = p.get(f"{prefix}.b_in"), p.get(f"{prefix}.b_out")
     h = rec(f"{prefix}.in", "X·W_in" + (" + b_in" if b_in is not None else ""),
             linear(x, p[f"{prefix}.W_in"], b_in), wide)
-    h = rec(f"{prefix}.gelu", "gelu(…) (tanh approximation)", gelu_new(h), wide)
+    step, formula, f = ACTIVATIONS[act]
+    h = rec(f"{prefix}.{step}", formula, f(h), wide)
     return rec(f"{prefix}.out", "…·W_out" + (" + b_out" if b_out is not None else ""),
                linear(h, p[f"{prefix}.W_out"], b_out), BLD)
 

@@ -28,6 +28,9 @@ LAYER_STEPS = ("ln_1", *(f"attn.{s}" for s in ATTENTION_STEPS), "resid_mid",
                "mlp.out", "resid_post")
 # SwiGLU's steps beside mlp.in and mlp.out: the gate X·W_gate, and silu(gate) ⊙ in.
 MODERN_LAYER_STEPS = (*(f"attn.{s}" for s in MODERN_ATTENTION_STEPS), "mlp.gate", "mlp.swiglu")
+# Steps only some checkpoint families record: ReLU in place of mlp.gelu (OPT).
+FAMILY_LAYER_STEPS = ("mlp.relu",)
+EVERY_LAYER_STEP = (*LAYER_STEPS, *MODERN_LAYER_STEPS, *FAMILY_LAYER_STEPS)
 OUTER_STEPS = ("tokens", "embed", "pos_embed", "resid_pre", "cross.tokens", "cross.embed",
                "cross.pos_embed", "cross.resid_pre", "ln_f", "logits", "probs")
 ALWAYS_SAVED = ("tokens", "cross.tokens")  # the token ids label every other tensor's axes

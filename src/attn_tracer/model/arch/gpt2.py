@@ -62,7 +62,7 @@ class PreNorm(Family):
         x = rec(f"{b}.resid_mid", f"X + attn({name}(X))", x + a, BLD)
         h = rec(f"{b}.ln_2", f"{name}(X)", norm(x, p, f"{b}.ln_2", config), BLD)
         m = (layers.swiglu(h, p, rec, f"{b}.mlp") if config.mlp == "swiglu"
-             else layers.mlp(h, p, rec, f"{b}.mlp"))
+             else layers.mlp(h, p, rec, f"{b}.mlp", config.act))
         return rec(f"{b}.resid_post", f"X + mlp({name}(X))", x + m, BLD)
 
     def final(self, x, p, config, rec):
